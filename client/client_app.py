@@ -1,0 +1,136 @@
+"""fedrec ClientApp: DP-LoRA training and evaluation on this node's private data.
+
+Node config (``flower-supernode --node-config``):
+
+* ``data-dir``  folder with this client's ``interactions.csv`` (see ``common/data.py``)
+* ``catalog``   the public ``catalog.csv`` (default: in ``data-dir``, else its parent)
+* ``state-dir`` where the privacy accountant persists (default: ``data-dir/state``)
+
+In simulation, nodes have ``partition-id``/``num-partitions`` instead, and the client
+reads ``<partition-dir>/client-<id>``, written by ``simulations.partition``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.train import evaluate as evaluate_local
+from client.train import train as train_local
+from common.config import Settings
+from common.data import catalog_fingerprint, leave_last_out, read_catalog, read_interactions
+from common.model import (adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
+                          lora_config, refresh_item_embeddings)
+from common.privacy import load_history, save_history
+
+app = ClientApp()
+log = logging.getLogger("fedrec.client")
+
+
+def data_paths(context: Context, s: Settings) -> tuple[Path, Path, Path]:
+    """(data dir, catalog file, state dir) of this node."""
+    node = context.node_config
+    if "data-dir" in node:
+        data_dir = Path(str(node["data-dir"])).expanduser()
+    else:  # simulation: this node plays partition `partition-id`
+        from simulations.partition import materialize
+
+        root = materialize(s, int(node["num-partitions"]))
+        data_dir = root / f"client-{int(node['partition-id'])}"
+    if "catalog" in node:
+        catalog = Path(str(node["catalog"])).expanduser()
+    else:
+        catalog = data_dir / "catalog.csv"
+        catalog = catalog if catalog.is_file() else data_dir.parent / "catalog.csv"
+    if "state-dir" in node:
+        state_dir = Path(str(node["state-dir"])).expanduser()
+    else:
+        run_key = Path(s.run_dir).name if s.run_dir else f"run-{context.run_id}"
+        state_dir = data_dir / "state" / run_key
+    return data_dir, catalog, state_dir
+
+
+@lru_cache(maxsize=4)
+def load_data(data_dir: Path, catalog_path: Path, history_len: int):
+    """Read and split this node's data once per process (it does not change during a run)."""
+    catalog = read_catalog(catalog_path)
+    users = read_interactions(data_dir, catalog)
+    train, valid, test = leave_last_out(users, catalog, history_len)
+    return catalog, train, valid, test
+
+
+_MODELS: dict = {}
+MODEL_LOADS = 0  # how many times this process loaded the base model (once per config)
+
+
+def load_model(s: Settings, num_items: int):
+    """The base model is loaded once per process and reused across rounds."""
+    global MODEL_LOADS
+    key = (s.model, s.model_layers, s.lora_rank, s.lora_alpha, s.lora_targets, num_items)
+    if key not in _MODELS:
+        encoder, tokenizer = load_encoder(s.model, s.model_layers)
+        model = build_model(encoder, num_items, lora_config(s.lora_rank, s.lora_alpha, s.lora_targets))
+        _MODELS[key] = {"model": model, "tokenizer": tokenizer, "base-sha256": fingerprint(encoder), "items-of": None}
+        MODEL_LOADS += 1
+    return _MODELS[key]
+
+
+def prepare(msg: Message, context: Context):
+    """Settings, data, and the model with the received global adapter applied."""
+    s = Settings.from_run_config(dict(context.run_config))
+    data_dir, catalog_path, state_dir = data_paths(context, s)
+    catalog, train, valid, test = load_data(data_dir, catalog_path, s.history_len)
+    entry = load_model(s, len(catalog))
+    config = msg.content["config"]
+    if config.get("base-sha256") and config["base-sha256"] != entry["base-sha256"]:
+        raise RuntimeError("base model differs from the server's (base-sha256 mismatch)")
+    if config.get("catalog-sha256") and config["catalog-sha256"] != catalog_fingerprint(catalog):
+        raise RuntimeError(f"{catalog_path}: catalog differs from the server's (catalog-sha256 mismatch)")
+    state = msg.content["arrays"].to_torch_state_dict()
+    model, tokenizer = entry["model"], entry["tokenizer"]
+    load_adapter_state(model, state)
+    # Item embeddings depend only on the adapter and the public catalog: compute them once
+    # per distinct global adapter in this process.
+    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for _, t in sorted(state.items()))).hexdigest()
+    if entry["items-of"] != digest:
+        refresh_item_embeddings(model, tokenizer, catalog.texts())
+        entry["items-of"] = digest
+    return s, state_dir, model, tokenizer, train, valid, test
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    s, state_dir, model, tokenizer, train_examples, _, _ = prepare(msg, context)
+    server_round = int(msg.content["config"]["server-round"])
+    history = load_history(state_dir)
+    seed = s.seed * 1_000_003 + server_round * 7919 + context.node_id % 100_003
+    result = train_local(model, tokenizer, train_examples, s, history, seed)
+    if s.dp:
+        save_history(state_dir, result.history, s.accountant, s.delta)
+    metrics = {
+        "num-examples": len(train_examples),
+        "train-loss": result.loss,
+        "epsilon": result.epsilon,
+        "delta": s.delta,
+        "steps": result.steps,
+        "sample-rate": result.sample_rate,
+        "noise-multiplier": s.noise_multiplier if s.dp else 0.0,
+        "max-grad-norm": s.max_grad_norm,
+    }
+    content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    s, _, model, tokenizer, _, valid, test = prepare(msg, context)
+    metrics = {"num-examples": len(test)}
+    metrics.update(evaluate_local(model, tokenizer, test, s.max_length))
+    metrics.update({f"val-{k}": v for k, v in evaluate_local(model, tokenizer, valid, s.max_length).items()})
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

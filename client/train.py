@@ -1,0 +1,98 @@
+"""Local training of the adapter with Opacus DP-SGD, and local evaluation.
+
+One call of ``train`` runs ``local_steps`` DP-SGD steps: Poisson sampling with rate
+q = batch_size / n_examples, per-example clipping to ``max_grad_norm``, Gaussian noise
+σ · max_grad_norm on the sum, Adam on the noisy mean. The accountant starts from the
+client's stored history, so the ε it returns is cumulative.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader
+
+from common.data import Example
+from common.metrics import metrics_from_ranks, target_ranks
+from common.model import device, score_users
+from common.privacy import History, epsilon
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    steps: int
+    sample_rate: float
+    history: History  # the accountant's full history after this round
+    epsilon: float
+
+
+def _collate(tokenizer, max_length):
+    def collate(batch: list[tuple[str, int]]):
+        texts = [text for text, _ in batch] or [""]
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        targets = torch.tensor([target for _, target in batch], dtype=torch.long)
+        return enc["input_ids"][: len(batch)], enc["attention_mask"][: len(batch)], targets
+    return collate
+
+
+def train(model, tokenizer, examples: list[Example], s, history: History, seed: int) -> TrainResult:
+    """``local_steps`` steps of DP-SGD (or plain SGD when ``s.dp`` is false) on ``examples``."""
+    if not examples:
+        raise ValueError("no training examples")
+    torch.manual_seed(seed)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=s.learning_rate)
+    batch_size = min(s.batch_size, len(examples))
+    # (text, target) pairs: Opacus' DPDataLoader inspects dataset[0] as a tuple of fields.
+    dataset = [(ex.text, ex.target) for ex in examples]
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=_collate(tokenizer, s.max_length),
+                        generator=torch.Generator().manual_seed(seed))
+    engine = None
+    module = model
+    if s.dp:
+        engine = PrivacyEngine(accountant=s.accountant)
+        engine.accountant.history = list(history)
+        module, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
+            poisson_sampling=True, grad_sample_mode="hooks",
+        )
+    sample_rate = batch_size / len(examples) if not s.dp else loader.sample_rate
+    losses, steps = [], 0
+    try:
+        while steps < s.local_steps:
+            for input_ids, attention_mask, targets in loader:
+                optimizer.zero_grad(set_to_none=True)
+                logits = module(input_ids=input_ids.to(device()), attention_mask=attention_mask.to(device()))
+                # Mean loss matches Opacus' default loss_reduction='mean': it rescales the
+                # per-sample gradients and divides the noisy sum by the *expected* batch size.
+                loss = torch.nn.functional.cross_entropy(logits, targets.to(device()), reduction="mean")
+                loss.backward()
+                optimizer.step()
+                if len(targets):
+                    losses.append(loss.item())
+                steps += 1
+                if steps >= s.local_steps:
+                    break
+    finally:
+        if engine is not None:
+            module.to_standard_module()
+    model.zero_grad(set_to_none=True)
+    if engine is not None:
+        history = list(engine.accountant.history)
+        eps = epsilon(history, s.delta, s.accountant)
+    else:
+        eps = math.inf
+    return TrainResult(sum(losses) / max(len(losses), 1), steps, sample_rate, history, eps)
+
+
+def evaluate(model, tokenizer, examples: list[Example], max_length: int) -> dict[str, float]:
+    """Full-ranking HR@10, NDCG@10, Recall@20 over the whole catalog (item embeddings fresh)."""
+    scores = score_users(model, tokenizer, [ex.text for ex in examples], max_length)
+    targets = torch.tensor([ex.target for ex in examples])
+    return metrics_from_ranks(target_ranks(scores, targets, [ex.seen for ex in examples]))

