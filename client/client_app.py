@@ -75,8 +75,9 @@ def load_model(s: Settings, num_items: int):
     key = (s.model, s.model_layers, s.lora_rank, s.lora_alpha, s.lora_targets, num_items)
     if key not in _MODELS:
         encoder, tokenizer = load_encoder(s.model, s.model_layers)
+        base_sha = fingerprint(encoder)  # before LoRA is injected into it
         model = build_model(encoder, num_items, lora_config(s.lora_rank, s.lora_alpha, s.lora_targets))
-        _MODELS[key] = {"model": model, "tokenizer": tokenizer, "base-sha256": fingerprint(encoder), "items-of": None}
+        _MODELS[key] = {"model": model, "tokenizer": tokenizer, "base-sha256": base_sha, "items-of": None}
         MODEL_LOADS += 1
     return _MODELS[key]
 

@@ -79,11 +79,13 @@ class RunRecorder(FedAvg):
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
         metrics = super().aggregate_evaluate(server_round, replies)
         row = {"round": server_round, **self.row}
         if metrics is not None:
+            # Weighted by each client's user count, the mean is exact over all evaluated users.
             row.update({k: metrics[k] for k in metrics if k != "num-examples"})
-            row["eval-users"] = metrics.get("num-examples")
+            row["eval-users"] = sum(int(m.content["metrics"]["num-examples"]) for m in replies if not m.has_error())
         if self.reference_path and self.reference_path.is_file():
             popularity = json.loads(self.reference_path.read_text())["test"]
             row.update({f"popularity-{k}": v for k, v in popularity.items()})

@@ -1,0 +1,50 @@
+"""Use a global adapter: load it from a run directory and rank the catalog for a history."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from common.config import Settings
+from common.data import Interaction, read_catalog, user_text
+from common.model import Recommender, device, load_encoder, refresh_item_embeddings, score_users
+
+
+def latest_adapter(run_dir: Path) -> Path:
+    rounds = sorted(p for p in (run_dir / "adapters").glob("round-[0-9][0-9][0-9]") if p.is_dir())
+    if not rounds:
+        raise FileNotFoundError(f"{run_dir}: no adapters/round-NNN folder (is this a fedrec run directory?)")
+    return rounds[-1]
+
+
+def load_recommender(run_dir: Path, adapter: Path | None = None):
+    """(PeftModel, tokenizer, catalog, settings) from a run directory's config and adapter."""
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.json (is this a fedrec run directory?)")
+    config = json.loads(config_path.read_text())
+    s = Settings.from_run_config(config["run-config"])
+    catalog = read_catalog(run_dir / "catalog.csv")
+    encoder, tokenizer = load_encoder(s.model, s.model_layers)
+    base = Recommender(encoder, len(catalog)).to(device())
+    model = PeftModel.from_pretrained(base, str(adapter or latest_adapter(run_dir)))
+    model.eval()
+    refresh_item_embeddings(model, tokenizer, catalog.texts())
+    return model, tokenizer, catalog, s
+
+
+def recommend(model, tokenizer, catalog, s: Settings, history: list[tuple[str, float | None]], k: int = 10):
+    """Top-k (item, score) for a history of (item_id, rating or None), oldest first."""
+    unknown = [item for item, _ in history if item not in catalog.index]
+    if unknown:
+        raise ValueError(f"item id(s) not in the catalog: {', '.join(unknown)}")
+    interactions = [Interaction("you", item, rating, t) for t, (item, rating) in enumerate(history)]
+    scores = score_users(model, tokenizer, [user_text(interactions, catalog, s.history_len)], s.max_length)[0]
+    for item, _ in history:
+        scores[catalog.index[item]] = float("-inf")
+    top = torch.topk(scores, k)
+    return [(catalog.items[i], float(v)) for v, i in zip(top.values, top.indices)]
+

@@ -1,0 +1,39 @@
+"""Shared fixtures: the real shipped model (2-layer variant) and real MovieLens-100K subsets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from common.config import Settings, defaults
+from common.data import leave_last_out, load_movielens
+from common.model import build_model, load_encoder, lora_config, refresh_item_embeddings
+from simulations.partition import select_users
+
+
+@pytest.fixture(scope="session")
+def movielens():
+    return load_movielens()
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    s = Settings.from_run_config(defaults())
+    return dataclasses.replace(s, model_layers=2, batch_size=8, local_steps=2, max_length=64, history_len=4)
+
+
+@pytest.fixture(scope="session")
+def small_split(movielens, settings):
+    catalog, interactions = movielens
+    users = select_users(interactions, 12, seed=0)
+    return (catalog, users, *leave_last_out(users, catalog, settings.history_len))
+
+
+@pytest.fixture()
+def model_and_tokenizer(movielens, settings):
+    catalog, _ = movielens
+    encoder, tokenizer = load_encoder(settings.model, settings.model_layers)
+    model = build_model(encoder, len(catalog), lora_config(settings.lora_rank, settings.lora_alpha, settings.lora_targets))
+    refresh_item_embeddings(model, tokenizer, catalog.texts())
+    return model, tokenizer

@@ -1,0 +1,109 @@
+"""The real ClientApp, called with real Flower Messages: what it sends and what it keeps."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+from peft import get_peft_model_state_dict
+
+import client.client_app as client_app
+from common.config import defaults
+from common.data import catalog_fingerprint, write_catalog, write_interactions
+from common.model import adapter_state, build_model, fingerprint, load_encoder, lora_config
+
+DECLARED_TRAIN_METRICS = {"num-examples", "train-loss", "epsilon", "delta", "steps", "sample-rate",
+                          "noise-multiplier", "max-grad-norm"}
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    """Messages are created as the ServerApp would, so they need its task identity."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+
+@pytest.fixture()
+def node(tmp_path, small_split):
+    """A client data folder with 3 real users, and the node/run config pointing at it."""
+    catalog, users, *_ = small_split
+    data_dir = tmp_path / "site"
+    write_catalog(catalog, data_dir / "catalog.csv")
+    write_interactions([it for u in list(users)[:3] for it in users[u]], data_dir)
+    run_config = {**defaults(), "model-layers": 2, "batch-size": 8, "local-steps": 2, "max-length": 64,
+                  "history-len": 4, "run-dir": str(tmp_path / "run")}
+    context = Context(run_id=1, node_id=7, node_config={"data-dir": str(data_dir)}, state=RecordDict(),
+                      run_config=run_config)
+    return catalog, users, data_dir, context
+
+
+def server_message(catalog, run_config, server_round: int, kind: str = "train", arrays=None) -> Message:
+    encoder, _ = load_encoder(run_config["model"], run_config["model-layers"])
+    checks = {"base-sha256": fingerprint(encoder), "catalog-sha256": catalog_fingerprint(catalog),
+              "server-round": server_round}
+    if arrays is None:
+        model = build_model(encoder, len(catalog), lora_config(run_config["lora-rank"], run_config["lora-alpha"],
+                                                              run_config["lora-targets"]))
+        arrays = ArrayRecord(adapter_state(model))
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord(checks)})
+    return Message(content=content, dst_node_id=7, message_type=kind)
+
+
+def test_reply_holds_only_adapter_tensors_and_declared_metrics(node, settings):
+    catalog, users, data_dir, context = node
+    reply = client_app.app(server_message(catalog, context.run_config, 1), context)
+    assert not reply.has_error(), reply.error
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    sent = reply.content["arrays"].to_torch_state_dict()
+
+    # Names and count equal the PEFT model's trainable parameters, nothing else.
+    encoder, _ = load_encoder(settings.model, 2)
+    reference = build_model(encoder, len(catalog), lora_config(settings.lora_rank, settings.lora_alpha, settings.lora_targets))
+    trainable = {n for n, p in reference.named_parameters() if p.requires_grad}
+    assert len(sent) == len(trainable) == len(get_peft_model_state_dict(reference))
+    assert set(sent) == set(get_peft_model_state_dict(reference))
+    assert all("lora_" in n or ".scorer." in n for n in sent)
+    base_numel = sum(p.numel() for p in encoder.parameters())
+    assert sum(t.numel() for t in sent.values()) < 0.01 * base_numel
+
+    metrics = reply.content["metrics"]
+    assert set(metrics.keys()) == DECLARED_TRAIN_METRICS
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    # No text anywhere in the reply: no title of the client's history, no history text.
+    blob = b"".join(t.numpy().tobytes() for t in sent.values()) + repr(dict(metrics)).encode()
+    history = users[next(iter(users))]
+    for needle in [catalog.items[catalog.index[history[0].item_id]].title, "Rated"]:
+        assert needle.encode() not in blob
+
+
+def test_model_loaded_once_per_process_and_epsilon_grows(node):
+    catalog, _, data_dir, context = node
+    loads_before = client_app.MODEL_LOADS
+    eps = []
+    arrays = None
+    for server_round in (1, 2):
+        reply = client_app.app(server_message(catalog, context.run_config, server_round, arrays=arrays), context)
+        assert not reply.has_error(), reply.error
+        arrays = reply.content["arrays"]
+        eps.append(reply.content["metrics"]["epsilon"])
+    assert client_app.MODEL_LOADS - loads_before <= 1  # at most the first call loaded it
+    assert eps[1] > eps[0] > 0
+    assert (data_dir / "state" / "run" / "accountant.json").is_file()
+
+
+def test_evaluate_reports_full_ranking_metrics(node):
+    catalog, _, _, context = node
+    reply = client_app.app(server_message(catalog, context.run_config, 1, kind="evaluate"), context)
+    assert not reply.has_error(), reply.error
+    m = reply.content["metrics"]
+    assert m["num-examples"] == 3
+    for k in ("hr@10", "ndcg@10", "recall@20", "val-hr@10"):
+        assert 0.0 <= m[k] <= 1.0
+
+
+def test_base_model_mismatch_is_refused(node):
+    catalog, _, _, context = node
+    msg = server_message(catalog, context.run_config, 1)
+    msg.content["config"]["base-sha256"] = "0" * 64
+    with pytest.raises(RuntimeError, match="base-sha256 mismatch"):
+        client_app.app(msg, context)
