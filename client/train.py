@@ -9,6 +9,8 @@ client's stored history, so the ε it returns is cumulative.
 from __future__ import annotations
 
 import math
+import secrets
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,24 +45,34 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
     """``local_steps`` steps of DP-SGD (or plain SGD when ``s.dp`` is false) on ``examples``."""
     if not examples:
         raise ValueError("no training examples")
-    torch.manual_seed(seed)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=s.learning_rate)
+    # The item scorer (per-item bias, scale) gets its own, larger step size: under DP noise
+    # Adam moves each coordinate by about lr·SNR per step, too slow for a bias that must
+    # travel several units, while LoRA weights want small steps.
+    scorer = [p for n, p in model.named_parameters() if p.requires_grad and ".scorer." in n]
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and ".scorer." not in n]
+    optimizer = torch.optim.Adam([{"params": lora, "lr": s.learning_rate},
+                                  {"params": scorer, "lr": s.scorer_learning_rate}])
     batch_size = min(s.batch_size, len(examples))
     # (text, target) pairs: Opacus' DPDataLoader inspects dataset[0] as a tuple of fields.
     dataset = [(ex.text, ex.target) for ex in examples]
+    # Under DP the batch sampling and the noise must be secret: a generator seeded from the
+    # run config would let anyone who knows the seed replay (and subtract) the noise. Both
+    # come from the OS entropy pool; only non-private training is reproducible from `seed`.
+    generator = torch.Generator().manual_seed(secrets.randbits(63) if s.dp else seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=_collate(tokenizer, s.max_length),
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=generator)
     engine = None
     module = model
     if s.dp:
-        engine = PrivacyEngine(accountant=s.accountant)
+        with warnings.catch_warnings():  # secure_mode needs torchcsprng; see README, "Privacy"
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant=s.accountant)
         engine.accountant.history = list(history)
         module, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
-            poisson_sampling=True, grad_sample_mode="hooks",
+            poisson_sampling=True, grad_sample_mode="hooks", noise_generator=generator,
         )
     sample_rate = batch_size / len(examples) if not s.dp else loader.sample_rate
     losses, steps = [], 0

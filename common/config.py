@@ -72,6 +72,7 @@ class Settings:
     batch_size: int
     local_steps: int
     learning_rate: float
+    scorer_learning_rate: float
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> Settings:
@@ -110,6 +111,7 @@ class Settings:
         require(self.batch_size >= 1, "batch-size must be >= 1")
         require(self.local_steps >= 1, "local-steps must be >= 1")
         require(self.learning_rate > 0, "learning-rate must be > 0")
+        require(self.scorer_learning_rate > 0, "scorer-learning-rate must be > 0")
         require(not (self.dp and self.noise_multiplier == 0),
                 "noise-multiplier 0 gives no privacy; set dp=false to train without DP")
 

@@ -41,6 +41,15 @@ def fail(message: str) -> None:
 
 # --- simulate -------------------------------------------------------------------------------
 
+DEFAULT_SILOS = 10  # as options.num-supernodes of the local-simulation federation in pyproject.toml
+
+
+def count_users(s) -> int:
+    from common.data import load_movielens
+    from simulations.partition import select_users
+
+    return len(select_users(load_movielens(s.dataset or None)[1], s.max_users, s.seed))
+
 
 def simulate(args) -> int:
     from common.config import ConfigError, Settings, defaults
@@ -59,7 +68,7 @@ def simulate(args) -> int:
     overrides["run-dir"] = str(run_dir)
     try:
         s = Settings.from_run_config({**defaults(), **overrides})
-        clients = args.clients or (s.max_users or 943 if s.partition == "user" else 10)
+        clients = args.clients or (count_users(s) if s.partition == "user" else DEFAULT_SILOS)
         root = materialize(s, clients)  # the users produce their data before the run starts
     except (ConfigError, DataError, ValueError) as e:
         fail(str(e))

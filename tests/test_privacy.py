@@ -92,3 +92,20 @@ def test_epsilon_is_cumulative_and_matches_a_fresh_accountant(model_and_tokenize
     assert abs(fresh.get_epsilon(s.delta) - round2.epsilon) <= 1e-9 * round2.epsilon
     # and the persisted history alone reproduces it (what a restarted client would load)
     assert epsilon(load_history(state), s.delta, s.accountant) == round2.epsilon
+
+
+def test_dp_noise_is_not_replayable_from_the_run_seed(model_and_tokenizer, small_split, settings):
+    """Same seed, same data, same start: two DP steps must differ (secret noise and sampling)."""
+    model, tokenizer = model_and_tokenizer
+    _, _, train_ex, _, _ = small_split
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    s = dataclasses.replace(settings, dp=True, local_steps=1)
+    outcomes = []
+    for _ in range(2):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in start:
+                    p.copy_(start[n])
+        train(model, tokenizer, train_ex, s, history=[], seed=123)
+        outcomes.append({n: p.detach().clone() for n, p in model.named_parameters() if n in start})
+    assert any(not torch.equal(outcomes[0][n], outcomes[1][n]) for n in start)
