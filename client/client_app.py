@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import secrets
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from common.config import Settings
 from common.data import catalog_fingerprint, leave_last_out, read_catalog, read_interactions
 from common.model import (adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
                           lora_config, refresh_item_embeddings)
-from common.privacy import load_history, save_history
+from common.privacy import epsilon, load_history, save_history
 
 app = ClientApp()
 log = logging.getLogger("fedrec.client")
@@ -125,6 +127,32 @@ def train(msg: Message, context: Context) -> Message:
         "max-grad-norm": s.max_grad_norm,
     }
     content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.query("popularity")
+def popularity(msg: Message, context: Context) -> Message:
+    """A noisy histogram of this client's training targets, for the global popularity prior.
+
+    Gaussian mechanism: adding or removing one training example changes one count by 1
+    (L2 sensitivity 1), and N(0, σ_h²) noise is added to every count. That is the sampled
+    Gaussian mechanism with q = 1 and one step, so it enters the same accountant history
+    as (σ_h, 1.0, 1) and its cost is part of the cumulative ε.
+    """
+    s = Settings.from_run_config(dict(context.run_config))
+    data_dir, catalog_path, state_dir = data_paths(context, s)
+    catalog, train_examples, _, _ = load_data(data_dir, catalog_path, s.history_len)
+    counts = torch.zeros(len(catalog))
+    counts.index_add_(0, torch.tensor([ex.target for ex in train_examples]), torch.ones(len(train_examples)))
+    history = load_history(state_dir)
+    if s.dp:
+        generator = torch.Generator().manual_seed(secrets.randbits(63))  # secret noise, as in training
+        counts += s.prior_noise_multiplier * torch.randn(len(catalog), generator=generator)
+        history = history + [(s.prior_noise_multiplier, 1.0, 1)]
+        save_history(state_dir, history, s.accountant, s.delta)
+    metrics = {"epsilon": epsilon(history, s.delta, s.accountant) if s.dp else math.inf, "delta": s.delta,
+               "noise-multiplier": s.prior_noise_multiplier if s.dp else 0.0}
+    content = RecordDict({"arrays": ArrayRecord({"counts": counts}), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 

@@ -46,13 +46,18 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
     if not examples:
         raise ValueError("no training examples")
     model.train()
-    # The item scorer (per-item bias, scale) gets its own, larger step size: under DP noise
-    # Adam moves each coordinate by about lr·SNR per step, too slow for a bias that must
-    # travel several units, while LoRA weights want small steps.
-    scorer = [p for n, p in model.named_parameters() if p.requires_grad and ".scorer." in n]
-    lora = [p for n, p in model.named_parameters() if p.requires_grad and ".scorer." not in n]
-    optimizer = torch.optim.Adam([{"params": lora, "lr": s.learning_rate},
-                                  {"params": scorer, "lr": s.scorer_learning_rate}])
+    # The per-item bias gets its own step size. Under DP noise Adam moves every coordinate by
+    # about its learning rate per step whatever the signal, and a bias over 1,682 items has
+    # little signal per item: with the DP popularity prior in place it is better left frozen
+    # (bias-learning-rate = 0), which also leaves the whole clipping budget to the LoRA weights.
+    bias = [p for n, p in model.named_parameters() if n.endswith("scorer.modules_to_save.default.bias")]
+    for p in bias:
+        p.requires_grad_(s.bias_learning_rate > 0)
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and p not in set(bias)]
+    groups = [{"params": rest, "lr": s.learning_rate}]
+    if s.bias_learning_rate > 0:
+        groups.append({"params": bias, "lr": s.bias_learning_rate})
+    optimizer = torch.optim.Adam(groups)
     batch_size = min(s.batch_size, len(examples))
     # (text, target) pairs: Opacus' DPDataLoader inspects dataset[0] as a tuple of fields.
     dataset = [(ex.text, ex.target) for ex in examples]
@@ -84,7 +89,9 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
                 # Mean loss matches Opacus' default loss_reduction='mean': it rescales the
                 # per-sample gradients and divides the noisy sum by the *expected* batch size.
                 loss = torch.nn.functional.cross_entropy(logits, targets.to(device()), reduction="mean")
-                loss.backward()
+                with warnings.catch_warnings():  # the frozen embeddings take no gradient, by design
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
                 optimizer.step()
                 if len(targets):
                     losses.append(loss.item())

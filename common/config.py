@@ -71,8 +71,10 @@ class Settings:
     accountant: str
     batch_size: int
     local_steps: int
+    popularity_prior: bool
+    prior_noise_multiplier: float
     learning_rate: float
-    scorer_learning_rate: float
+    bias_learning_rate: float
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> Settings:
@@ -110,8 +112,10 @@ class Settings:
         require(self.accountant in ("rdp", "prv"), "accountant must be 'rdp' or 'prv'")
         require(self.batch_size >= 1, "batch-size must be >= 1")
         require(self.local_steps >= 1, "local-steps must be >= 1")
+        require(self.prior_noise_multiplier > 0 or not (self.dp and self.popularity_prior),
+                "prior-noise-multiplier must be > 0 when dp and popularity-prior are on")
         require(self.learning_rate > 0, "learning-rate must be > 0")
-        require(self.scorer_learning_rate > 0, "scorer-learning-rate must be > 0")
+        require(self.bias_learning_rate >= 0, "bias-learning-rate must be >= 0 (0 = frozen)")
         require(not (self.dp and self.noise_multiplier == 0),
                 "noise-multiplier 0 gives no privacy; set dp=false to train without DP")
 

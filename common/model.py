@@ -81,10 +81,10 @@ def _item_scorer_grad_sample(layer: ItemScorer, activations, backprops):
 
 
 class Recommender(nn.Module):
-    def __init__(self, encoder: nn.Module, num_items: int):
+    def __init__(self, encoder: nn.Module, num_items: int, init_scale: float = 20.0):
         super().__init__()
         self.encoder = encoder
-        self.scorer = ItemScorer(num_items)
+        self.scorer = ItemScorer(num_items, init_scale)
         hidden = encoder.config.hidden_size
         # Not a parameter and not persistent: recomputed from the public catalog.
         self.register_buffer("item_embeddings", torch.zeros(num_items, hidden), persistent=False)
@@ -137,10 +137,11 @@ def lora_config(rank: int, alpha: float, targets: str) -> LoraConfig:
     )
 
 
-def build_model(encoder: nn.Module, num_items: int, config: LoraConfig, seed: int = 0) -> PeftModel:
+def build_model(encoder: nn.Module, num_items: int, config: LoraConfig, seed: int = 0,
+                init_scale: float = 20.0) -> PeftModel:
     """Wrap base model with LoRA. Moves to the device *before* wrapping (opacus issue 820)."""
     torch.manual_seed(seed)
-    base = Recommender(encoder, num_items).to(device())
+    base = Recommender(encoder, num_items, init_scale).to(device())
     return get_peft_model(base, config)
 
 

@@ -6,6 +6,7 @@ The run directory (``run-dir``, default ``$FEDREC_HOME/runs/run-<run id>``) hold
     catalog.csv          the public catalog the scores index into
     adapters/round-NNN/  the global adapter after round NNN (000 = initial), PEFT format
     metrics.jsonl        one JSON object per round (machine-readable)
+    prior.json           the DP popularity prior: who answered, their ε after it
     summary.json         the last round's figures, written when the run ends
 """
 
@@ -20,7 +21,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import flwr
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
@@ -96,6 +98,39 @@ class RunRecorder(FedAvg):
         return metrics
 
 
+def popularity_prior(grid: Grid, model, checks: dict, s: Settings, run_dir: Path) -> None:
+    """Set the item bias to log(1 + Σ noisy client counts): a DP popularity prior.
+
+    Each client answers with a Gaussian-noised histogram of its training targets (its own
+    accountant records the release); the server only sums them and clamps at zero, which is
+    post-processing. Under DP noise, learning this bias by DP-SGD alone takes far more steps.
+    """
+    nodes = wait_for_nodes(grid, s.min_train_nodes)
+    messages = [Message(RecordDict({"config": ConfigRecord(checks)}), dst_node_id=node,
+                        message_type="query.popularity") for node in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=600))
+    ok = [r for r in replies if not r.has_error()]
+    record = {"asked": len(nodes), "answered": len(ok), "noise-multiplier": s.prior_noise_multiplier if s.dp else 0.0,
+              "errors": [r.error.reason for r in replies if r.has_error()],
+              "client-updates": [{"node": r.metadata.src_node_id, **dict(r.content["metrics"])} for r in ok]}
+    (run_dir / "prior.json").write_text(json.dumps(record, indent=1))
+    if not ok:
+        log.warning("popularity prior: no client answered; starting from a zero bias")
+        return
+    total = sum(r.content["arrays"].to_torch_state_dict()["counts"] for r in ok)
+    state = adapter_state(model)
+    (bias_key,) = [k for k in state if k.endswith("scorer.bias")]
+    state[bias_key] = torch.log1p(total.clamp(min=0)).to(state[bias_key].dtype)
+    load_adapter_state(model, state)
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600) -> list[int]:
+    deadline = time.time() + timeout
+    while len(nodes := list(grid.get_node_ids())) < minimum and time.time() < deadline:
+        time.sleep(1)
+    return nodes
+
+
 def load_catalog(s: Settings):
     return read_catalog(s.catalog) if s.catalog else load_movielens(s.dataset or None)[0]
 
@@ -129,6 +164,8 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=min(s.min_train_nodes, max(1, num_nodes)),
         min_available_nodes=s.min_train_nodes,
     )
+    if s.popularity_prior:
+        popularity_prior(grid, model, checks, s, run_dir)
     initial = ArrayRecord(adapter_state(model))
     strategy.save_adapter(0, initial)
     result = strategy.start(

@@ -1,6 +1,6 @@
 """Centralized, non-private reference: the same model on the same split, trained on one machine.
 
-    python -m simulations.centralized --steps 900 --out runs/centralized.json
+    python -m simulations.centralized --steps 600 --out runs/centralized.json
 
 Uses the same data loading, leave-last-out split, model, loss and metrics as the
 federated run; only the federation and DP are removed (plain Adam on all training
@@ -23,13 +23,13 @@ from rich.table import Table
 from client.train import evaluate, train
 from common.config import Settings, defaults
 from common.data import leave_last_out, load_movielens
-from common.model import build_model, load_encoder, lora_config, refresh_item_embeddings
+from common.model import adapter_state, build_model, load_adapter_state, load_encoder, lora_config, refresh_item_embeddings
 from simulations.partition import popularity_reference, select_users
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=900, help="optimizer steps in all")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps in all")
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--max-users", type=int, default=0, help="0 = all 943 users")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> dict:
     popularity = popularity_reference(users, catalog, s.history_len)
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
     model = build_model(encoder, len(catalog), lora_config(s.lora_rank, s.lora_alpha, s.lora_targets), seed=s.seed)
+    if s.popularity_prior:  # the same prior as the federated run, from exact counts (no DP here)
+        counts = torch.zeros(len(catalog))
+        counts.index_add_(0, torch.tensor([ex.target for ex in train_ex]), torch.ones(len(train_ex)))
+        state = adapter_state(model)
+        (bias_key,) = [k for k in state if k.endswith("scorer.bias")]
+        state[bias_key] = torch.log1p(counts)
+        load_adapter_state(model, state)
 
     console = Console()
     curve, started, done = [], time.time(), 0

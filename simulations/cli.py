@@ -87,7 +87,8 @@ def simulate(args) -> int:
     watcher = threading.Thread(target=_progress, args=(run_dir / "metrics.jsonl", s.num_server_rounds, stop), daemon=True)
     watcher.start()
     try:
-        run_app(overrides, clients)
+        # Client workers' own output stays in Ray's logs unless --verbose.
+        run_app(overrides, clients, worker_logs=args.verbose)
     finally:
         stop.set()
         watcher.join()
@@ -110,6 +111,7 @@ def _log_flower_to(path: Path, verbose: bool) -> None:
     for handler in list(logger.handlers):
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             logger.removeHandler(handler)
+    logger.propagate = False
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)

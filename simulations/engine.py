@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from flwr.app import Context, RecordDict
 from flwr.common.config import get_fused_config_from_dir
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
@@ -23,9 +25,10 @@ from flwr.supercore.telemetry import EventType
 from common.config import PROJECT_DIR
 
 
-def run_app(overrides: dict, num_supernodes: int, cpus_per_client: float = 1.0) -> None:
+def run_app(overrides: dict, num_supernodes: int, cpus_per_client: float = 1.0, worker_logs: bool = True) -> None:
     """Simulate ``num_supernodes`` clients with run config = defaults ⊕ ``overrides``."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
     run = Run.create_empty(run_id=run_id)
     run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
@@ -46,7 +49,9 @@ def run_app(overrides: dict, num_supernodes: int, cpus_per_client: float = 1.0) 
         run=run,
         is_app=True,
         backend_config={
-            "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-            "init_args": {"include_dashboard": False},
+            # GPU when present: clients share it (a LoRA step on MiniLM needs little memory).
+            "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.25 if torch.cuda.is_available() else 0.0},
+            "init_args": {"include_dashboard": False,
+                          "log_to_driver": worker_logs},
         },
     )

@@ -10,6 +10,7 @@ from peft import get_peft_model_state_dict
 
 import client.client_app as client_app
 from common.config import defaults
+from common.privacy import epsilon, load_history
 from common.data import catalog_fingerprint, write_catalog, write_interactions
 from common.model import adapter_state, build_model, fingerprint, load_encoder, lora_config
 
@@ -107,3 +108,19 @@ def test_base_model_mismatch_is_refused(node):
     msg.content["config"]["base-sha256"] = "0" * 64
     with pytest.raises(RuntimeError, match="base-sha256 mismatch"):
         client_app.app(msg, context)
+
+
+def test_popularity_query_sends_noisy_counts_and_charges_the_accountant(node):
+    catalog, users, data_dir, context = node
+    msg = Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=7, message_type="query.popularity")
+    reply = client_app.app(msg, context)
+    sent = reply.content["arrays"].to_torch_state_dict()
+    assert list(sent) == ["counts"] and sent["counts"].shape == (len(catalog),)
+    true_total = sum(len(h) - 3 for h in list(users.values())[:3])  # training targets of the 3 users
+    sigma = context.run_config["prior-noise-multiplier"]
+    # Noise really was added: every count is off the integer grid, and the total is within 6σ√n.
+    assert (sent["counts"] != sent["counts"].round()).all()
+    assert abs(sent["counts"].sum().item() - true_total) < 6 * sigma * len(catalog) ** 0.5
+    history = load_history(data_dir / "state" / "run")
+    assert history[-1] == (sigma, 1.0, 1)
+    assert reply.content["metrics"]["epsilon"] == pytest.approx(epsilon(history, 1e-5, "rdp"))

@@ -37,7 +37,7 @@ def run_dir(tmp_path_factory):
 
 def test_run_directory_layout(run_dir):
     run, stdout = run_dir
-    for name in ("config.json", "catalog.csv", "metrics.jsonl", "summary.json", "flower.log"):
+    for name in ("config.json", "catalog.csv", "metrics.jsonl", "summary.json", "flower.log", "prior.json"):
         assert (run / name).is_file(), name
     adapters = sorted(p.name for p in (run / "adapters").iterdir())
     assert adapters == [f"round-{r:03d}" for r in range(ROUNDS + 1)]
@@ -75,8 +75,15 @@ def test_epsilon_reported_is_cumulative_and_recomputable(run_dir):
         assert len(updates) == ROUNDS
         assert updates[1]["epsilon"] > updates[0]["epsilon"] > 0
         assert updates[0]["delta"] == 1e-5
-        # Recompute from the reported mechanism: ROUNDS × steps of the same (σ, q).
-        history = [(u["noise-multiplier"], u["sample-rate"], int(u["steps"])) for u in updates]
+    prior = json.loads((run / "prior.json").read_text())
+    assert prior["answered"] == CLIENTS and prior["noise-multiplier"] > 0
+    prior_eps = {c["node"]: c["epsilon"] for c in prior["client-updates"]}
+    for node, updates in by_node.items():
+        assert updates[0]["epsilon"] > prior_eps[node] > 0
+        # Recompute from the reported mechanisms: the prior's Gaussian histogram (q = 1,
+        # one release), then each round's DP-SGD steps.
+        history = [(prior["noise-multiplier"], 1.0, 1)]
+        history += [(u["noise-multiplier"], u["sample-rate"], int(u["steps"])) for u in updates]
         assert epsilon(history, 1e-5, "rdp") == pytest.approx(updates[-1]["epsilon"], rel=1e-9)
 
 
@@ -98,3 +105,15 @@ def test_global_adapter_opens_with_peft_and_recommends(run_dir):
     lines = [line for line in proc.stdout.splitlines() if line.strip().startswith("│")]
     assert len(lines) == 10
     assert "Star Wars (1977)" not in proc.stdout  # items already in the history are not recommended
+
+
+def test_initial_adapter_carries_the_dp_popularity_prior(run_dir):
+    from safetensors.torch import load_file
+
+    run, _ = run_dir
+    initial = load_file(str(run / "adapters" / "round-000" / "adapter_model.safetensors"))
+    (bias,) = [v for k, v in initial.items() if k.endswith("scorer.bias")]
+    assert bias.shape == (1682,) and (bias >= 0).all() and bias.max() > 1.0
+    final = load_file(str(run / "adapters" / f"round-{ROUNDS:03d}" / "adapter_model.safetensors"))
+    (final_bias,) = [v for k, v in final.items() if k.endswith("scorer.bias")]
+    assert (final_bias == bias).all()  # bias-learning-rate = 0 keeps the prior as it is

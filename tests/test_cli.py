@@ -1,0 +1,26 @@
+"""The fedrec command's errors: one line naming what is wrong, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from simulations.cli import main
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["simulate", "--set", "noise-multiplier=lots"], "noise-multiplier must be float"),
+    (["simulate", "--set", "no-such-key=1"], "unknown key(s) no-such-key"),
+    (["simulate", "--set", "partition=user", "max-users=5", "--clients", "3"], "one client per user"),
+    (["simulate", "--set", "dataset=/nonexistent/ml-100k"], "not a MovieLens-100K folder"),
+    (["recommend", "/nonexistent/run", "--items", "1"], "no config.json"),
+    (["recommend", "/nonexistent/run"], "exactly one of --items or --history"),
+])
+def test_bad_input_exits_2_with_one_clear_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + (["--run-dir", str(tmp_path / "run")] if argv[0] == "simulate" else []))
+    assert exit_info.value.code == 2
+    out = capsys.readouterr().out
+    assert message in out.replace("\n", "")
+    assert "Traceback" not in out
+    assert not (tmp_path / "run").exists()
