@@ -98,6 +98,19 @@ class RunRecorder(FedAvg):
         return metrics
 
 
+def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Training metrics across clients: example-weighted loss, and ε as a maximum, never a mean
+    (an average ε is no one's guarantee)."""
+    metrics = [r["metrics"] for r in replies]
+    examples = sum(m[weight_key] for m in metrics)
+    return MetricRecord({
+        weight_key: examples,
+        "train-loss": sum(m["train-loss"] * m[weight_key] for m in metrics) / max(examples, 1),
+        "epsilon-max": max(m["epsilon"] for m in metrics),
+        "delta": max(m["delta"] for m in metrics),
+    })
+
+
 def popularity_prior(grid: Grid, model, checks: dict, s: Settings, run_dir: Path) -> None:
     """Set the item bias to log(1 + Σ noisy client counts): a DP popularity prior.
 
@@ -163,6 +176,7 @@ def main(grid: Grid, context: Context) -> None:
         min_train_nodes=s.min_train_nodes,
         min_evaluate_nodes=min(s.min_train_nodes, max(1, num_nodes)),
         min_available_nodes=s.min_train_nodes,
+        train_metrics_aggr_fn=aggregate_train_metrics,
     )
     if s.popularity_prior:
         popularity_prior(grid, model, checks, s, run_dir)

@@ -98,6 +98,10 @@ def simulate(args) -> int:
         fail(f"the run ended after {len(rows)} of {s.num_server_rounds} rounds; see {run_dir / 'flower.log'}")
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["wall-s"] = round(wall, 1)
+    if s.dp:
+        final = list(final_epsilons(run_dir, rows).values())
+        summary.update({"client-epsilon-max": max(final), "client-epsilon-median": statistics.median(final),
+                        "delta": s.delta, "accountant": s.accountant})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print_summary(rows, s, clients, wall, run_dir)
     return 0
@@ -107,10 +111,10 @@ def _log_flower_to(path: Path, verbose: bool) -> None:
     """Flower logs every message; keep them in the run directory, not over the progress bar."""
     if verbose:
         return
-    logger = logging.getLogger("flwr")
-    for handler in list(logger.handlers):
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            logger.removeHandler(handler)
+    from flwr.supercore.logger import FLOWER_LOGGER as logger
+    from flwr.supercore.logger import console_handler
+
+    logger.removeHandler(console_handler)
     logger.propagate = False
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -138,6 +142,17 @@ def _progress(metrics: Path, rounds: int, stop: threading.Event) -> None:
         progress.update(task, completed=len(_rows(metrics)))
 
 
+def final_epsilons(run_dir: Path, rows: list[dict]) -> dict:
+    """Each client's last reported cumulative ε (from the prior if it never trained)."""
+    final = {}
+    prior = run_dir / "prior.json"
+    if prior.is_file():
+        final.update({c["node"]: c["epsilon"] for c in json.loads(prior.read_text())["client-updates"]})
+    for row in rows:
+        final.update({c["node"]: c["epsilon"] for c in row["client-updates"] if "epsilon" in c})
+    return final
+
+
 def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path) -> None:
     last = rows[-1]
     table = Table(title=f"fedrec: {len(rows)} rounds, {clients} clients, {wall:.0f} s")
@@ -149,19 +164,17 @@ def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path)
     if "popularity-hr@10" in last:
         table.add_row("popularity", *(f"{last['popularity-' + k]:.4f}" for k in keys))
     console.print(table)
-    eps = [c["epsilon"] for row in rows for c in row["client-updates"] if "epsilon" in c]
-    if s.dp and eps:
-        final = {}
-        for row in rows:
-            for c in row["client-updates"]:
-                if "epsilon" in c:
-                    final[c["node"]] = c["epsilon"]
-        values = list(final.values())
+    final = final_epsilons(run_dir, rows)
+    if s.dp and final:
         from common.privacy import UNIT
+
+        values = list(final.values())
         console.print(
-            f"Privacy: client ε max {max(values):.3f}, median {statistics.median(values):.3f} at δ = {s.delta:g} "
-            f"(cumulative over all rounds; {UNIT}; DP-SGD with Poisson sampling, σ = {s.noise_multiplier:g}, "
-            f"C = {s.max_grad_norm:g}; Opacus {s.accountant.upper()} accountant). Metrics and example counts "
+            f"Privacy: client ε max {max(values):.3f}, median {statistics.median(values):.3f} over all {len(values)} "
+            f"clients at δ = {s.delta:g} (cumulative over the run: "
+            + (f"popularity histogram σ_h = {s.prior_noise_multiplier:g} and " if s.popularity_prior else "")
+            + f"DP-SGD with Poisson sampling, σ = {s.noise_multiplier:g}, "
+            f"C = {s.max_grad_norm:g}; {UNIT}; Opacus {s.accountant.upper()} accountant). Metrics and example counts "
             "sent to the server are not covered.")
     else:
         console.print("[yellow]Privacy: none — trained without DP (dp = false).[/yellow]")
