@@ -13,6 +13,7 @@ The run directory (``run-dir``, default ``$FEDREC_HOME/runs/run-<run id>``) hold
 from __future__ import annotations
 
 import json
+import math
 import logging
 import shutil
 import statistics
@@ -63,9 +64,11 @@ class RunRecorder(FedAvg):
                 clients.append({"node": msg.metadata.src_node_id, "error": msg.error.reason})
                 continue
             m = msg.content["metrics"]
-            clients.append({"node": msg.metadata.src_node_id, **{k: m[k] for k in m}})
+            # Without DP a client reports ε = inf ("no guarantee"); JSON has no inf, so null.
+            clients.append({"node": msg.metadata.src_node_id,
+                            **{k: (m[k] if math.isfinite(m[k]) else None) for k in m}})
         ok = [c for c in clients if "error" not in c]
-        eps = [c["epsilon"] for c in ok]
+        eps = [c["epsilon"] for c in ok if c["epsilon"] is not None]
         self.row = {
             "round": server_round,
             "clients": len(ok),
@@ -125,7 +128,9 @@ def popularity_prior(grid: Grid, model, checks: dict, s: Settings, run_dir: Path
     ok = [r for r in replies if not r.has_error()]
     record = {"asked": len(nodes), "answered": len(ok), "noise-multiplier": s.prior_noise_multiplier if s.dp else 0.0,
               "errors": [r.error.reason for r in replies if r.has_error()],
-              "client-updates": [{"node": r.metadata.src_node_id, **dict(r.content["metrics"])} for r in ok]}
+              "client-updates": [{"node": r.metadata.src_node_id,
+                                  **{k: (v if math.isfinite(v) else None) for k, v in r.content["metrics"].items()}}
+                                 for r in ok]}
     (run_dir / "prior.json").write_text(json.dumps(record, indent=1))
     if not ok:
         log.warning("popularity prior: no client answered; starting from a zero bias")

@@ -149,7 +149,7 @@ def final_epsilons(run_dir: Path, rows: list[dict]) -> dict:
     if prior.is_file():
         final.update({c["node"]: c["epsilon"] for c in json.loads(prior.read_text())["client-updates"]})
     for row in rows:
-        final.update({c["node"]: c["epsilon"] for c in row["client-updates"] if "epsilon" in c})
+        final.update({c["node"]: c["epsilon"] for c in row["client-updates"] if c.get("epsilon") is not None})
     return final
 
 
