@@ -42,7 +42,7 @@ def _collate(tokenizer, max_length):
 
 
 def train(model, tokenizer, examples: list[Example], s, history: History, seed: int) -> TrainResult:
-    """``local_steps`` steps of DP-SGD (or plain SGD when ``s.dp`` is false) on ``examples``."""
+    """``local_steps`` steps of DP-SGD with Adam (plain Adam when ``s.dp`` is false) on ``examples``."""
     if not examples:
         raise ValueError("no training examples")
     model.train()
