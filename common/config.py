@@ -62,6 +62,7 @@ class Settings:
     lora_rank: int
     lora_alpha: float
     lora_targets: str
+    initial_score_scale: float
     max_length: int
     # local training with DP-SGD
     dp: bool
@@ -105,6 +106,7 @@ class Settings:
         require(self.skew_alpha >= 0, "skew-alpha must be >= 0 (0 means IID)")
         require(self.history_len >= 1, "history-len must be >= 1")
         require(self.lora_rank >= 1, "lora-rank must be >= 1")
+        require(self.initial_score_scale > 0, "initial-score-scale must be > 0")
         require(self.max_length >= 16, "max-length must be >= 16")
         require(self.noise_multiplier >= 0, "noise-multiplier must be >= 0")
         require(self.max_grad_norm > 0, "max-grad-norm must be > 0")

@@ -161,7 +161,8 @@ def main(grid: Grid, context: Context) -> None:
     catalog = load_catalog(s)
     encoder, _ = load_encoder(s.model, s.model_layers)
     base_sha = fingerprint(encoder)
-    model = build_model(encoder, len(catalog), lora_config(s.lora_rank, s.lora_alpha, s.lora_targets), seed=s.seed)
+    model = build_model(encoder, len(catalog), lora_config(s.lora_rank, s.lora_alpha, s.lora_targets), seed=s.seed,
+                        init_scale=s.initial_score_scale)
     model.peft_config["default"].base_model_name_or_path = str(resolve_model_path(s.model))
     checks = {"base-sha256": base_sha, "catalog-sha256": catalog_fingerprint(catalog)}
     write_catalog(catalog, run_dir / "catalog.csv")

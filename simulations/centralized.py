@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_ex, valid, test = leave_last_out(users, catalog, s.history_len)
     popularity = popularity_reference(users, catalog, s.history_len)
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
-    model = build_model(encoder, len(catalog), lora_config(s.lora_rank, s.lora_alpha, s.lora_targets), seed=s.seed)
+    model = build_model(encoder, len(catalog), lora_config(s.lora_rank, s.lora_alpha, s.lora_targets), seed=s.seed,
+                        init_scale=s.initial_score_scale)
     if s.popularity_prior:  # the same prior as the federated run, from exact counts (no DP here)
         counts = torch.zeros(len(catalog))
         counts.index_add_(0, torch.tensor([ex.target for ex in train_ex]), torch.ones(len(train_ex)))
