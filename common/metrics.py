@@ -61,9 +61,9 @@ def metrics_from_ranks(ranks: torch.Tensor) -> dict[str, float]:
     }
 
 
-def popularity_scores(train_targets: Sequence[int], num_items: int) -> torch.Tensor:
-    """Item scores of the popularity baseline: how often each item was a training target."""
+def popularity_scores(train_items: Sequence[int], num_items: int) -> torch.Tensor:
+    """Item scores of the popularity baseline: how often each item occurs in training interactions."""
     counts = torch.zeros(num_items)
-    counts.index_add_(0, torch.as_tensor(list(train_targets), dtype=torch.long), torch.ones(len(train_targets)))
+    counts.index_add_(0, torch.as_tensor(list(train_items), dtype=torch.long), torch.ones(len(train_items)))
     # Break ties by catalog order so the baseline is a strict, reproducible ranking.
     return counts - torch.arange(num_items) * 1e-6
