@@ -188,7 +188,7 @@ def main(grid: Grid, context: Context) -> None:
         popularity_prior(grid, model, checks, s, run_dir)
     initial = ArrayRecord(adapter_state(model))
     strategy.save_adapter(0, initial)
-    result = strategy.start(
+    strategy.start(
         grid=grid,
         initial_arrays=initial,
         num_rounds=s.num_server_rounds,
@@ -199,4 +199,3 @@ def main(grid: Grid, context: Context) -> None:
     summary = {k: v for k, v in rows[-1].items() if k != "client-updates"} if rows else {}
     summary.update({"rounds": len(rows), "run-dir": str(run_dir), "nodes": num_nodes})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    del result
