@@ -13,7 +13,6 @@ reads ``<partition-dir>/client-<id>``, written by ``simulations.partition``.
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import secrets
 from functools import lru_cache
@@ -29,10 +28,10 @@ from common.config import Settings
 from common.data import catalog_fingerprint, leave_last_out, read_catalog, read_interactions
 from common.model import (adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
                           lora_config, refresh_item_embeddings)
+from common.metrics import item_counts
 from common.privacy import epsilon, load_history, save_history
 
 app = ClientApp()
-log = logging.getLogger("fedrec.client")
 
 
 def data_paths(context: Context, s: Settings) -> tuple[Path, Path, Path]:
@@ -142,8 +141,7 @@ def popularity(msg: Message, context: Context) -> Message:
     s = Settings.from_run_config(dict(context.run_config))
     data_dir, catalog_path, state_dir = data_paths(context, s)
     catalog, train_examples, _, _ = load_data(data_dir, catalog_path, s.history_len)
-    counts = torch.zeros(len(catalog))
-    counts.index_add_(0, torch.tensor([ex.target for ex in train_examples]), torch.ones(len(train_examples)))
+    counts = item_counts([ex.target for ex in train_examples], len(catalog))
     history = load_history(state_dir)
     if s.dp:
         generator = torch.Generator().manual_seed(secrets.randbits(63))  # secret noise, as in training

@@ -1,7 +1,7 @@
 """Local training of the adapter with Opacus DP-SGD, and local evaluation.
 
 One call of ``train`` runs ``local_steps`` DP-SGD steps: Poisson sampling with rate
-q = batch_size / n_examples, per-example clipping to ``max_grad_norm``, Gaussian noise
+q = 1/⌈n_examples / batch_size⌉ (Opacus' DPDataLoader), per-example clipping to ``max_grad_norm``, Gaussian noise
 σ · max_grad_norm on the sum, Adam on the noisy mean. The accountant starts from the
 client's stored history, so the ε it returns is cumulative.
 """
@@ -53,7 +53,7 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
     bias = [p for n, p in model.named_parameters() if n.endswith("scorer.modules_to_save.default.bias")]
     for p in bias:
         p.requires_grad_(s.bias_learning_rate > 0)
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and p not in set(bias)]
+    rest = [p for p in model.parameters() if p.requires_grad and all(p is not b for b in bias)]
     groups = [{"params": rest, "lr": s.learning_rate}]
     if s.bias_learning_rate > 0:
         groups.append({"params": bias, "lr": s.bias_learning_rate})

@@ -27,6 +27,28 @@ class ConfigError(ValueError):
     pass
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``key=value`` strings as ``--run-config`` reads them: numbers, true/false, else strings."""
+    overrides = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        overrides[key.strip()] = _parse_value(raw.strip())
+    return overrides
+
+
+def _parse_value(raw: str):
+    if raw in ("true", "false"):
+        return raw == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw.strip('"')
+
+
 def fedrec_home() -> Path:
     """Where runs and simulation partitions go by default (``$FEDREC_HOME``, ``~/.fedrec``)."""
     return Path(os.environ.get("FEDREC_HOME", Path.home() / ".fedrec"))

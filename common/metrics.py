@@ -61,9 +61,14 @@ def metrics_from_ranks(ranks: torch.Tensor) -> dict[str, float]:
     }
 
 
+def item_counts(items: Sequence[int], num_items: int) -> torch.Tensor:
+    """How often each catalog index occurs in ``items``."""
+    counts = torch.zeros(num_items)
+    counts.index_add_(0, torch.as_tensor(list(items), dtype=torch.long), torch.ones(len(items)))
+    return counts
+
+
 def popularity_scores(train_items: Sequence[int], num_items: int) -> torch.Tensor:
     """Item scores of the popularity baseline: how often each item occurs in training interactions."""
-    counts = torch.zeros(num_items)
-    counts.index_add_(0, torch.as_tensor(list(train_items), dtype=torch.long), torch.ones(len(train_items)))
     # Break ties by catalog order so the baseline is a strict, reproducible ranking.
-    return counts - torch.arange(num_items) * 1e-6
+    return item_counts(train_items, num_items) - torch.arange(num_items) * 1e-6

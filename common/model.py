@@ -158,6 +158,14 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None
     set_peft_model_state_dict(model, {k: v.to(device()) for k, v in state.items()})
 
 
+def set_item_bias(model: PeftModel, counts: torch.Tensor) -> None:
+    """Item bias b = log(1 + max(count, 0)): the popularity prior (clamping is post-processing)."""
+    state = adapter_state(model)
+    (bias_key,) = [k for k in state if k.endswith("scorer.bias")]
+    state[bias_key] = torch.log1p(counts.clamp(min=0)).to(state[bias_key].dtype)
+    load_adapter_state(model, state)
+
+
 @torch.no_grad()
 def encode_texts(model: PeftModel, tokenizer, texts: list[str], max_length: int, batch_size: int = 128) -> torch.Tensor:
     recommender = model.get_base_model()

@@ -22,14 +22,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import flwr
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import Settings, fedrec_home, partition_root
 from common.data import catalog_fingerprint, load_movielens, read_catalog, write_catalog
-from common.model import adapter_state, build_model, fingerprint, load_adapter_state, load_encoder, lora_config, resolve_model_path
+from common.model import (adapter_state, build_model, fingerprint, load_adapter_state, load_encoder, lora_config,
+                          resolve_model_path, set_item_bias)
 from common.privacy import UNIT
 
 app = ServerApp()
@@ -63,10 +63,7 @@ class RunRecorder(FedAvg):
             if msg.has_error():
                 clients.append({"node": msg.metadata.src_node_id, "error": msg.error.reason})
                 continue
-            m = msg.content["metrics"]
-            # Without DP a client reports ε = inf ("no guarantee"); JSON has no inf, so null.
-            clients.append({"node": msg.metadata.src_node_id,
-                            **{k: (m[k] if math.isfinite(m[k]) else None) for k in m}})
+            clients.append({"node": msg.metadata.src_node_id, **json_metrics(msg.content["metrics"])})
         ok = [c for c in clients if "error" not in c]
         eps = [c["epsilon"] for c in ok if c["epsilon"] is not None]
         self.row = {
@@ -101,6 +98,12 @@ class RunRecorder(FedAvg):
         return metrics
 
 
+def json_metrics(record: MetricRecord) -> dict:
+    """A client's metrics for the run directory. Without DP a client reports ε = inf ("no
+    guarantee"); JSON has no inf, so it becomes null."""
+    return {k: (v if math.isfinite(v) else None) for k, v in record.items()}
+
+
 def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
     """Training metrics across clients: example-weighted loss, and ε as a maximum, never a mean
     (an average ε is no one's guarantee)."""
@@ -128,18 +131,12 @@ def popularity_prior(grid: Grid, model, checks: dict, s: Settings, run_dir: Path
     ok = [r for r in replies if not r.has_error()]
     record = {"asked": len(nodes), "answered": len(ok), "noise-multiplier": s.prior_noise_multiplier if s.dp else 0.0,
               "errors": [r.error.reason for r in replies if r.has_error()],
-              "client-updates": [{"node": r.metadata.src_node_id,
-                                  **{k: (v if math.isfinite(v) else None) for k, v in r.content["metrics"].items()}}
-                                 for r in ok]}
+              "client-updates": [{"node": r.metadata.src_node_id, **json_metrics(r.content["metrics"])} for r in ok]}
     (run_dir / "prior.json").write_text(json.dumps(record, indent=1))
     if not ok:
         log.warning("popularity prior: no client answered; starting from a zero bias")
         return
-    total = sum(r.content["arrays"].to_torch_state_dict()["counts"] for r in ok)
-    state = adapter_state(model)
-    (bias_key,) = [k for k in state if k.endswith("scorer.bias")]
-    state[bias_key] = torch.log1p(total.clamp(min=0)).to(state[bias_key].dtype)
-    load_adapter_state(model, state)
+    set_item_bias(model, sum(r.content["arrays"].to_torch_state_dict()["counts"] for r in ok))
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600) -> list[int]:

@@ -21,9 +21,10 @@ from rich.progress import Progress
 from rich.table import Table
 
 from client.train import evaluate, train
-from common.config import Settings, defaults
+from common.config import Settings, defaults, parse_overrides
 from common.data import leave_last_out, load_movielens
-from common.model import adapter_state, build_model, load_adapter_state, load_encoder, lora_config, refresh_item_embeddings
+from common.metrics import item_counts
+from common.model import build_model, load_encoder, lora_config, refresh_item_embeddings, set_item_bias
 from simulations.partition import popularity_reference, select_users
 
 
@@ -36,11 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="run-config overrides, e.g. learning-rate=0.01 history-len=8")
     args = parser.parse_args(argv)
-    config = defaults()
-    for item in args.set:
-        key, _, value = item.partition("=")
-        config[key] = json.loads(value) if value not in ("", None) and value[0] in "0123456789-tf[{\"" else value
-    s = dataclasses.replace(Settings.from_run_config(config), dp=False, max_users=args.max_users)
+    s = dataclasses.replace(Settings.from_run_config({**defaults(), **parse_overrides(args.set)}),
+                            dp=False, max_users=args.max_users)
 
     catalog, interactions = load_movielens(s.dataset or None)
     users = select_users(interactions, s.max_users, s.seed)
@@ -50,12 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(encoder, len(catalog), lora_config(s.lora_rank, s.lora_alpha, s.lora_targets), seed=s.seed,
                         init_scale=s.initial_score_scale)
     if s.popularity_prior:  # the same prior as the federated run, from exact counts (no DP here)
-        counts = torch.zeros(len(catalog))
-        counts.index_add_(0, torch.tensor([ex.target for ex in train_ex]), torch.ones(len(train_ex)))
-        state = adapter_state(model)
-        (bias_key,) = [k for k in state if k.endswith("scorer.bias")]
-        state[bias_key] = torch.log1p(counts)
-        load_adapter_state(model, state)
+        set_item_bias(model, item_counts([ex.target for ex in train_ex], len(catalog)))
 
     console = Console()
     curve, started, done = [], time.time(), 0

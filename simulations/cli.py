@@ -22,18 +22,6 @@ from rich.table import Table
 console = Console()
 
 
-def parse_value(raw: str):
-    """A --set value as TOML would read it: numbers, true/false, else a string."""
-    if raw in ("true", "false"):
-        return raw == "true"
-    for kind in (int, float):
-        try:
-            return kind(raw)
-        except ValueError:
-            pass
-    return raw.strip('"')
-
-
 def fail(message: str) -> None:
     console.print(f"[red]fedrec: {message}[/red]")
     sys.exit(2)
@@ -52,16 +40,14 @@ def count_users(s) -> int:
 
 
 def simulate(args) -> int:
-    from common.config import ConfigError, Settings, defaults
+    from common.config import ConfigError, Settings, defaults, parse_overrides
     from common.data import DataError
     from simulations.partition import materialize
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            fail(f"--set {item!r}: expected key=value")
-        overrides[key.strip()] = parse_value(value.strip())
+    try:
+        overrides = parse_overrides(args.set)
+    except ConfigError as e:
+        fail(str(e))
     if args.rounds is not None:
         overrides["num-server-rounds"] = args.rounds
     run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
@@ -134,10 +120,10 @@ def _progress(metrics: Path, rounds: int, stop: threading.Event) -> None:
             rows = _rows(metrics)
             if rows:
                 r = rows[-1]
-                eps = r.get("epsilon-max")
+                eps, delta = r.get("epsilon-max"), r.get("delta")
                 progress.update(task, completed=len(rows), description=(
-                    f"NDCG@10 {r.get('ndcg@10', float('nan')):.4f}  ε max {eps:.2f}" if eps is not None
-                    else f"NDCG@10 {r.get('ndcg@10', float('nan')):.4f}"))
+                    f"NDCG@10 {r.get('ndcg@10', float('nan')):.4f}  client ε max {eps:.2f} at δ = {delta:g}"
+                    if eps is not None else f"NDCG@10 {r.get('ndcg@10', float('nan')):.4f}"))
             stop.wait(1.0)
         progress.update(task, completed=len(_rows(metrics)))
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from common.data import (DataError, GROUPLENS_GENRES, leave_last_out, load_movielens, read_catalog,
+from common.data import (DataError, GROUPLENS_GENRES, load_movielens, read_catalog,
                          read_interactions, recbole_ml100k_dir, write_catalog, write_interactions)
 from simulations.partition import assign, materialize, select_users
 
