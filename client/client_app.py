@@ -5,6 +5,8 @@ Node config (``flower-supernode --node-config``):
 * ``data-dir``  folder with this client's ``interactions.csv`` (see ``common/data.py``)
 * ``catalog``   the public ``catalog.csv`` (default: in ``data-dir``, else its parent)
 * ``state-dir`` where the privacy accountant persists (default: ``data-dir/state``)
+* ``epsilon-max``, ``delta``  this client's privacy budget (else ``data-dir/budget.json``);
+  the client declines any round that would take its ε past it, whatever the server asks
 
 In simulation, nodes have ``partition-id``/``num-partitions`` instead, and the client
 reads ``<partition-dir>/client-<id>``, written by ``simulations.partition``.
@@ -12,6 +14,7 @@ reads ``<partition-dir>/client-<id>``, written by ``simulations.partition``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import secrets
@@ -19,17 +22,18 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.train import evaluate as evaluate_local
+from client.train import sample_rate
 from client.train import train as train_local
 from common.config import Settings
 from common.data import catalog_fingerprint, leave_last_out, read_catalog, read_interactions
 from common.model import (adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
                           lora_config, refresh_item_embeddings)
 from common.metrics import item_counts
-from common.privacy import epsilon, load_history, save_history
+from common.privacy import Budget, epsilon, load_history, read_budget, save_history, spend
 
 app = ClientApp()
 
@@ -83,10 +87,38 @@ def load_model(s: Settings, num_items: int):
     return _MODELS[key]
 
 
-def prepare(msg: Message, context: Context):
-    """Settings, data, and the model with the received global adapter applied."""
+def settings_and_budget(context: Context) -> tuple[Settings, Budget, Path, Path, Path]:
+    """The run's settings with δ replaced by this client's own, its budget, and its paths."""
     s = Settings.from_run_config(dict(context.run_config))
     data_dir, catalog_path, state_dir = data_paths(context, s)
+    budget = read_budget(data_dir, dict(context.node_config))
+    return dataclasses.replace(s, delta=budget.delta), budget, data_dir, catalog_path, state_dir
+
+
+def decline(msg: Message, reason: str, eps_now: float, budget: Budget) -> Message:
+    """A reply that carries no update: the client refused this round, and says why."""
+    metrics = MetricRecord({"declined": 1, "epsilon": eps_now, "delta": budget.delta,
+                            "epsilon-max": budget.epsilon_max})
+    return Message(RecordDict({"metrics": metrics, "decline": ConfigRecord({"reason": reason})}), reply_to=msg)
+
+
+def check_budget(s: Settings, budget: Budget, history, mechanism) -> str | None:
+    """Why this client must refuse to run ``mechanism`` (σ, q, steps), or None if it can."""
+    if not s.dp:
+        if math.isfinite(budget.epsilon_max):
+            return (f"budget: this run trains with dp = false, which this client's budget "
+                    f"(ε ≤ {budget.epsilon_max:g} at δ = {budget.delta:g}, {budget.source}) does not allow")
+        return None
+    affordable, after = spend(history, mechanism, budget, s.accountant)
+    if affordable:
+        return None
+    return (f"budget: this round would take ε from {epsilon(history, budget.delta, s.accountant):.3f} to "
+            f"{after:.3f}, over epsilon-max {budget.epsilon_max:g} at δ = {budget.delta:g} ({budget.source})")
+
+
+def prepare(msg: Message, context: Context):
+    """Settings, budget, data, and the model with the received global adapter applied."""
+    s, budget, data_dir, catalog_path, state_dir = settings_and_budget(context)
     catalog, train, valid, test = load_data(data_dir, catalog_path, s.history_len)
     entry = load_model(s, len(catalog))
     config = msg.content["config"]
@@ -103,14 +135,17 @@ def prepare(msg: Message, context: Context):
     if entry["items-of"] != digest:
         refresh_item_embeddings(model, tokenizer, catalog.texts())
         entry["items-of"] = digest
-    return s, state_dir, model, tokenizer, train, valid, test
+    return s, budget, state_dir, model, tokenizer, train, valid, test
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    s, state_dir, model, tokenizer, train_examples, _, _ = prepare(msg, context)
+    s, budget, state_dir, model, tokenizer, train_examples, _, _ = prepare(msg, context)
     server_round = int(msg.content["config"]["server-round"])
     history = load_history(state_dir)
+    mechanism = (s.noise_multiplier, sample_rate(len(train_examples), s.batch_size), s.local_steps)
+    if reason := check_budget(s, budget, history, mechanism):
+        return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget)
     seed = s.seed * 1_000_003 + server_round * 7919 + context.node_id % 100_003
     result = train_local(model, tokenizer, train_examples, s, history, seed)
     if s.dp:
@@ -124,6 +159,8 @@ def train(msg: Message, context: Context) -> Message:
         "sample-rate": result.sample_rate,
         "noise-multiplier": s.noise_multiplier if s.dp else 0.0,
         "max-grad-norm": s.max_grad_norm,
+        "epsilon-max": budget.epsilon_max,
+        "declined": 0,
     }
     content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
@@ -138,25 +175,27 @@ def popularity(msg: Message, context: Context) -> Message:
     Gaussian mechanism with q = 1 and one step, so it enters the same accountant history
     as (σ_h, 1.0, 1) and its cost is part of the cumulative ε.
     """
-    s = Settings.from_run_config(dict(context.run_config))
-    data_dir, catalog_path, state_dir = data_paths(context, s)
+    s, budget, data_dir, catalog_path, state_dir = settings_and_budget(context)
     catalog, train_examples, _, _ = load_data(data_dir, catalog_path, s.history_len)
-    counts = item_counts([ex.target for ex in train_examples], len(catalog))
     history = load_history(state_dir)
+    if reason := check_budget(s, budget, history, (s.prior_noise_multiplier, 1.0, 1)):
+        return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget)
+    counts = item_counts([ex.target for ex in train_examples], len(catalog))
     if s.dp:
         generator = torch.Generator().manual_seed(secrets.randbits(63))  # secret noise, as in training
         counts += s.prior_noise_multiplier * torch.randn(len(catalog), generator=generator)
         history = history + [(s.prior_noise_multiplier, 1.0, 1)]
         save_history(state_dir, history, s.accountant, s.delta)
     metrics = {"epsilon": epsilon(history, s.delta, s.accountant) if s.dp else math.inf, "delta": s.delta,
-               "noise-multiplier": s.prior_noise_multiplier if s.dp else 0.0}
+               "noise-multiplier": s.prior_noise_multiplier if s.dp else 0.0, "sample-rate": 1.0, "steps": 1,
+               "epsilon-max": budget.epsilon_max, "declined": 0}
     content = RecordDict({"arrays": ArrayRecord({"counts": counts}), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    s, _, model, tokenizer, _, valid, test = prepare(msg, context)
+    s, _, _, model, tokenizer, _, valid, test = prepare(msg, context)
     metrics = {"num-examples": len(test)}
     metrics.update(evaluate_local(model, tokenizer, test, s.max_length))
     metrics.update({f"val-{k}": v for k, v in evaluate_local(model, tokenizer, valid, s.max_length).items()})

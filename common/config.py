@@ -58,8 +58,16 @@ def partition_root(s: Settings, num_clients: int) -> Path:
     """The simulation partition folder for these settings (``partition-dir`` or a cached one)."""
     if s.partition_dir:
         return Path(s.partition_dir).expanduser()
-    spec = json.dumps([s.dataset, s.partition, num_clients, s.skew_alpha, s.seed, s.max_users, s.history_len])
+    spec = json.dumps([s.dataset, s.partition, num_clients, s.skew_alpha, s.seed, s.max_users, s.history_len,
+                       simulated_budget(s)])
     return fedrec_home() / "partitions" / hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def simulated_budget(s: Settings) -> tuple[float | None, float]:
+    """(ε_max, δ) the simulated users agreed to: ``client-epsilon-max`` and ``delta``, or no
+    limit (None) in a run without DP. The partitioner writes it into each client's folder;
+    from then on it is the client's own, as in a deployment."""
+    return (s.client_epsilon_max if s.dp else None, s.delta)
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,7 @@ class Settings:
     lora_rank: int
     lora_alpha: float
     lora_targets: str
+    lora_train_a: bool
     initial_score_scale: float
     max_length: int
     # local training with DP-SGD
@@ -91,13 +100,16 @@ class Settings:
     noise_multiplier: float
     max_grad_norm: float
     delta: float
+    client_epsilon_max: float
     accountant: str
     batch_size: int
     local_steps: int
     popularity_prior: bool
     prior_noise_multiplier: float
     learning_rate: float
+    server_learning_rate: float
     bias_learning_rate: float
+    scale_learning_rate: float
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> Settings:
@@ -133,13 +145,16 @@ class Settings:
         require(self.noise_multiplier >= 0, "noise-multiplier must be >= 0")
         require(self.max_grad_norm > 0, "max-grad-norm must be > 0")
         require(0 < self.delta < 1, "delta must be in (0, 1)")
+        require(self.client_epsilon_max > 0, "client-epsilon-max must be > 0")
         require(self.accountant in ("rdp", "prv"), "accountant must be 'rdp' or 'prv'")
         require(self.batch_size >= 1, "batch-size must be >= 1")
         require(self.local_steps >= 1, "local-steps must be >= 1")
         require(self.prior_noise_multiplier > 0 or not (self.dp and self.popularity_prior),
                 "prior-noise-multiplier must be > 0 when dp and popularity-prior are on")
         require(self.learning_rate > 0, "learning-rate must be > 0")
+        require(self.server_learning_rate > 0, "server-learning-rate must be > 0")
         require(self.bias_learning_rate >= 0, "bias-learning-rate must be >= 0 (0 = frozen)")
+        require(self.scale_learning_rate >= 0, "scale-learning-rate must be >= 0 (0 = frozen)")
         require(not (self.dp and self.noise_multiplier == 0),
                 "noise-multiplier 0 gives no privacy; set dp=false to train without DP")
 

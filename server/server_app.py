@@ -7,7 +7,12 @@ The run directory (``run-dir``, default ``$FEDREC_HOME/runs/run-<run id>``) hold
     adapters/round-NNN/  the global adapter after round NNN (000 = initial), PEFT format
     metrics.jsonl        one JSON object per round (machine-readable)
     prior.json           the DP popularity prior: who answered, their ε after it
+    ledger.sqlite        the privacy ledger, one transaction per committed round (server/ledger.py)
     summary.json         the last round's figures, written when the run ends
+
+Clients enforce their own privacy budgets: a client that declines a round for budget is
+never sampled again, and when fewer than ``min-train-nodes`` clients are left the run stops
+cleanly, saying so in ``summary.json`` ("stopped").
 """
 
 from __future__ import annotations
@@ -24,27 +29,62 @@ from pathlib import Path
 import flwr
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvgM
 
 from common.config import Settings, fedrec_home, partition_root
 from common.data import catalog_fingerprint, load_movielens, read_catalog, write_catalog
 from common.model import (adapter_state, build_model, fingerprint, load_adapter_state, load_encoder, lora_config,
                           resolve_model_path, set_item_bias)
 from common.privacy import UNIT
+from server.ledger import Ledger, pseudonym
 
 app = ServerApp()
 log = logging.getLogger("fedrec.server")
 
 
-class RunRecorder(FedAvg):
-    """Flower's FedAvg, plus writing each round's adapter and metrics to the run directory."""
+class RunStopped(RuntimeError):
+    """The run cannot go on (e.g. too few clients have privacy budget left); not a crash."""
 
-    def __init__(self, run_dir: Path, model, settings: Settings, reference_path: Path | None, **kwargs):
+
+class EligibleNodes:
+    """The grid as sampling sees it: nodes that declined for budget are left out."""
+
+    def __init__(self, grid: Grid, excluded: set[int]):
+        self.grid, self.excluded = grid, excluded
+
+    def get_node_ids(self):
+        return [n for n in self.grid.get_node_ids() if n not in self.excluded]
+
+
+class RunRecorder(FedAvgM):
+    """Flower's FedAvg (FedAvgM: with a server learning rate η_s, no momentum by default), plus
+    budget-aware sampling, the ledger, and the run directory.
+
+    global ← global + η_s · (weighted mean of the clients' adapters − global). With η_s > 1 each
+    client takes small local steps (its local model stays close to the global one under its own
+    DP noise), and the server scales up the averaged update, whose noise is √K smaller.
+    """
+
+    def __init__(self, run_dir: Path, model, settings: Settings, reference_path: Path | None, ledger: Ledger,
+                 run_id: int, **kwargs):
         super().__init__(**kwargs)
         self.run_dir, self.model, self.settings = run_dir, model, settings
         self.reference_path = reference_path
+        self.ledger, self.run_id = ledger, run_id
+        self.exhausted: set[int] = set()  # nodes that declined for budget: never sampled again
+        self.sent: dict = {}
         self.started = time.time()
         self.row: dict = {}
+        self.ledger_rows: tuple[list, list] = ([], [])
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        eligible = EligibleNodes(grid, self.exhausted)
+        left = len(eligible.get_node_ids())
+        if left < self.min_train_nodes:
+            raise RunStopped(f"round {server_round}: only {left} client(s) have privacy budget left "
+                             f"({len(self.exhausted)} declined for budget); min-train-nodes is {self.min_train_nodes}")
+        self.sent = arrays.to_torch_state_dict()
+        return super().configure_train(server_round, arrays, config, eligible)
 
     def save_adapter(self, server_round: int, arrays: ArrayRecord) -> None:
         load_adapter_state(self.model, arrays.to_torch_state_dict())
@@ -57,23 +97,43 @@ class RunRecorder(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        clients = []
+        declined = [m for m in replies if is_decline(m)]
+        self.exhausted.update(m.metadata.src_node_id for m in declined)
+        arrays, metrics = super().aggregate_train(server_round, [m for m in replies if not is_decline(m)])
+        clients, participants, mechanisms = [], [], []
         for msg in replies:
+            node = msg.metadata.src_node_id
+            entry = {"node": pseudonym(self.run_id, node), "phase": "train"}
             if msg.has_error():
-                clients.append({"node": msg.metadata.src_node_id, "error": msg.error.reason})
+                clients.append({"node": node, "error": msg.error.reason})
+                participants.append({**entry, "status": "failed", "reason": msg.error.reason})
                 continue
-            clients.append({"node": msg.metadata.src_node_id, **json_metrics(msg.content["metrics"])})
-        ok = [c for c in clients if "error" not in c]
+            m = msg.content["metrics"]
+            if is_decline(msg):
+                reason = str(msg.content["decline"]["reason"])
+                clients.append({"node": node, **json_metrics(m), "decline-reason": reason})
+                participants.append({**entry, "status": "declined", "reason": reason, **ledger_privacy(m)})
+                continue
+            clients.append({"node": node, **json_metrics(m)})
+            participants.append({**entry, "status": "trained", "num_examples": int(m["num-examples"]),
+                                 "update_norm": update_norm(msg.content["arrays"], self.sent), **ledger_privacy(m)})
+            if m["noise-multiplier"] > 0:
+                mechanisms.append({**entry, "mechanism": "dp-sgd", "noise_multiplier": m["noise-multiplier"],
+                                   "sample_rate": m["sample-rate"], "steps": int(m["steps"]),
+                                   "max_grad_norm": m["max-grad-norm"], "delta": m["delta"],
+                                   "accountant": self.settings.accountant})
+        self.ledger_rows = (participants, mechanisms)
+        ok = [c for c in clients if "error" not in c and not c.get("declined")]
         eps = [c["epsilon"] for c in ok if c["epsilon"] is not None]
         self.row = {
             "round": server_round,
             "clients": len(ok),
-            "failures": len(clients) - len(ok),
+            "declined": len(declined),
+            "failures": sum("error" in c for c in clients),
             "train-loss": metrics["train-loss"] if metrics else None,
             "epsilon-max": max(eps) if eps else None,
             "epsilon-median": statistics.median(eps) if eps else None,
-            "delta": self.settings.delta if self.settings.dp else None,
+            "delta": max((c["delta"] for c in ok), default=None) if self.settings.dp else None,
             "client-updates": clients,
         }
         if arrays is not None:
@@ -92,10 +152,28 @@ class RunRecorder(FedAvg):
             popularity = json.loads(self.reference_path.read_text())["test"]
             row.update({f"popularity-{k}": v for k, v in popularity.items()})
         row["elapsed-s"] = round(time.time() - self.started, 2)
+        participants, mechanisms = self.ledger_rows
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "round"}
+        self.ledger.commit_round(server_round, participants, mechanisms, numbers)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        self.row = {}
+        self.row, self.ledger_rows = {}, ([], [])
         return metrics
+
+
+def is_decline(msg: Message) -> bool:
+    return not msg.has_error() and "decline" in msg.content
+
+
+def ledger_privacy(m: MetricRecord) -> dict:
+    return {"epsilon": m["epsilon"] if math.isfinite(m["epsilon"]) else None, "delta": m["delta"],
+            "epsilon_max": m["epsilon-max"] if math.isfinite(m["epsilon-max"]) else None}
+
+
+def update_norm(arrays: ArrayRecord, sent: dict) -> float:
+    """L2 norm of a client's change to the global adapter, over all its tensors."""
+    received = arrays.to_torch_state_dict()
+    return math.sqrt(sum(float(((received[k].double() - sent[k].double()) ** 2).sum()) for k in sent if k in received))
 
 
 def json_metrics(record: MetricRecord) -> dict:
@@ -117,26 +195,48 @@ def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> Metri
     })
 
 
-def popularity_prior(grid: Grid, model, checks: dict, s: Settings, run_dir: Path) -> None:
+def popularity_prior(grid: Grid, model, checks: dict, s: Settings, run_dir: Path, ledger: Ledger,
+                     run_id: int) -> set[int]:
     """Set the item bias to log(1 + Σ noisy client counts): a DP popularity prior.
 
     Each client answers with a Gaussian-noised histogram of its training targets (its own
     accountant records the release); the server only sums them and clamps at zero, which is
     post-processing. Under DP noise, learning this bias by DP-SGD alone takes far more steps.
+    Returns the nodes that declined for budget. The query is ledger round 0.
     """
     nodes = wait_for_nodes(grid, s.min_train_nodes)
     messages = [Message(RecordDict({"config": ConfigRecord(checks)}), dst_node_id=node,
                         message_type="query.popularity") for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=600))
-    ok = [r for r in replies if not r.has_error()]
+    ok = [r for r in replies if not r.has_error() and not is_decline(r)]
+    declined = [r for r in replies if is_decline(r)]
     record = {"asked": len(nodes), "answered": len(ok), "noise-multiplier": s.prior_noise_multiplier if s.dp else 0.0,
               "errors": [r.error.reason for r in replies if r.has_error()],
+              "declined": [str(r.content["decline"]["reason"]) for r in declined],
               "client-updates": [{"node": r.metadata.src_node_id, **json_metrics(r.content["metrics"])} for r in ok]}
     (run_dir / "prior.json").write_text(json.dumps(record, indent=1))
+    participants, mechanisms = [], []
+    for r in replies:
+        entry = {"node": pseudonym(run_id, r.metadata.src_node_id), "phase": "prior"}
+        if r.has_error():
+            participants.append({**entry, "status": "failed", "reason": r.error.reason})
+            continue
+        m = r.content["metrics"]
+        if is_decline(r):
+            participants.append({**entry, "status": "declined", "reason": str(r.content["decline"]["reason"]),
+                                 **ledger_privacy(m)})
+            continue
+        participants.append({**entry, "status": "answered", **ledger_privacy(m)})
+        if m["noise-multiplier"] > 0:
+            mechanisms.append({**entry, "mechanism": "gaussian-histogram", "noise_multiplier": m["noise-multiplier"],
+                               "sample_rate": 1.0, "steps": 1, "max_grad_norm": None, "delta": m["delta"],
+                               "accountant": s.accountant})
+    ledger.commit_round(0, participants, mechanisms, {"answered": len(ok), "declined": len(declined)})
     if not ok:
         log.warning("popularity prior: no client answered; starting from a zero bias")
-        return
-    set_item_bias(model, sum(r.content["arrays"].to_torch_state_dict()["counts"] for r in ok))
+    else:
+        set_item_bias(model, sum(r.content["arrays"].to_torch_state_dict()["counts"] for r in ok))
+    return {r.metadata.src_node_id for r in declined}
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600) -> list[int]:
@@ -168,31 +268,47 @@ def main(grid: Grid, context: Context) -> None:
         "flwr": flwr.__version__, "privacy-unit": UNIT if s.dp else "none (dp = false)",
     }, indent=1))
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    (run_dir / "ledger.sqlite").unlink(missing_ok=True)
+    ledger = Ledger(run_dir / "ledger.sqlite")
+    ledger.set_meta(**{"run-config": dict(context.run_config), "unit": UNIT if s.dp else "none (dp = false)",
+                       "adjacency": "add/remove one training example of one client",
+                       "accountant": s.accountant, **checks})
 
     num_nodes = len(list(grid.get_node_ids()))
     # Simulations leave the popularity baseline of their split here; deployments have none.
     reference = partition_root(s, num_nodes) / "reference.json"
     strategy = RunRecorder(
-        run_dir, model, s, reference,
+        run_dir, model, s, reference, ledger, context.run_id,
         fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=s.min_train_nodes,
         min_evaluate_nodes=min(s.min_train_nodes, max(1, num_nodes)),
         min_available_nodes=s.min_train_nodes,
         train_metrics_aggr_fn=aggregate_train_metrics,
+        server_learning_rate=s.server_learning_rate,
     )
     if s.popularity_prior:
-        popularity_prior(grid, model, checks, s, run_dir)
+        strategy.exhausted |= popularity_prior(grid, model, checks, s, run_dir, ledger, context.run_id)
     initial = ArrayRecord(adapter_state(model))
     strategy.save_adapter(0, initial)
-    strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=s.num_server_rounds,
-        train_config=ConfigRecord(checks),
-        evaluate_config=ConfigRecord(checks),
-    )
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    stopped = None
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=s.num_server_rounds,
+            train_config=ConfigRecord(checks),
+            evaluate_config=ConfigRecord(checks),
+        )
+    except RunStopped as e:
+        stopped = str(e)
+        log.warning("run stopped: %s", stopped)
+    finally:
+        ledger.close()
+    metrics_file = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
     summary = {k: v for k, v in rows[-1].items() if k != "client-updates"} if rows else {}
     summary.update({"rounds": len(rows), "run-dir": str(run_dir), "nodes": num_nodes})
+    if stopped:
+        summary["stopped"] = stopped
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

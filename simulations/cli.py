@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sqlite3
 import statistics
 import sys
 import threading
@@ -80,16 +81,21 @@ def simulate(args) -> int:
         watcher.join()
     wall = time.time() - started
     rows = _rows(run_dir / "metrics.jsonl")
-    if len(rows) < s.num_server_rounds:
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    if len(rows) < s.num_server_rounds and "stopped" not in summary:
         fail(f"the run ended after {len(rows)} of {s.num_server_rounds} rounds; see {run_dir / 'flower.log'}")
-    summary = json.loads((run_dir / "summary.json").read_text())
     summary["wall-s"] = round(wall, 1)
-    if s.dp:
+    if s.dp and final_epsilons(run_dir, rows):
         final = list(final_epsilons(run_dir, rows).values())
         summary.update({"client-epsilon-max": max(final), "client-epsilon-median": statistics.median(final),
                         "delta": s.delta, "accountant": s.accountant})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print_summary(rows, s, clients, wall, run_dir)
+    if rows:
+        print_summary(rows, s, clients, wall, run_dir)
+    if "stopped" in summary:
+        console.print(f"[yellow]The run stopped after {len(rows)} of {s.num_server_rounds} rounds: "
+                      f"{summary['stopped']}[/yellow]")
     return 0
 
 
@@ -210,6 +216,16 @@ def recommend_cmd(args) -> int:
     return 0
 
 
+def audit_cmd(args) -> int:
+    from simulations.audit import main as audit_main
+
+    run_dir = Path(args.run_dir)
+    try:
+        return audit_main(run_dir, console)
+    except (FileNotFoundError, sqlite3.DatabaseError) as e:
+        fail(f"{run_dir}: {e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedrec", description="Federated DP-LoRA recommender (Flower + PEFT + Opacus)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -226,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--history", help="file with one item_id[,rating] per line, oldest first")
     p.add_argument("--top", type=int, default=10)
     p.set_defaults(func=recommend_cmd)
+    p = sub.add_parser("audit", help="recompute every ε of a run from its ledger; write report.html/json")
+    p.add_argument("run_dir")
+    p.set_defaults(func=audit_cmd)
     args = parser.parse_args(argv)
     return args.func(args)
 

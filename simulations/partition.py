@@ -4,6 +4,7 @@ The partitioner plays the part of the users producing the data: it writes
 
     <root>/catalog.csv                 the public catalog
     <root>/client-<k>/interactions.csv client k's private data (same format as a deployment)
+    <root>/client-<k>/budget.json      client k's own privacy budget (client-epsilon-max, delta)
     <root>/reference.json              the popularity baseline on the same split
 
 Schemes:
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 from collections import Counter
@@ -26,9 +28,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.config import partition_root
-from common.data import Catalog, Interaction, leave_last_out, load_movielens, write_catalog, write_interactions
+from common.config import partition_root, simulated_budget
+from common.data import (
+    Catalog,
+    Interaction,
+    leave_last_out,
+    load_movielens,
+    write_catalog,
+    write_interactions,
+)
 from common.metrics import metrics_from_ranks, popularity_scores, target_ranks
+from common.privacy import Budget, write_budget
 
 
 def select_users(interactions: list[Interaction], max_users: int, seed: int) -> dict[str, list[Interaction]]:
@@ -111,8 +121,10 @@ def materialize(s, num_clients: int) -> Path:
         tmp = root.parent / f".{root.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         write_catalog(catalog, tmp / "catalog.csv")
+        eps_max, delta = simulated_budget(s)
         for k, ids in enumerate(clients):
             write_interactions([it for u in ids for it in users[u]], tmp / f"client-{k}")
+            write_budget(tmp / f"client-{k}", Budget(math.inf if eps_max is None else eps_max, delta))
         reference = popularity_reference(users, catalog, s.history_len)
         reference.update({"clients": num_clients, "scheme": s.partition, "skew-alpha": s.skew_alpha,
                           "users-per-client": [len(ids) for ids in clients]})

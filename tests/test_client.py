@@ -10,12 +10,12 @@ from peft import get_peft_model_state_dict
 
 import client.client_app as client_app
 from common.config import defaults
-from common.privacy import epsilon, load_history
+from common.privacy import Budget, epsilon, load_history, write_budget
 from common.data import catalog_fingerprint, write_catalog, write_interactions
 from common.model import adapter_state, build_model, fingerprint, load_encoder, lora_config
 
 DECLARED_TRAIN_METRICS = {"num-examples", "train-loss", "epsilon", "delta", "steps", "sample-rate",
-                          "noise-multiplier", "max-grad-norm"}
+                          "noise-multiplier", "max-grad-norm", "epsilon-max", "declined"}
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +31,7 @@ def node(tmp_path, small_split):
     data_dir = tmp_path / "site"
     write_catalog(catalog, data_dir / "catalog.csv")
     write_interactions([it for u in list(users)[:3] for it in users[u]], data_dir)
+    write_budget(data_dir, Budget(8.0, 1e-5))
     run_config = {**defaults(), "model-layers": 2, "batch-size": 8, "local-steps": 2, "max-length": 64,
                   "history-len": 4, "run-dir": str(tmp_path / "run")}
     context = Context(run_id=1, node_id=7, node_config={"data-dir": str(data_dir)}, state=RecordDict(),
@@ -124,3 +125,86 @@ def test_popularity_query_sends_noisy_counts_and_charges_the_accountant(node):
     history = load_history(data_dir / "state" / "run")
     assert history[-1] == (sigma, 1.0, 1)
     assert reply.content["metrics"]["epsilon"] == pytest.approx(epsilon(history, 1e-5, "rdp"))
+
+
+@pytest.mark.parametrize("where", ["budget.json", "node-config"])
+def test_a_round_over_budget_is_declined_before_any_training(node, where):
+    catalog, _, data_dir, context = node
+    if where == "budget.json":
+        write_budget(data_dir, Budget(0.5, 1e-5))
+    else:  # the node's own config wins over the file
+        context.node_config.update({"epsilon-max": 0.5, "delta": 1e-6})
+    reply = client_app.app(server_message(catalog, context.run_config, 1), context)
+    assert not reply.has_error(), reply.error
+    assert "arrays" not in reply.content  # no update at all
+    reason = str(reply.content["decline"]["reason"])
+    assert "over epsilon-max 0.5" in reason and "budget" in reason
+    m = reply.content["metrics"]
+    assert m["declined"] == 1 and m["epsilon"] == 0.0 and m["epsilon-max"] == 0.5
+    assert m["delta"] == (1e-5 if where == "budget.json" else 1e-6)
+    assert not (data_dir / "state" / "run" / "accountant.json").exists()  # nothing was spent
+
+
+def test_a_client_uses_its_own_delta_not_the_servers(node):
+    catalog, _, data_dir, context = node
+    write_budget(data_dir, Budget(8.0, 1e-7))
+    context.run_config["delta"] = 0.5  # what a server might ask for; the client ignores it
+    reply = client_app.app(server_message(catalog, context.run_config, 1), context)
+    m = reply.content["metrics"]
+    assert m["delta"] == 1e-7
+    assert m["epsilon"] == pytest.approx(epsilon(load_history(data_dir / "state" / "run"), 1e-7, "rdp"))
+
+
+def test_a_client_with_a_budget_refuses_a_run_without_dp(node):
+    catalog, _, _, context = node
+    context.run_config["dp"] = False
+    reply = client_app.app(server_message(catalog, context.run_config, 1), context)
+    assert "dp = false" in str(reply.content["decline"]["reason"])
+
+
+def test_missing_budget_names_the_file_and_the_fix(node):
+    catalog, _, data_dir, context = node
+    (data_dir / "budget.json").unlink()
+    with pytest.raises(ValueError, match=r"site/budget.json: no privacy budget.*epsilon-max"):
+        client_app.app(server_message(catalog, context.run_config, 1), context)
+
+
+RESTART_SCRIPT = """
+import json, sys
+from flwr.app import Context, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+import client.client_app as client_app
+from tests.test_client import server_message
+from common.data import read_catalog
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+run_config, data_dir, server_round = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+context = Context(run_id=1, node_id=7, node_config={"data-dir": data_dir}, state=RecordDict(), run_config=run_config)
+reply = client_app.app(server_message(read_catalog(data_dir + "/catalog.csv"), run_config, server_round), context)
+m = reply.content["metrics"]
+print(json.dumps({"epsilon": m["epsilon"], "sample-rate": m["sample-rate"], "steps": m["steps"]}))
+"""
+
+
+def test_a_restarted_client_continues_its_epsilon(node):
+    """Two separate processes, one round each: the second starts from the first's accountant."""
+    import json
+    import subprocess
+    import sys
+
+    from opacus.accountants import RDPAccountant
+
+    from common.config import PROJECT_DIR
+
+    _, _, data_dir, context = node
+    outputs = []
+    for server_round in (1, 2):
+        done = subprocess.run([sys.executable, "-c", RESTART_SCRIPT, json.dumps(context.run_config), str(data_dir),
+                               str(server_round)], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    fresh = RDPAccountant()
+    for out in outputs:
+        fresh.history.append((context.run_config["noise-multiplier"], out["sample-rate"], out["steps"]))
+    assert outputs[1]["epsilon"] > outputs[0]["epsilon"] > 0
+    assert outputs[1]["epsilon"] == pytest.approx(fresh.get_epsilon(1e-5), rel=1e-9)

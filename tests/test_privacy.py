@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
@@ -19,10 +20,12 @@ RTOL, ATOL = 1e-3, 1e-5
 def test_per_sample_gradients_equal_single_example_autograd(model_and_tokenizer, small_split, settings):
     model, tokenizer = model_and_tokenizer
     _, _, train_ex, _, _ = small_split
-    batch = [(ex.text, ex.target) for ex in train_ex[:6]]
-    # Different history lengths, so padding and masking are exercised too.
-    assert len({len(tokenizer(t)["input_ids"]) for t, _ in batch}) > 1
-    input_ids, mask, targets = _collate(tokenizer, settings.max_length)(batch)
+    batch = [(ex.text, ex.target, ex.seen) for ex in train_ex[:6]]
+    # Different history lengths, so padding, attention masks and seen-item masks are exercised.
+    assert len({len(tokenizer(t)["input_ids"]) for t, _, _ in batch}) > 1
+    collate = _collate(tokenizer, settings.max_length, model.get_base_model().item_embeddings.shape[0])
+    input_ids, mask, targets, seen = collate(batch)
+    assert seen.sum(dim=1).tolist() == [len(set(items)) for _, _, items in batch]
     # PEFT starts lora_B at zero, which makes lora_A's gradient zero; use a trained-like
     # state so that every tensor's gradient is non-trivial.
     with torch.no_grad():
@@ -31,7 +34,8 @@ def test_per_sample_gradients_equal_single_example_autograd(model_and_tokenizer,
                 p.add_(0.05 * torch.randn_like(p))
     model.train()
     gsm = GradSampleModule(model, loss_reduction="sum")
-    loss = torch.nn.functional.cross_entropy(gsm(input_ids=input_ids, attention_mask=mask), targets, reduction="sum")
+    logits = gsm(input_ids=input_ids, attention_mask=mask).masked_fill(seen, float("-inf"))
+    loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
     loss.backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     per_sample = {n: p.grad_sample.detach().clone() for n, p in trainable.items()}
@@ -39,10 +43,10 @@ def test_per_sample_gradients_equal_single_example_autograd(model_and_tokenizer,
     assert any("lora_A" in n for n in trainable) and any("lora_B" in n for n in trainable)
     assert any("scorer" in n for n in trainable)
 
-    for i, (text, target) in enumerate(batch):
+    for i, example in enumerate(batch):
         model.zero_grad(set_to_none=True)
-        ids_i, mask_i, target_i = _collate(tokenizer, settings.max_length)([(text, target)])
-        logits = model(input_ids=ids_i, attention_mask=mask_i)
+        ids_i, mask_i, target_i, seen_i = collate([example])
+        logits = model(input_ids=ids_i, attention_mask=mask_i).masked_fill(seen_i, float("-inf"))
         torch.nn.functional.cross_entropy(logits, target_i, reduction="sum").backward()
         for name, p in trainable.items():
             expected = p.grad.detach()
@@ -55,20 +59,28 @@ def test_per_sample_gradients_equal_single_example_autograd(model_and_tokenizer,
         assert not torch.allclose(g[0], g[1]), name
 
 
-def test_dp_step_changes_every_lora_tensor_and_no_base_weight(model_and_tokenizer, small_split, settings):
+@pytest.mark.parametrize("train_a", [True, False])
+def test_dp_step_changes_every_lora_tensor_and_no_base_weight(model_and_tokenizer, small_split, settings, train_a):
+    """One DP step moves every trained LoRA tensor; base weights stay bit-identical. With the
+    default lora-train-a = false (FFA-LoRA) B moves and A stays at its initialisation."""
     model, tokenizer = model_and_tokenizer
     _, _, train_ex, _, _ = small_split
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    s = dataclasses.replace(settings, dp=True, local_steps=1)
+    s = dataclasses.replace(settings, dp=True, local_steps=1, lora_train_a=train_a)
     result = train(model, tokenizer, train_ex, s, history=[], seed=0)
     assert result.steps == 1 and result.epsilon > 0
     after = dict(model.named_parameters())
-    trainable = [n for n, p in after.items() if p.requires_grad]
-    lora = [n for n in trainable if "lora_" in n]
-    assert len(lora) == 2 * 2 * len(settings.lora_targets.split(","))  # A and B, per target, per layer
-    for name in trainable:
+    layers_times_targets = 2 * len(settings.lora_targets.split(","))
+    lora_b = [n for n in after if "lora_B" in n]
+    lora_a = [n for n in after if "lora_A" in n]
+    assert len(lora_a) == len(lora_b) == layers_times_targets
+    trained = [n for n, p in after.items() if p.requires_grad]
+    assert set(lora_b) <= set(trained) and (set(lora_a) <= set(trained)) == train_a
+    for name in trained:
         assert not torch.equal(before[name], after[name].detach()), f"{name} did not change"
-    frozen = [n for n, p in after.items() if not p.requires_grad]
+    for name in lora_a if not train_a else []:
+        assert torch.equal(before[name], after[name].detach()), f"{name} changed with lora-train-a = false"
+    frozen = [n for n, p in after.items() if not p.requires_grad and "lora_" not in n and "scorer" not in n]
     assert len(frozen) > 20
     for name in frozen:
         assert torch.equal(before[name], after[name].detach()), f"base weight {name} changed"

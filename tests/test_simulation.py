@@ -119,3 +119,111 @@ def test_initial_adapter_carries_the_dp_popularity_prior(run_dir):
     (final_bias,) = [v for k, v in final.items() if k.endswith("scorer.bias")]
     # bias-learning-rate = 0 keeps the prior (FedAvg of equal values, up to float rounding)
     assert torch.allclose(final_bias, bias, rtol=1e-6, atol=0)
+
+
+def test_ledger_holds_every_round_and_is_append_only(run_dir):
+    import sqlite3
+
+    run, _ = run_dir
+    db = sqlite3.connect(run / "ledger.sqlite")
+    assert [r for (r,) in db.execute("SELECT round FROM rounds ORDER BY round")] == list(range(ROUNDS + 1))
+    trained = db.execute("SELECT round, node, num_examples, epsilon, delta, update_norm FROM participants "
+                         "WHERE status = 'trained'").fetchall()
+    assert len(trained) == ROUNDS * CLIENTS
+    assert all(n > 0 and eps > 0 and delta == 1e-5 and norm > 0 for _, node, n, eps, delta, norm in trained)
+    assert all(node.startswith("node-") for _, node, *_ in trained)  # pseudonyms, not Flower node ids
+    mechs = db.execute("SELECT mechanism, noise_multiplier, sample_rate, steps FROM mechanisms").fetchall()
+    assert sorted({m[0] for m in mechs}) == ["dp-sgd", "gaussian-histogram"]
+    assert sum(m[0] == "dp-sgd" for m in mechs) == ROUNDS * CLIENTS
+    assert all(m[3] == 3 and 0 < m[2] < 1 for m in mechs if m[0] == "dp-sgd")
+    ndcg = db.execute("SELECT round, value FROM metrics WHERE name = 'ndcg@10' ORDER BY round").fetchall()
+    assert [r for r, _ in ndcg] == list(range(1, ROUNDS + 1))
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("UPDATE participants SET epsilon = 0.1")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("DELETE FROM mechanisms")
+    db.close()
+
+
+def run_audit(run):
+    return subprocess.run([sys.executable, "-m", "simulations.cli", "audit", str(run)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_audit_recomputes_every_epsilon_and_passes(run_dir):
+    run, _ = run_dir
+    proc = run_audit(run)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    report = json.loads((run / "report.json").read_text())
+    assert report["ok"] and not report["findings"]
+    assert len(report["clients"]) == CLIENTS
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    reported = sorted(c["epsilon"] for c in rows[-1]["client-updates"])
+    recomputed = sorted(c["final-epsilon"] for c in report["clients"])
+    assert recomputed == pytest.approx(reported, rel=1e-6)  # dp-accounting vs Opacus, same history
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "Unit of privacy" in html and "Not covered" in html
+
+
+@pytest.mark.parametrize("edit, finding", [
+    ("UPDATE participants SET epsilon = epsilon * 0.9", "mismatch"),  # a client's report understated
+    ("UPDATE participants SET epsilon_max = epsilon * 0.5", "over-budget"),  # a budget it did not keep
+])
+def test_audit_detects_a_tampered_ledger(run_dir, tmp_path, edit, finding):
+    import shutil
+    import sqlite3
+
+    run, _ = run_dir
+    copy = tmp_path / "tampered"
+    shutil.copytree(run, copy)
+    db = sqlite3.connect(copy / "ledger.sqlite")
+    db.execute("DROP TRIGGER participants_no_update")  # what someone editing the file by hand would do
+    db.execute(f"{edit} WHERE rowid = (SELECT max(rowid) FROM participants)")
+    db.commit()
+    db.close()
+    proc = run_audit(copy)
+    assert proc.returncode == 1
+    assert finding in proc.stdout
+    findings = json.loads((copy / "report.json").read_text())["findings"]
+    assert [f["kind"] for f in findings] == [finding]
+
+
+def test_clients_enforce_their_budgets_and_the_run_stops_cleanly(tmp_path):
+    """Client 0 can afford the prior and one round. It declines round 2; with min-train-nodes 3
+    the run cannot sample round 3 and stops, saying why; the audit still passes."""
+    import sqlite3
+
+    from client.train import sample_rate
+    from common.config import defaults
+    from common.data import leave_last_out, read_interactions
+    from common.privacy import Budget, write_budget
+    from simulations.partition import materialize
+
+    overrides = {"max-users": 24, "batch-size": 8, "max-length": 64, "history-len": 4, "fraction-train": 1.0,
+                 "local-steps": 3, "min-train-nodes": 3, "partition-dir": str(tmp_path / "parts")}
+    s = Settings.from_run_config({**defaults(), **overrides})
+    root = materialize(s, 3)
+    catalog = read_catalog(root / "catalog.csv")
+    train, _, _ = leave_last_out(read_interactions(root / "client-0", catalog), catalog, s.history_len)
+    one_round = [(s.prior_noise_multiplier, 1.0, 1), (s.noise_multiplier, sample_rate(len(train), s.batch_size), 3)]
+    budget = epsilon(one_round, 1e-5, "rdp") * (1 + 1e-9)
+    write_budget(root / "client-0", Budget(budget, 1e-5))
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--rounds", "3", "--clients", "3", "--run-dir", str(run),
+           "--set", *(f"{k}={v}" for k, v in overrides.items())]
+    proc = subprocess.run(cmd, env={**os.environ, "FEDREC_HOME": str(tmp_path / "home"), "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "The run stopped after 2 of 3 rounds" in proc.stdout and "privacy budget left" in proc.stdout
+    assert "privacy budget left" in json.loads((run / "summary.json").read_text())["stopped"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["clients"], r["declined"]) for r in rows] == [(3, 0), (2, 1)]
+
+    db = sqlite3.connect(run / "ledger.sqlite")
+    (reason,) = db.execute("SELECT reason FROM participants WHERE status = 'declined'").fetchone()
+    assert "over epsilon-max" in reason
+    db.close()
+    state = json.loads((root / "client-0" / "state" / "run" / "accountant.json").read_text())
+    assert state["epsilon"] <= budget  # it never spent past its own budget
+    assert run_audit(run).returncode == 0
