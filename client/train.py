@@ -72,8 +72,8 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
         p.requires_grad_(s.scale_learning_rate > 0)
     # LoRA's A stays at its shared random initialisation unless lora-train-a (FFA-LoRA, Sun et
     # al., ICLR 2024): ΔW = B·A is then linear in what is trained, so FedAvg of the clients' B
-    # is exactly the average of their ΔW, and DP noise lands on half as many numbers. With both
-    # trained, averaging noisy A and B separately loses most of the signal (measured).
+    # is exactly the average of their ΔW (averaging A and B separately is not), and DP noise
+    # lands on half as many numbers.
     for n, p in model.named_parameters():
         if "lora_A" in n:
             p.requires_grad_(s.lora_train_a)
@@ -85,14 +85,15 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
         groups.append({"params": scale, "lr": s.scale_learning_rate})
     optimizer = torch.optim.Adam(groups)
     batch_size = min(s.batch_size, len(examples))
-    # (text, target) pairs: Opacus' DPDataLoader inspects dataset[0] as a tuple of fields.
+    # (text, target, seen) triples: Opacus' DPDataLoader inspects dataset[0] as a tuple of fields.
     dataset = [(ex.text, ex.target, ex.seen) for ex in examples]
     # Under DP the batch sampling and the noise must be secret: a generator seeded from the
     # run config would let anyone who knows the seed replay (and subtract) the noise. Both
     # come from the OS entropy pool; only non-private training is reproducible from `seed`.
     generator = torch.Generator().manual_seed(secrets.randbits(63) if s.dp else seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=_collate(tokenizer, s.max_length, model.get_base_model().item_embeddings.shape[0]),
-                        generator=generator)
+    num_items = model.get_base_model().item_embeddings.shape[0]
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                        collate_fn=_collate(tokenizer, s.max_length, num_items))
     engine = None
     module = model
     if s.dp:

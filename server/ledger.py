@@ -49,7 +49,7 @@ class Ledger:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions
-        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a committed round survives a power cut
         self.db.executescript(SCHEMA + APPEND_ONLY)
 
     def set_meta(self, **values) -> None:

@@ -60,9 +60,9 @@ class RunRecorder(FedAvgM):
     """Flower's FedAvg (FedAvgM: with a server learning rate η_s, no momentum by default), plus
     budget-aware sampling, the ledger, and the run directory.
 
-    global ← global + η_s · (weighted mean of the clients' adapters − global). With η_s > 1 each
-    client takes small local steps (its local model stays close to the global one under its own
-    DP noise), and the server scales up the averaged update, whose noise is √K smaller.
+    global ← global + η_s · (weighted mean of the clients' adapters − global); η_s = 1 is plain
+    FedAvg. η_s > 1 lets clients take small local steps under their own DP noise while the
+    server scales up the averaged update, whose noise is √K smaller than any one client's.
     """
 
     def __init__(self, run_dir: Path, model, settings: Settings, reference_path: Path | None, ledger: Ledger,
