@@ -14,6 +14,8 @@ from simulations.cli import main
     (["simulate", "--set", "dataset=/nonexistent/ml-100k"], "not a MovieLens-100K folder"),
     (["recommend", "/nonexistent/run", "--items", "1"], "no config.json"),
     (["recommend", "/nonexistent/run"], "exactly one of --items or --history"),
+    (["audit", "/nonexistent/run"], "no ledger in this run directory"),
+    (["simulate", "--set", "client-epsilon-max=0"], "client-epsilon-max must be > 0"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
