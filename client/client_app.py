@@ -33,7 +33,7 @@ from common.data import catalog_fingerprint, leave_last_out, read_catalog, read_
 from common.model import (adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
                           lora_config, refresh_item_embeddings)
 from common.metrics import item_counts
-from common.privacy import Budget, epsilon, load_history, read_budget, save_history, spend
+from common.privacy import UNIT, Budget, epsilon, load_history, read_budget, save_history, spend
 
 app = ClientApp()
 
@@ -113,7 +113,8 @@ def check_budget(s: Settings, budget: Budget, history, mechanism) -> str | None:
     if affordable:
         return None
     return (f"budget: this round would take ε from {epsilon(history, budget.delta, s.accountant):.3f} to "
-            f"{after:.3f}, over epsilon-max {budget.epsilon_max:g} at δ = {budget.delta:g} ({budget.source})")
+            f"{after:.3f}, over epsilon-max {budget.epsilon_max:g} at δ = {budget.delta:g} "
+            f"({UNIT}, Opacus {s.accountant.upper()} accountant; {budget.source})")
 
 
 def prepare(msg: Message, context: Context):

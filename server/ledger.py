@@ -58,9 +58,6 @@ class Ledger:
             for key, value in values.items():
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
-    def meta(self) -> dict:
-        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
-
     def commit_round(self, server_round: int, participants: list[dict], mechanisms: list[dict],
                      metrics: dict[str, float]) -> None:
         """Write one round in one transaction: all of it lands, or none of it."""
@@ -87,11 +84,6 @@ class Ledger:
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-
-    def rows(self, table: str) -> list[dict]:
-        cur = self.db.execute(f"SELECT * FROM {table} ORDER BY rowid")  # table names are ours, never input
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur]
 
     def close(self) -> None:
         self.db.close()

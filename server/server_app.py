@@ -72,7 +72,6 @@ class RunRecorder(FedAvgM):
         self.reference_path = reference_path
         self.ledger, self.run_id = ledger, run_id
         self.exhausted: set[int] = set()  # nodes that declined for budget: never sampled again
-        self.sent: dict = {}
         self.started = time.time()
         self.row: dict = {}
         self.ledger_rows: tuple[list, list] = ([], [])
@@ -83,7 +82,6 @@ class RunRecorder(FedAvgM):
         if left < self.min_train_nodes:
             raise RunStopped(f"round {server_round}: only {left} client(s) have privacy budget left "
                              f"({len(self.exhausted)} declined for budget); min-train-nodes is {self.min_train_nodes}")
-        self.sent = arrays.to_torch_state_dict()
         return super().configure_train(server_round, arrays, config, eligible)
 
     def save_adapter(self, server_round: int, arrays: ArrayRecord) -> None:
@@ -99,6 +97,7 @@ class RunRecorder(FedAvgM):
         replies = list(replies)
         declined = [m for m in replies if is_decline(m)]
         self.exhausted.update(m.metadata.src_node_id for m in declined)
+        sent = self.current_arrays.to_torch_state_dict()  # FedAvgM's global, before it updates it
         arrays, metrics = super().aggregate_train(server_round, [m for m in replies if not is_decline(m)])
         clients, participants, mechanisms = [], [], []
         for msg in replies:
@@ -116,7 +115,7 @@ class RunRecorder(FedAvgM):
                 continue
             clients.append({"node": node, **json_metrics(m)})
             participants.append({**entry, "status": "trained", "num_examples": int(m["num-examples"]),
-                                 "update_norm": update_norm(msg.content["arrays"], self.sent), **ledger_privacy(m)})
+                                 "update_norm": update_norm(msg.content["arrays"], sent), **ledger_privacy(m)})
             if m["noise-multiplier"] > 0:
                 mechanisms.append({**entry, "mechanism": "dp-sgd", "noise_multiplier": m["noise-multiplier"],
                                    "sample_rate": m["sample-rate"], "steps": int(m["steps"]),
