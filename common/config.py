@@ -110,6 +110,11 @@ class Settings:
     server_learning_rate: float
     bias_learning_rate: float
     scale_learning_rate: float
+    # client-level central DP at the server (server/central_dp.py)
+    central_dp: bool
+    central_noise_multiplier: float
+    central_clipping_norm: float
+    central_delta: float
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> Settings:
@@ -157,6 +162,23 @@ class Settings:
         require(self.scale_learning_rate >= 0, "scale-learning-rate must be >= 0 (0 = frozen)")
         require(not (self.dp and self.noise_multiplier == 0),
                 "noise-multiplier 0 gives no privacy; set dp=false to train without DP")
+        require(self.central_noise_multiplier > 0, "central-noise-multiplier must be > 0")
+        require(self.central_clipping_norm > 0, "central-clipping-norm must be > 0")
+        require(0 < self.central_delta < 1, "central-delta must be in (0, 1)")
+        require(not (self.central_dp and self.popularity_prior),
+                "central-dp covers the adapter updates only, and the popularity prior (each client's histogram) "
+                "has no client-level bound; set popularity-prior=false with central-dp=true")
+
+    def expected_clients(self, num_nodes: int) -> int:
+        """Clients per round: ``fraction-train`` of the nodes (at least ``min-train-nodes``), as
+        Flower's FedAvg samples; with central DP, the expected size of the Poisson sample."""
+        return min(num_nodes, max(int(num_nodes * self.fraction_train), self.min_train_nodes))
+
+    def check_population(self, num_nodes: int) -> None:
+        """Checks that need the number of clients N."""
+        if self.central_dp and not self.central_delta < 1 / num_nodes:
+            raise ConfigError(f"run config: central-delta = {self.central_delta:g} must be < 1/N = "
+                              f"{1 / num_nodes:.4g} for N = {num_nodes} clients")
 
 
 def _coerce(key: str, value, kind: str):

@@ -28,6 +28,8 @@ from opacus.accountants import create_accountant
 History = list[tuple[float, float, int]]  # (noise multiplier σ, sample rate q, steps)
 
 UNIT = "example-level (one training example of one client, add/remove adjacency)"
+# The server's optional central DP (server/central_dp.py) protects a different unit.
+CLIENT_UNIT = "client-level (all the data of one client, add/remove adjacency)"
 
 
 def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:

@@ -13,6 +13,10 @@ The run directory (``run-dir``, default ``$FEDREC_HOME/runs/run-<run id>``) hold
 Clients enforce their own privacy budgets: a client that declines a round for budget is
 never sampled again, and when fewer than ``min-train-nodes`` clients are left the run stops
 cleanly, saying so in ``summary.json`` ("stopped").
+
+With ``central-dp = true`` the server also gives a client-level guarantee
+(``server/central_dp.py``): Poisson client sampling, each update clipped, Gaussian noise on
+the sum, equal weights and a fixed denominator in place of FedAvg's weighted mean.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import flwr
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvgM
 
@@ -35,7 +39,9 @@ from common.config import Settings, fedrec_home, partition_root
 from common.data import catalog_fingerprint, load_movielens, read_catalog, write_catalog
 from common.model import (adapter_state, build_model, fingerprint, load_adapter_state, load_encoder, lora_config,
                           resolve_model_path, set_item_bias)
-from common.privacy import UNIT
+from common.privacy import CLIENT_UNIT, UNIT
+from server.central_dp import ACCOUNTANT as CENTRAL_ACCOUNTANT
+from server.central_dp import ClientLevelDP
 from server.ledger import Ledger, pseudonym
 
 app = ServerApp()
@@ -66,8 +72,10 @@ class RunRecorder(FedAvgM):
     """
 
     def __init__(self, run_dir: Path, model, settings: Settings, reference_path: Path | None, ledger: Ledger,
-                 run_id: int, **kwargs):
+                 run_id: int, central: ClientLevelDP | None = None, **kwargs):
         super().__init__(**kwargs)
+        self.central = central
+        self.sent: ArrayRecord | None = None  # the global adapter this round's clients received
         self.run_dir, self.model, self.settings = run_dir, model, settings
         self.reference_path = reference_path
         self.ledger, self.run_id = ledger, run_id
@@ -82,7 +90,15 @@ class RunRecorder(FedAvgM):
         if left < self.min_train_nodes:
             raise RunStopped(f"round {server_round}: only {left} client(s) have privacy budget left "
                              f"({len(self.exhausted)} declined for budget); min-train-nodes is {self.min_train_nodes}")
-        return super().configure_train(server_round, arrays, config, eligible)
+        self.sent = arrays
+        if self.central is None:
+            return super().configure_train(server_round, arrays, config, eligible)
+        # Central DP samples by Poisson, as its accountant assumes: no fixed count, no minimum.
+        self.current_arrays = self.current_arrays or arrays
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node)
+                for node in self.central.sample(eligible.get_node_ids())]
 
     def save_adapter(self, server_round: int, arrays: ArrayRecord) -> None:
         load_adapter_state(self.model, arrays.to_torch_state_dict())
@@ -97,9 +113,21 @@ class RunRecorder(FedAvgM):
         replies = list(replies)
         declined = [m for m in replies if is_decline(m)]
         self.exhausted.update(m.metadata.src_node_id for m in declined)
-        sent = self.current_arrays.to_torch_state_dict()  # FedAvgM's global, before it updates it
-        arrays, metrics = super().aggregate_train(server_round, [m for m in replies if not is_decline(m)])
-        clients, participants, mechanisms = [], [], []
+        sent = self.sent.to_torch_state_dict()
+        clients, participants, mechanisms, central = [], [], [], {}
+        if self.central is None:
+            arrays, metrics = super().aggregate_train(server_round, [m for m in replies if not is_decline(m)])
+        else:
+            arrays, metrics, central = self.aggregate_central([m for m in replies if not m.has_error()
+                                                               and not is_decline(m)], sent)
+            participants.append({"node": "server", "phase": "central", "status": "released",
+                                 "num_examples": central["central-clients"], "epsilon": central["central-epsilon"],
+                                 "delta": self.central.delta})
+            mechanisms.append({"node": "server", "phase": "central", "mechanism": "client-level-gaussian",
+                               "noise_multiplier": self.central.noise_multiplier,
+                               "sample_rate": self.central.sample_rate, "steps": 1,
+                               "max_grad_norm": self.central.clipping_norm, "delta": self.central.delta,
+                               "accountant": CENTRAL_ACCOUNTANT})
         for msg in replies:
             node = msg.metadata.src_node_id
             entry = {"node": pseudonym(self.run_id, node), "phase": "train"}
@@ -133,11 +161,22 @@ class RunRecorder(FedAvgM):
             "epsilon-max": max(eps) if eps else None,
             "epsilon-median": statistics.median(eps) if eps else None,
             "delta": max((c["delta"] for c in ok), default=None) if self.settings.dp else None,
+            **central,
             "client-updates": clients,
         }
         if arrays is not None:
             self.save_adapter(server_round, arrays)
         return arrays, metrics
+
+    def aggregate_central(self, trained: list[Message], sent: dict):
+        """global + η_s · noisy mean update (server/central_dp.py), in place of FedAvgM's weighted mean."""
+        update, _ = self.central.noisy_mean_update(sent, [m.content["arrays"].to_torch_state_dict() for m in trained])
+        arrays = ArrayRecord({k: sent[k] + self.server_learning_rate * update[k] for k in sent})
+        self.current_arrays = arrays
+        metrics = self.train_metrics_aggr_fn([m.content for m in trained], self.weighted_by_key) if trained else None
+        eps = self.central.release()
+        return arrays, metrics, {"central-epsilon": eps, "central-delta": self.central.delta,
+                                 "central-clients": len(trained)}
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
@@ -265,19 +304,27 @@ def main(grid: Grid, context: Context) -> None:
     (run_dir / "config.json").write_text(json.dumps({
         "run-config": dict(context.run_config), **checks, "num-items": len(catalog),
         "flwr": flwr.__version__, "privacy-unit": UNIT if s.dp else "none (dp = false)",
+        "central-privacy-unit": CLIENT_UNIT if s.central_dp else "none (central-dp = false)",
     }, indent=1))
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     (run_dir / "ledger.sqlite").unlink(missing_ok=True)
+    num_nodes = len(wait_for_nodes(grid, s.min_train_nodes))
+    central = None
+    if s.central_dp:
+        s.check_population(num_nodes)
+        central = ClientLevelDP(s.central_noise_multiplier, s.central_clipping_norm, s.central_delta, num_nodes,
+                                s.expected_clients(num_nodes))
     ledger = Ledger(run_dir / "ledger.sqlite")
     ledger.set_meta(**{"run-config": dict(context.run_config), "unit": UNIT if s.dp else "none (dp = false)",
                        "adjacency": "add/remove one training example of one client",
                        "accountant": s.accountant, **checks})
-
-    num_nodes = len(list(grid.get_node_ids()))
+    if central:
+        ledger.set_meta(**{"central-unit": CLIENT_UNIT, "central-population": num_nodes,
+                           "central-expected-clients": central.expected_clients})
     # Simulations leave the popularity baseline of their split here; deployments have none.
     reference = partition_root(s, num_nodes) / "reference.json"
     strategy = RunRecorder(
-        run_dir, model, s, reference, ledger, context.run_id,
+        run_dir, model, s, reference, ledger, context.run_id, central,
         fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=s.min_train_nodes,

@@ -7,6 +7,10 @@ clients, its PLD accountant for PRV clients). Every ε a client reported is comp
 recomputed ε of its history up to that round; a relative difference over ``TOLERANCE`` is a
 mismatch. Each client's final recomputed ε is checked against the budget it declared.
 
+With central DP on, the server's client-level releases (node ``server``, accountant
+``flwr-rdp``: Flower's RdpAccountant, i.e. dp-accounting inside) are recomputed with Opacus'
+RDP accountant instead, and reported as their own guarantee, never added to the clients'.
+
 Writes ``report.json`` (for machines) and ``report.html`` (self-contained, with plots) into
 the run directory. Exit code 1 when a mismatch or a budget overrun is found.
 """
@@ -21,7 +25,8 @@ import sqlite3
 from collections import defaultdict
 from pathlib import Path
 
-from common.privacy import UNIT, independent_epsilon
+from common.privacy import CLIENT_UNIT, UNIT, epsilon, independent_epsilon
+from server.central_dp import ACCOUNTANT as CENTRAL_ACCOUNTANT
 
 TOLERANCE = 0.01  # relative: the two implementations agree far closer for RDP (~1e-9)
 
@@ -29,6 +34,9 @@ TRUST_MODEL = (
     "Each client runs DP-SGD on its own data and keeps its own accountant and budget; the server and "
     "everyone who sees the global adapters are untrusted. The guarantee needs no trust in the server."
 )
+CENTRAL_TRUST_MODEL = (
+    "The server sees each client's update and is trusted to clip it, sample clients by Poisson sampling and add "
+    "the noise; everyone who sees only the global adapters (the public, other clients) is covered.")
 RELEASED = (
     "Every client's adapter update in every round (the server sees each one; with FedAvg the global "
     "adapter of every round is their weighted mean), and the noisy popularity histograms of round 0."
@@ -74,7 +82,7 @@ def audit(run_dir: Path) -> dict:
         upto = [x for x in mechanisms[node] if x[0] <= rnd]
         history = [x[1] for x in upto]
         accountant = upto[-1][3] if upto else ledger["meta"].get("accountant", "rdp")
-        recomputed = independent_epsilon(history, p["delta"], accountant)
+        recomputed = recompute(history, p["delta"], accountant)
         diff = abs(recomputed - p["epsilon"]) / max(abs(recomputed), 1e-12) if recomputed else abs(p["epsilon"])
         c = clients.setdefault(node, {"node": node, "rounds": [], "epsilon-max": p["epsilon_max"],
                                       "delta": p["delta"], "accountant": accountant})
@@ -85,7 +93,7 @@ def audit(run_dir: Path) -> dict:
             findings.append({"kind": "mismatch", "node": node, "round": rnd, "reported": p["epsilon"],
                              "recomputed": recomputed, "relative-difference": diff})
     for node, c in clients.items():
-        final = independent_epsilon([x[1] for x in mechanisms[node]], c["delta"], c["accountant"])
+        final = recompute([x[1] for x in mechanisms[node]], c["delta"], c["accountant"])
         c["final-epsilon"] = final
         c["final-reported"] = c["rounds"][-1]["reported"]
         c["steps"] = sum(x[1][2] for x in mechanisms[node] if x[1][1] < 1.0)
@@ -95,6 +103,13 @@ def audit(run_dir: Path) -> dict:
                                              or final > c["epsilon-max"] * (1 + TOLERANCE)):
             findings.append({"kind": "over-budget", "node": node, "reported": c["final-reported"],
                              "recomputed": final, "epsilon-max": c["epsilon-max"]})
+    central = clients.pop("server", None)
+    if central:
+        central.update({"unit": CLIENT_UNIT, "adjacency": "add/remove all the data of one client",
+                        "trust-model": CENTRAL_TRUST_MODEL, "releases": len(mechanisms["server"]),
+                        "population": ledger["meta"].get("central-population"),
+                        "expected-clients": ledger["meta"].get("central-expected-clients"),
+                        "independent-accountant": "Opacus RDP (the server used Flower's RdpAccountant)"})
     declines = [p for p in ledger["participants"] if p["status"] == "declined"]
     metrics = defaultdict(dict)
     for m in ledger["metrics"]:
@@ -110,11 +125,19 @@ def audit(run_dir: Path) -> dict:
         "tolerance": TOLERANCE,
         "mechanisms": ledger["mechanisms"],
         "clients": sorted(clients.values(), key=lambda c: c["node"]),
+        "central": central,
         "declines": [{k: d[k] for k in ("round", "node", "phase", "reason")} for d in declines],
         "metrics": {str(k): v for k, v in sorted(metrics.items())},
         "findings": findings,
         "ok": not findings,
     }
+
+
+def recompute(history, delta: float, accountant: str) -> float:
+    """ε by an implementation other than the one that reported it."""
+    if accountant == CENTRAL_ACCOUNTANT:
+        return epsilon(history, delta, "rdp")  # Opacus, for Flower's dp-accounting-based accountant
+    return independent_epsilon(history, delta, accountant)  # dp-accounting, for Opacus' accountants
 
 
 def _figure_png(fig) -> str:
@@ -174,6 +197,14 @@ def write_html(report: dict, path: Path) -> None:
     findings = "".join(f"<li>{e(json.dumps(f))}</li>" for f in report["findings"]) or "<li>none</li>"
     declines = "".join(f"<li>round {d['round']} {e(d['node'])}: {e(d['reason'] or '')}</li>"
                        for d in report["declines"]) or "<li>none</li>"
+    central = report["central"]
+    central_html = "" if not central else f"""<h2>Client-level guarantee (server, central DP)</h2>
+<p>A separate statement from the example-level one above; the two are never added.</p><ul>
+<li><b>Unit of privacy:</b> {e(central['unit'])}</li><li><b>Adjacency:</b> {e(central['adjacency'])}</li>
+<li><b>Trust model:</b> {e(central['trust-model'])}</li>
+<li><b>Guarantee:</b> ε = {central['final-reported']:.4f} reported, {central['final-epsilon']:.4f} recomputed with
+{e(central['independent-accountant'])}, at δ = {central['delta']:g}, after {central['releases']} releases
+(N = {central['population']} clients, {central['expected-clients']} expected per round)</li></ul>"""
     verdict = "PASS: every reported ε recomputed within tolerance, every client within its budget" if report["ok"] \
         else f"FAIL: {len(report['findings'])} finding(s)"
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>fedrec privacy audit</title>
@@ -189,7 +220,7 @@ table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;pad
 </ul><h2>Not covered</h2><ul>{''.join(f'<li>{e(x)}</li>' for x in report['not-covered'])}</ul>
 <h2>Clients</h2><table><tr><th>client</th><th>DP-SGD steps</th><th>final ε reported</th><th>final ε recomputed</th>
 <th>ε budget</th><th>δ</th><th>accountant</th></tr>{rows}</table>
-<h2>Findings</h2><ul>{findings}</ul><h2>Declines</h2><ul>{declines}</ul>
+{central_html}<h2>Findings</h2><ul>{findings}</ul><h2>Declines</h2><ul>{declines}</ul>
 <h2>Plots</h2>{''.join(f'<p><img alt="{k}" src="data:image/png;base64,{v}"></p>' for k, v in images.items())}
 <h2>Every mechanism run</h2><table><tr>{''.join(f'<th>{k}</th>' for k in mech_keys)}</tr>{mech}</table>
 </body></html>""")
@@ -211,6 +242,10 @@ def main(run_dir: Path, console) -> int:
                       "[red]FAIL[/red]" if c["node"] in bad else "[green]ok[/green]")
     console.print(table)
     console.print(f"Unit: {report['unit']}. Recomputed with {report['independent-accountant']}.")
+    if central := report["central"]:
+        console.print(f"Client-level (server, a separate guarantee): ε = {central['final-reported']:.4f} reported, "
+                      f"{central['final-epsilon']:.4f} recomputed with {central['independent-accountant']}, at "
+                      f"δ = {central['delta']:g} after {central['releases']} releases; {central['unit']}.")
     for f in report["findings"]:
         console.print(f"[red]{f['kind']}[/red]: {json.dumps(f)}")
     console.print(f"Report: {run_dir / 'report.html'} and report.json")

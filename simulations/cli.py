@@ -56,6 +56,7 @@ def simulate(args) -> int:
     try:
         s = Settings.from_run_config({**defaults(), **overrides})
         clients = args.clients or (count_users(s) if s.partition == "user" else DEFAULT_SILOS)
+        s.check_population(clients)
         root = materialize(s, clients)  # the users produce their data before the run starts
     except (ConfigError, DataError, ValueError) as e:
         fail(str(e))
@@ -169,7 +170,17 @@ def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path)
             f"C = {s.max_grad_norm:g}; {UNIT}; Opacus {s.accountant.upper()} accountant). Metrics and example counts "
             "sent to the server are not covered.")
     else:
-        console.print("[yellow]Privacy: none — trained without DP (dp = false).[/yellow]")
+        console.print("[yellow]Example-level privacy: none — clients trained without DP-SGD (dp = false).[/yellow]")
+    if s.central_dp and last.get("central-epsilon") is not None:
+        from common.privacy import CLIENT_UNIT
+
+        q = s.expected_clients(clients) / clients
+        console.print(
+            f"Client-level privacy (server, a separate guarantee, not added to the one above): ε = "
+            f"{last['central-epsilon']:.3f} at δ = {s.central_delta:g} for the global adapters of all {len(rows)} "
+            f"rounds ({CLIENT_UNIT}; Poisson client sampling q = {q:.3g}, updates clipped to C = "
+            f"{s.central_clipping_norm:g}, Gaussian noise z = {s.central_noise_multiplier:g}; Flower RdpAccountant). "
+            "The server sees each update and is trusted to add the noise.")
     console.print(f"Run directory: {run_dir} (metrics.jsonl, adapters/round-NNN, summary.json)")
 
 

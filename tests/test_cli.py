@@ -16,6 +16,9 @@ from simulations.cli import main
     (["recommend", "/nonexistent/run"], "exactly one of --items or --history"),
     (["audit", "/nonexistent/run"], "no ledger in this run directory"),
     (["simulate", "--set", "client-epsilon-max=0"], "client-epsilon-max must be > 0"),
+    (["simulate", "--clients", "5", "--set", "central-dp=true", "popularity-prior=false", "central-delta=0.2"],
+     "central-delta = 0.2 must be < 1/N = 0.2 for N = 5 clients"),
+    (["simulate", "--set", "central-dp=true"], "set popularity-prior=false with central-dp=true"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("FEDREC_HOME", str(tmp_path))

@@ -1,0 +1,96 @@
+"""Client-level (user-level) central DP at the server: DP-FedAvg with a fixed denominator.
+
+Mechanism, per round (McMahan et al. 2018, "Learning Differentially Private Recurrent
+Language Models"):
+
+    every client joins the round independently with probability q = m / N (Poisson sampling)
+    each participant's update Δ_k = θ_k − θ is clipped to L2 norm C over all adapter tensors
+    the server releases  θ + η_s · (Σ_k clip_C(Δ_k) + N(0, z²C²·I)) / m
+
+``m`` (the expected number of clients per round) is a constant: dividing by the number that
+actually replied would make the sensitivity depend on who replied, and weighting by example
+counts would let one client's weight grow without bound. With equal weights and a fixed
+denominator the sum has L2 sensitivity C under adding or removing one client, so each round
+is the Poisson-subsampled Gaussian mechanism with noise multiplier z. A client that declines,
+fails or is dropped contributes 0, which lies inside the clipping ball: the bound still holds.
+Multiplying by η_s and adding θ are post-processing.
+
+Unit of privacy: all the data of one client (add/remove adjacency). Trust model: the server
+sees each client's update and is trusted to clip and add the noise; everyone who sees only the
+global adapters is covered. This guarantee is separate from the example-level one each
+client's DP-SGD gives (``common/privacy.py``); the two are never added and neither amplifies
+the other.
+
+Accounting: Flower's ``RdpAccountant`` (Google's dp-accounting RDP inside) with Poisson
+sampling and add/remove-one neighbouring populations. ``fedrec audit`` recomputes it with
+Opacus' RDP accountant, which shares no code with it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import secrets
+
+import torch
+from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig,
+                                               SamplingMethod)
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+from common.privacy import CLIENT_UNIT
+
+ACCOUNTANT = "flwr-rdp"  # as written in the ledger; the audit recomputes it with Opacus' RDP
+
+
+class ClientLevelDP:
+    """Poisson client sampling, per-client clipping, Gaussian noise on the sum, and its accountant.
+
+    ``delta`` must be below 1/N (``Settings.check_population``): a larger δ allows a mechanism
+    that publishes one client's data outright.
+    """
+
+    def __init__(self, noise_multiplier: float, clipping_norm: float, delta: float, population: int,
+                 expected_clients: int, generator: torch.Generator | None = None):
+        if not 1 <= expected_clients <= population:
+            raise ValueError(f"expected clients per round must be in [1, {population}], got {expected_clients}")
+        self.noise_multiplier, self.clipping_norm, self.delta = noise_multiplier, clipping_norm, delta
+        self.population, self.expected_clients = population, expected_clients
+        self.sample_rate = expected_clients / population
+        # Sampling and noise are part of the mechanism: both come from the OS entropy pool.
+        self.sampler = random.SystemRandom()
+        self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
+        self.accountant = RdpAccountant(PrivacyConfig(
+            target_delta=delta, population_size=population,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE, sampling_method=SamplingMethod.POISSON))
+        self.event = GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=expected_clients,
+                                          population_size=population)
+
+    def sample(self, nodes: list[int]) -> list[int]:
+        """Each node independently with probability q (a node left out for budget has probability 0 ≤ q)."""
+        return [n for n in nodes if self.sampler.random() < self.sample_rate]
+
+    def noisy_mean_update(self, sent: dict[str, torch.Tensor], received: list[dict[str, torch.Tensor]]):
+        """(Σ_k clip_C(Δ_k) + N(0, z²C²·I)) / m over the adapter tensors, and each Δ_k's norm before clipping."""
+        total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in sent.items()}
+        norms = []
+        for state in received:
+            delta = {k: state[k].double() - sent[k].double() for k in sent}
+            norm = math.sqrt(sum(float((d ** 2).sum()) for d in delta.values()))
+            norms.append(norm)
+            factor = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
+            for k in total:
+                total[k] += factor * delta[k]
+        std = self.noise_multiplier * self.clipping_norm
+        for k in total:
+            total[k] += std * torch.randn(total[k].shape, dtype=torch.float64, generator=self.generator)
+        return {k: (v / self.expected_clients).to(sent[k].dtype) for k, v in total.items()}, norms
+
+    def release(self) -> float:
+        """Record one round's release with the accountant; the cumulative ε at ``delta``."""
+        self.accountant.compose(self.event)
+        return self.accountant.get_epsilon(self.delta)
+
+    def statement(self, eps: float) -> str:
+        return (f"(ε = {eps:.3f}, δ = {self.delta:g})-DP, {CLIENT_UNIT}, Poisson client sampling q = "
+                f"{self.sample_rate:.3g}, z = {self.noise_multiplier:g}, C = {self.clipping_norm:g}, "
+                "Flower RdpAccountant")
