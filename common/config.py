@@ -59,7 +59,7 @@ def partition_root(s: Settings, num_clients: int) -> Path:
     if s.partition_dir:
         return Path(s.partition_dir).expanduser()
     spec = json.dumps([s.dataset, s.partition, num_clients, s.skew_alpha, s.seed, s.max_users, s.history_len,
-                       simulated_budget(s)])
+                       simulated_budget(s)] + ([s.canaries] if s.canaries else []))
     return fedrec_home() / "partitions" / hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
@@ -85,6 +85,7 @@ class Settings:
     partition: str
     skew_alpha: float
     max_users: int
+    canaries: int
     history_len: int
     # model
     model: str
@@ -144,6 +145,7 @@ class Settings:
         require(self.partition in ("user", "silo"), "partition must be 'user' or 'silo'")
         require(self.skew_alpha >= 0, "skew-alpha must be >= 0 (0 means IID)")
         require(self.history_len >= 1, "history-len must be >= 1")
+        require(self.canaries >= 0, "canaries must be >= 0 (0 = no empirical audit)")
         require(self.lora_rank >= 1, "lora-rank must be >= 1")
         require(self.initial_score_scale > 0, "initial-score-scale must be > 0")
         require(self.max_length >= 16, "max-length must be >= 16")

@@ -11,6 +11,10 @@ With central DP on, the server's client-level releases (node ``server``, account
 ``flwr-rdp``: Flower's RdpAccountant, i.e. dp-accounting inside) are recomputed with Opacus'
 RDP accountant instead, and reported as their own guarantee, never added to the clients'.
 
+``fedrec audit --empirical RUN_DIR`` adds the one-run canary audit of a simulation planted
+with canaries (``simulations/empirical_audit.py``): a measured 95 % lower bound ε_lb beside
+the proven ε; ε_lb above the proven ε is a finding.
+
 Writes ``report.json`` (for machines) and ``report.html`` (self-contained, with plots) into
 the run directory. Exit code 1 when a mismatch or a budget overrun is found.
 """
@@ -66,7 +70,7 @@ def read_ledger(run_dir: Path) -> dict:
     return tables
 
 
-def audit(run_dir: Path) -> dict:
+def audit(run_dir: Path, empirical: bool = False) -> dict:
     """The audit as a dict (what ``report.json`` holds)."""
     ledger = read_ledger(run_dir)
     mechanisms = defaultdict(list)  # node -> [(round, (σ, q, steps), δ, accountant)]
@@ -110,6 +114,17 @@ def audit(run_dir: Path) -> dict:
                         "population": ledger["meta"].get("central-population"),
                         "expected-clients": ledger["meta"].get("central-expected-clients"),
                         "independent-accountant": "Opacus RDP (the server used Flower's RdpAccountant)"})
+    measured = None
+    if empirical:
+        from simulations.empirical_audit import empirical_audit
+
+        finals = [c["final-epsilon"] for c in clients.values()]
+        dp = ledger["meta"].get("run-config", {}).get("dp", True)
+        delta = max((c["delta"] for c in clients.values()), default=1e-5)
+        measured = empirical_audit(Path(run_dir), max(finals) if dp and finals else None, delta)
+        if not measured["below-proven"]:
+            findings.append({"kind": "empirical-above-proven", "epsilon-lb": measured["epsilon-lb"],
+                             "proven-epsilon": measured["proven-epsilon"]})
     declines = [p for p in ledger["participants"] if p["status"] == "declined"]
     metrics = defaultdict(dict)
     for m in ledger["metrics"]:
@@ -126,6 +141,7 @@ def audit(run_dir: Path) -> dict:
         "mechanisms": ledger["mechanisms"],
         "clients": sorted(clients.values(), key=lambda c: c["node"]),
         "central": central,
+        "empirical": measured,
         "declines": [{k: d[k] for k in ("round", "node", "phase", "reason")} for d in declines],
         "metrics": {str(k): v for k, v in sorted(metrics.items())},
         "findings": findings,
@@ -180,6 +196,14 @@ def plots(report: dict) -> dict[str, str]:
     ax.legend(fontsize=8)
     out["utility"] = _figure_png(fig)
     plt.close(fig)
+
+    if measured := report.get("empirical"):
+        fig, ax = plt.subplots(figsize=(6.4, 3.0))
+        ax.hist([measured["score-included"], measured["score-excluded"]], bins=40, label=["included", "excluded"])
+        ax.set(xlabel="membership score", ylabel="canaries", title="Canary scores (empirical audit)")
+        ax.legend(fontsize=8)
+        out["canary-scores"] = _figure_png(fig)
+        plt.close(fig)
     return out
 
 
@@ -220,16 +244,31 @@ table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;pad
 </ul><h2>Not covered</h2><ul>{''.join(f'<li>{e(x)}</li>' for x in report['not-covered'])}</ul>
 <h2>Clients</h2><table><tr><th>client</th><th>DP-SGD steps</th><th>final ε reported</th><th>final ε recomputed</th>
 <th>ε budget</th><th>δ</th><th>accountant</th></tr>{rows}</table>
-{central_html}<h2>Findings</h2><ul>{findings}</ul><h2>Declines</h2><ul>{declines}</ul>
+{central_html}{empirical_html(report.get("empirical"))}<h2>Findings</h2><ul>{findings}</ul><h2>Declines</h2><ul>{declines}</ul>
 <h2>Plots</h2>{''.join(f'<p><img alt="{k}" src="data:image/png;base64,{v}"></p>' for k, v in images.items())}
 <h2>Every mechanism run</h2><table><tr>{''.join(f'<th>{k}</th>' for k in mech_keys)}</tr>{mech}</table>
 </body></html>""")
 
 
-def main(run_dir: Path, console) -> int:
+def empirical_html(measured: dict | None) -> str:
+    if not measured:
+        return ""
+    proven = "∞ (no DP)" if measured["proven-epsilon"] is None else f"{measured['proven-epsilon']:.4f}"
+    rows = "".join(f"<tr><td>{r['guesses']}</td><td>{r['correct']}</td><td>{r['epsilon-lb']:.4f}</td></tr>"
+                   for r in measured["by-guesses"])
+    return f"""<h2>Empirical audit (one run, Steinke, Nasr &amp; Jagielski 2023)</h2>
+<p>{measured['canaries']} canaries (one training example each, {measured['included']} included at random with
+probability ½). Measured lower bound ε_lb = <b>{measured['epsilon-lb']:.4f}</b> at {measured['confidence']:.0%}
+confidence and δ = {measured['delta']:g}, beside the proven ε = <b>{proven}</b> (largest client, example-level).
+{'ε_lb ≤ proven ε, as it must be.' if measured['below-proven'] else 'ε_lb ABOVE the proven ε: a bug.'}</p>
+<table><tr><th>"included" guesses (top k scores)</th><th>correct</th><th>ε_lb (Bonferroni over
+{measured['bonferroni-over']} k)</th></tr>{rows}</table>"""
+
+
+def main(run_dir: Path, console, empirical: bool = False) -> int:
     from rich.table import Table
 
-    report = audit(run_dir)
+    report = audit(run_dir, empirical)
     (run_dir / "report.json").write_text(json.dumps(report, indent=1))
     write_html(report, run_dir / "report.html")
     table = Table(title=f"Privacy audit of {run_dir.name}: ε at δ recomputed with dp-accounting")
@@ -246,6 +285,12 @@ def main(run_dir: Path, console) -> int:
         console.print(f"Client-level (server, a separate guarantee): ε = {central['final-reported']:.4f} reported, "
                       f"{central['final-epsilon']:.4f} recomputed with {central['independent-accountant']}, at "
                       f"δ = {central['delta']:g} after {central['releases']} releases; {central['unit']}.")
+    if measured := report["empirical"]:
+        proven = "∞ (no DP)" if measured["proven-epsilon"] is None else f"{measured['proven-epsilon']:.4f}"
+        console.print(f"Empirical audit: {measured['canaries']} canaries, ε_lb = {measured['epsilon-lb']:.4f} "
+                      f"({measured['confidence']:.0%} confidence, δ = {measured['delta']:g}) beside the proven "
+                      f"ε = {proven}; guesses/correct: "
+                      + ", ".join(f"{r['correct']}/{r['guesses']}" for r in measured["by-guesses"]))
     for f in report["findings"]:
         console.print(f"[red]{f['kind']}[/red]: {json.dumps(f)}")
     console.print(f"Report: {run_dir / 'report.html'} and report.json")

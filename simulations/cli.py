@@ -232,7 +232,7 @@ def audit_cmd(args) -> int:
 
     run_dir = Path(args.run_dir)
     try:
-        return audit_main(run_dir, console)
+        return audit_main(run_dir, console, args.empirical)
     except (FileNotFoundError, sqlite3.DatabaseError) as e:
         fail(f"{run_dir}: {e}")
 
@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=recommend_cmd)
     p = sub.add_parser("audit", help="recompute every ε of a run from its ledger; write report.html/json")
     p.add_argument("run_dir")
+    p.add_argument("--empirical", action="store_true",
+                   help="also run the one-run canary audit (a simulation run with --set canaries=N)")
     p.set_defaults(func=audit_cmd)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -6,6 +6,8 @@ The partitioner plays the part of the users producing the data: it writes
     <root>/client-<k>/interactions.csv client k's private data (same format as a deployment)
     <root>/client-<k>/budget.json      client k's own privacy budget (client-epsilon-max, delta)
     <root>/reference.json              the popularity baseline on the same split
+    <root>/audit-canaries.json         with ``canaries`` > 0: the planted canaries and which
+                                       were included (the auditor's secret; see empirical_audit)
 
 Schemes:
 * ``user``: one client per user (cross-device); the number of clients must equal the
@@ -39,6 +41,7 @@ from common.data import (
 )
 from common.metrics import metrics_from_ranks, popularity_scores, target_ranks
 from common.privacy import Budget, write_budget
+from simulations.empirical_audit import CANARY_FILE, canary_interactions, make_canaries
 
 
 def select_users(interactions: list[Interaction], max_users: int, seed: int) -> dict[str, list[Interaction]]:
@@ -122,13 +125,17 @@ def materialize(s, num_clients: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         write_catalog(catalog, tmp / "catalog.csv")
         eps_max, delta = simulated_budget(s)
+        canaries = make_canaries(catalog, s.canaries, num_clients)
         for k, ids in enumerate(clients):
-            write_interactions([it for u in ids for it in users[u]], tmp / f"client-{k}")
+            planted = [it for c in canaries if c["client"] == k and c["included"] for it in canary_interactions(c)]
+            write_interactions([it for u in ids for it in users[u]] + planted, tmp / f"client-{k}")
             write_budget(tmp / f"client-{k}", Budget(math.inf if eps_max is None else eps_max, delta))
         reference = popularity_reference(users, catalog, s.history_len)
         reference.update({"clients": num_clients, "scheme": s.partition, "skew-alpha": s.skew_alpha,
                           "users-per-client": [len(ids) for ids in clients]})
         (tmp / "reference.json").write_text(json.dumps(reference, indent=1))
+        if canaries:
+            (tmp / CANARY_FILE).write_text(json.dumps({"canaries": canaries}, indent=1))
         if root.exists():
             if any(root.iterdir()):
                 shutil.rmtree(tmp)

@@ -20,7 +20,7 @@ from common.data import read_catalog
 from common.model import Recommender, load_encoder
 from common.privacy import epsilon
 
-ROUNDS, CLIENTS = 2, 3
+ROUNDS, CLIENTS, CANARIES = 2, 3, 60
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def run_dir(tmp_path_factory):
     env = {**os.environ, "FEDREC_HOME": str(base / "home")}
     cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--rounds", str(ROUNDS), "--clients", str(CLIENTS),
            "--run-dir", str(run), "--set", "max-users=24", "batch-size=8", "max-length=64",
-           "history-len=4", "noise-multiplier=1.0", "fraction-train=1.0", "local-steps=3"]
+           "history-len=4", "noise-multiplier=1.0", "fraction-train=1.0", "local-steps=3", f"canaries={CANARIES}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run, proc.stdout
@@ -186,6 +186,25 @@ def test_audit_detects_a_tampered_ledger(run_dir, tmp_path, edit, finding):
     assert finding in proc.stdout
     findings = json.loads((copy / "report.json").read_text())["findings"]
     assert [f["kind"] for f in findings] == [finding]
+
+
+def test_empirical_audit_stays_below_the_proven_epsilon(run_dir):
+    """The canary audit on the real run: it scores every canary from the released adapters and
+    its lower bound does not exceed the largest proven client ε."""
+    run, _ = run_dir
+    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "audit", "--empirical", str(run)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    report = json.loads((run / "report.json").read_text())
+    measured = report["empirical"]
+    assert measured["canaries"] == CANARIES
+    assert len(measured["score-included"]) == measured["included"]
+    assert len(measured["score-excluded"]) == CANARIES - measured["included"]
+    assert measured["proven-epsilon"] == pytest.approx(max(c["final-epsilon"] for c in report["clients"]))
+    assert 0 <= measured["epsilon-lb"] <= measured["proven-epsilon"] and measured["below-proven"]
+    assert "Empirical audit" in proc.stdout
+    html = (run / "report.html").read_text()
+    assert "Empirical audit" in html and html.count("data:image/png;base64,") == 4
 
 
 def test_clients_enforce_their_budgets_and_the_run_stops_cleanly(tmp_path):

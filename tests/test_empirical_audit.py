@@ -1,0 +1,61 @@
+"""The one-run canary audit (simulations/empirical_audit.py): the bound, and the planting."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from common.config import Settings, defaults
+from common.data import leave_last_out, read_catalog, read_interactions
+from simulations.empirical_audit import (CANARY_FILE, audit_scores, epsilon_lower_bound, p_value)
+from simulations.partition import materialize
+
+
+def test_all_correct_guesses_give_the_clopper_pearson_bound():
+    """δ = 0, v = r: P[Bin(r, q) ≥ r] = q^r = p, so ε_lb = logit(p^(1/r)) exactly."""
+    for r in (20, 100, 400):
+        x = 0.05 ** (1 / r)
+        assert epsilon_lower_bound(1000, r, r, 0.0) == pytest.approx(math.log(x / (1 - x)), rel=1e-6)
+
+
+def test_delta_and_errors_only_lower_the_bound():
+    assert epsilon_lower_bound(1000, 100, 100, 1e-5) < epsilon_lower_bound(1000, 100, 100, 0.0)
+    assert epsilon_lower_bound(1000, 100, 95, 1e-5) < epsilon_lower_bound(1000, 100, 100, 1e-5)
+    assert epsilon_lower_bound(1000, 100, 50, 1e-5) == 0.0  # a coin's accuracy proves nothing
+    ps = [p_value(1000, 100, 90, eps, 1e-5) for eps in (0.0, 1.0, 2.0, 3.0)]
+    assert ps == sorted(ps)  # a larger ε makes the observation less surprising
+
+
+def test_fully_memorised_canaries_give_a_high_bound_and_uninformative_scores_zero():
+    rng = np.random.default_rng(0)
+    included = rng.random(1000) < 0.5
+    memorised = audit_scores(included + 0.1 * rng.random(1000), included, 1e-5)
+    assert memorised["epsilon-lb"] >= 3  # all 400 top guesses right
+    assert memorised["by-guesses"][-1] == {"guesses": 400, "correct": 400,
+                                           "epsilon-lb": memorised["epsilon-lb"]}
+    noise = audit_scores(rng.random(1000), included, 1e-5)
+    assert noise["epsilon-lb"] < 0.1
+
+
+def test_canaries_are_planted_as_one_training_example_each(tmp_path):
+    s = Settings.from_run_config({**defaults(), "max-users": 12, "canaries": 40,
+                                  "partition-dir": str(tmp_path / "parts")})
+    root = materialize(s, 3)
+    canaries = json.loads((root / CANARY_FILE).read_text())["canaries"]
+    assert len(canaries) == 40 and 5 < sum(c["included"] for c in canaries) < 35
+    assert len({c["phrase"] for c in canaries}) == 40
+    catalog = read_catalog(root / "catalog.csv")
+    for k in range(3):
+        with open(root / f"client-{k}" / "interactions.csv", encoding="utf-8") as f:
+            planted = {row["user_id"] for row in csv.DictReader(f) if row["user_id"].startswith("canary-")}
+        assert planted == {c["user"] for c in canaries if c["client"] == k and c["included"]}
+        users = read_interactions(root / f"client-{k}", catalog)
+        for c in canaries:
+            if c["user"] in planted:
+                train, valid, test = leave_last_out({c["user"]: users[c["user"]]}, catalog, s.history_len)
+                assert len(train) == 1 and not valid and not test
+                assert c["phrase"] in train[0].text and train[0].target == catalog.index[c["target-item"]]
