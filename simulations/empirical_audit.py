@@ -2,16 +2,24 @@
 
 Canaries. ``fedrec simulate --set canaries=1000`` has the partitioner plant m synthetic users
 in the simulated clients' data. A canary user has two interactions: a random catalog item
-with a unique nonsense phrase as the user's own words, then a random target item. Leave-last-out
-turns that into exactly one training example (the unit of privacy). Each canary is included
-independently with probability ½, drawn from the OS entropy pool and written only to
-``PARTITION_DIR/audit-canaries.json`` — the users' side, never the server's.
+with a unique phrase (five random words of the encoder's vocabulary) as the user's own words,
+then a target item no other canary has. Leave-last-out turns that into exactly one training
+example (the unit of privacy). Each canary is included independently with probability ½,
+drawn from the OS entropy pool and written only to ``PARTITION_DIR/audit-canaries.json`` —
+the users' side, never the server's.
 
-Score. From the released global adapters alone: how much the final adapter raised the
-log-probability of a canary's target given its text, relative to the initial adapter (round
-000), minus the same rise averaged over the other canaries' texts (which removes the drift
-every user sees for that item). The auditor guesses "included" for the k highest scores and
-abstains on the rest; unsampled included canaries look excluded, so it never guesses "excluded".
+Scores, from the released global adapters; the auditor also knows every non-canary example
+(the audit's guarantee holds for any fixed rest of the data). Two, each a fixed function:
+
+* ``popularity-prior``: the round-000 item bias is log(1 + Σ noisy counts), so
+  exp(b_t) − 1 − (non-canary count of t) is the canary's own +1 plus the histogram noise.
+* ``adapter``: how much the final adapter raised the log-probability of a canary's target
+  given its text, relative to round 000, minus the same rise averaged over the other
+  canaries' texts (which removes the drift every user sees for that item): what DP-SGD
+  memorised of that one example.
+
+The auditor guesses "included" for the k highest scores and abstains on the rest (an
+unsampled included canary looks excluded, so it never guesses "excluded").
 
 Bound. If the mechanism is (ε, δ)-DP with respect to each canary, the number V of correct
 guesses out of r satisfies (Steinke et al. 2023, appendix D)
@@ -19,8 +27,9 @@ guesses out of r satisfies (Steinke et al. 2023, appendix D)
     P[V ≥ v] ≤ P[Bin(r, q) ≥ v] + 2mδ · max_{1≤i≤v} P[v−i ≤ Bin(r, q) < v] / i,   q = e^ε / (1 + e^ε).
 
 ε_lb is the largest ε this rejects at level p = 0.05: with 95 % confidence the run is not
-(ε, δ)-DP for any ε < ε_lb. The k are a fixed grid chosen before looking, so the 5 % is split
-over the grid (Bonferroni). A valid DP run must give ε_lb ≤ its proven ε; a larger ε_lb is a bug.
+(ε, δ)-DP for any ε < ε_lb. The scores and the k are fixed before looking, so the 5 % is split
+over every (score, k) pair (Bonferroni). A valid DP run must give ε_lb ≤ its proven ε; a
+larger ε_lb is a bug.
 """
 
 from __future__ import annotations
@@ -38,20 +47,33 @@ from common.data import Catalog, Interaction, user_text
 CANARY_FILE = "audit-canaries.json"
 GUESS_GRID = (10, 25, 50, 100, 200, 400)  # k, the number of "included" guesses
 CONFIDENCE = 0.95
-SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+PHRASE_WORDS = 5
 
 
 # --- planting ------------------------------------------------------------------------------
 
 
-def make_canaries(catalog: Catalog, m: int, num_clients: int) -> list[dict]:
+def phrase_words(model_dir: Path) -> list[str]:
+    """Whole words of the encoder's own vocabulary: each is one token, so canaries share few."""
+    vocab = Path(model_dir) / "vocab.txt"
+    if vocab.is_file():
+        words = [w for w in vocab.read_text(encoding="utf-8").split() if w.isalpha() and w.isascii() and len(w) >= 4]
+        if len(words) >= 1000:
+            return words
+    # Tokenizers without a word list: nonsense words (they split into shared sub-words: less power).
+    return [c1 + v1 + c2 + v2 for c1 in "bdfgklmnprstvz" for v1 in "aeiou" for c2 in "bdfgklmnprstvz" for v2 in "aeiou"]
+
+
+def make_canaries(catalog: Catalog, m: int, num_clients: int, words: list[str]) -> list[dict]:
     """m canary users, spread round-robin over the clients, each included with probability ½."""
     rng = np.random.default_rng(secrets.randbits(128))  # the auditor's secret
     canaries = []
+    targets = rng.choice(len(catalog), size=m, replace=m > len(catalog))
     for i in range(m):
-        words = ["".join(rng.choice(SYLLABLES, size=3)) for _ in range(4)]
-        history, target = rng.choice(len(catalog), size=2, replace=False)
-        canaries.append({"user": f"canary-{i:04d}", "client": i % num_clients, "phrase": " ".join(words),
+        words_i = rng.choice(words, size=PHRASE_WORDS, replace=False).tolist()
+        target = targets[i]
+        history = rng.choice([j for j in range(len(catalog)) if j != target])
+        canaries.append({"user": f"canary-{i:04d}", "client": i % num_clients, "phrase": " ".join(words_i),
                          "history-item": catalog.items[history].item_id, "target-item": catalog.items[target].item_id,
                          "included": bool(rng.random() < 0.5)})
     return canaries
@@ -98,55 +120,77 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, p: float = 1 - CON
     return lo
 
 
-def audit_scores(scores: np.ndarray, included: np.ndarray, delta: float) -> dict:
-    """ε_lb from membership scores: guess "included" for the top k, for every k of the grid."""
-    m = len(scores)
-    order = np.argsort(-scores, kind="stable")
+def audit_scores(scores: dict[str, np.ndarray], included: np.ndarray, delta: float) -> dict:
+    """ε_lb from membership scores: guess "included" for the top k, for every score and k of the grid."""
+    m = len(included)
     grid = [k for k in GUESS_GRID if k <= m]
-    p = (1 - CONFIDENCE) / len(grid)
+    p = (1 - CONFIDENCE) / (len(grid) * len(scores))
     rows = []
-    for k in grid:
-        correct = int(included[order[:k]].sum())
-        rows.append({"guesses": k, "correct": correct, "epsilon-lb": epsilon_lower_bound(m, k, correct, delta, p)})
+    for name, values in scores.items():
+        order = np.argsort(-values, kind="stable")
+        for k in grid:
+            correct = int(included[order[:k]].sum())
+            rows.append({"score": name, "guesses": k, "correct": correct,
+                         "epsilon-lb": epsilon_lower_bound(m, k, correct, delta, p)})
     best = max(rows, key=lambda row: row["epsilon-lb"])
     return {"canaries": m, "included": int(included.sum()), "delta": delta, "confidence": CONFIDENCE,
-            "bonferroni-over": len(grid), "by-guesses": rows, "epsilon-lb": best["epsilon-lb"]}
+            "bonferroni-over": len(rows), "by-guesses": rows, "epsilon-lb": best["epsilon-lb"],
+            "best": {k: best[k] for k in ("score", "guesses", "correct")}}
 
 
 # --- scoring a run -------------------------------------------------------------------------
 
 
-def canary_scores(run_dir: Path, canaries: list[dict]) -> np.ndarray:
-    """Each canary's membership score from the run's initial and final global adapters."""
+def non_canary_counts(partition_dir: Path, catalog: Catalog, history_len: int) -> np.ndarray:
+    """How often each item is a training target in the simulated clients' real (non-canary) data."""
+    from common.data import leave_last_out, read_interactions
+
+    counts = np.zeros(len(catalog))
+    for client in sorted(Path(partition_dir).glob("client-*")):
+        users = {u: h for u, h in read_interactions(client, catalog).items() if not u.startswith("canary-")}
+        for example in leave_last_out(users, catalog, history_len)[0]:
+            counts[example.target] += 1
+    return counts
+
+
+def canary_scores(run_dir: Path, canaries: list[dict], partition_dir: Path) -> dict[str, np.ndarray]:
+    """Each canary's membership scores from the run's initial and final global adapters."""
     import torch
 
-    from common.model import score_users
+    from common.model import adapter_state, score_users
     from common.recommend import latest_adapter, load_recommender
 
     log_probs = []
     for adapter in (run_dir / "adapters" / "round-000", latest_adapter(run_dir)):
         model, tokenizer, catalog, s = load_recommender(run_dir, adapter)
+        if not log_probs:
+            (bias,) = [v for k, v in adapter_state(model).items() if k.endswith("scorer.bias")]
+            prior_counts = torch.expm1(bias.double()).cpu().numpy()
         texts = [user_text(canary_interactions(c)[:1], catalog, s.history_len) for c in canaries]
         logits = score_users(model, tokenizer, texts, s.max_length)
         seen = torch.tensor([catalog.index[c["history-item"]] for c in canaries])
         logits[torch.arange(len(canaries)), seen] = float("-inf")  # as in training: seen items are masked
         log_probs.append(torch.log_softmax(logits.double(), dim=1))
-    rise = log_probs[1] - log_probs[0]
+    rise = log_probs[1] - log_probs[0]  # NaN where an item is masked as seen: left out below
     targets = torch.tensor([catalog.index[c["target-item"]] for c in canaries])
     own = rise[torch.arange(len(canaries)), targets]
-    others = (rise[:, targets].sum(0) - own) / max(len(canaries) - 1, 1)
-    return (own - others).numpy()
+    column = rise[:, targets]  # [other canary's text, this canary's target]
+    column.fill_diagonal_(float("nan"))
+    expected = non_canary_counts(partition_dir, catalog, s.history_len)
+    return {"popularity-prior": prior_counts[targets.numpy()] - expected[targets.numpy()],
+            "adapter": (own - column.nanmean(0)).numpy()}
 
 
 def empirical_audit(run_dir: Path, proven_epsilon: float | None, delta: float) -> dict:
     """The one-run audit of a simulation planted with canaries, beside the proven ε."""
     config = json.loads((run_dir / "config.json").read_text())
-    canaries = read_canaries(Path(config["run-config"]["partition-dir"]))
-    scores = canary_scores(run_dir, canaries)
+    partition_dir = Path(config["run-config"]["partition-dir"])
+    canaries = read_canaries(partition_dir)
+    scores = canary_scores(run_dir, canaries, partition_dir)
     included = np.array([c["included"] for c in canaries])
     result = audit_scores(scores, included, delta)
     result["proven-epsilon"] = proven_epsilon
-    result["score-included"] = scores[included].tolist()
-    result["score-excluded"] = scores[~included].tolist()
+    result["scores"] = {name: {"included": v[included].tolist(), "excluded": v[~included].tolist()}
+                        for name, v in scores.items()}
     result["below-proven"] = proven_epsilon is None or result["epsilon-lb"] <= proven_epsilon
     return result

@@ -41,7 +41,8 @@ from common.data import (
 )
 from common.metrics import metrics_from_ranks, popularity_scores, target_ranks
 from common.privacy import Budget, write_budget
-from simulations.empirical_audit import CANARY_FILE, canary_interactions, make_canaries
+from common.model import resolve_model_path
+from simulations.empirical_audit import CANARY_FILE, canary_interactions, make_canaries, phrase_words
 
 
 def select_users(interactions: list[Interaction], max_users: int, seed: int) -> dict[str, list[Interaction]]:
@@ -125,7 +126,7 @@ def materialize(s, num_clients: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         write_catalog(catalog, tmp / "catalog.csv")
         eps_max, delta = simulated_budget(s)
-        canaries = make_canaries(catalog, s.canaries, num_clients)
+        canaries = make_canaries(catalog, s.canaries, num_clients, phrase_words(resolve_model_path(s.model)))
         for k, ids in enumerate(clients):
             planted = [it for c in canaries if c["client"] == k and c["included"] for it in canary_interactions(c)]
             write_interactions([it for u in ids for it in users[u]] + planted, tmp / f"client-{k}")

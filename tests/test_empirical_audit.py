@@ -33,12 +33,14 @@ def test_delta_and_errors_only_lower_the_bound():
 def test_fully_memorised_canaries_give_a_high_bound_and_uninformative_scores_zero():
     rng = np.random.default_rng(0)
     included = rng.random(1000) < 0.5
-    memorised = audit_scores(included + 0.1 * rng.random(1000), included, 1e-5)
+    memorised = audit_scores({"planted": included + 0.1 * rng.random(1000)}, included, 1e-5)
     assert memorised["epsilon-lb"] >= 3  # all 400 top guesses right
-    assert memorised["by-guesses"][-1] == {"guesses": 400, "correct": 400,
-                                           "epsilon-lb": memorised["epsilon-lb"]}
-    noise = audit_scores(rng.random(1000), included, 1e-5)
-    assert noise["epsilon-lb"] < 0.1
+    assert memorised["best"] == {"score": "planted", "guesses": 400, "correct": 400}
+    noise = audit_scores({"a": rng.random(1000), "b": rng.random(1000)}, included, 1e-5)
+    assert noise["epsilon-lb"] < 0.1 and noise["bonferroni-over"] == 12
+    # A second, useless score costs only the Bonferroni split.
+    both = audit_scores({"planted": included + 0.1 * rng.random(1000), "noise": rng.random(1000)}, included, 1e-5)
+    assert 3 <= both["epsilon-lb"] < memorised["epsilon-lb"]
 
 
 def test_canaries_are_planted_as_one_training_example_each(tmp_path):
@@ -47,7 +49,7 @@ def test_canaries_are_planted_as_one_training_example_each(tmp_path):
     root = materialize(s, 3)
     canaries = json.loads((root / CANARY_FILE).read_text())["canaries"]
     assert len(canaries) == 40 and 5 < sum(c["included"] for c in canaries) < 35
-    assert len({c["phrase"] for c in canaries}) == 40
+    assert len({c["phrase"] for c in canaries}) == 40 and len({c["target-item"] for c in canaries}) == 40
     catalog = read_catalog(root / "catalog.csv")
     for k in range(3):
         with open(root / f"client-{k}" / "interactions.csv", encoding="utf-8") as f:

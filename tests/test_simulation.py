@@ -198,8 +198,9 @@ def test_empirical_audit_stays_below_the_proven_epsilon(run_dir):
     report = json.loads((run / "report.json").read_text())
     measured = report["empirical"]
     assert measured["canaries"] == CANARIES
-    assert len(measured["score-included"]) == measured["included"]
-    assert len(measured["score-excluded"]) == CANARIES - measured["included"]
+    for values in measured["scores"].values():
+        assert len(values["included"]) == measured["included"]
+        assert len(values["excluded"]) == CANARIES - measured["included"]
     assert measured["proven-epsilon"] == pytest.approx(max(c["final-epsilon"] for c in report["clients"]))
     assert 0 <= measured["epsilon-lb"] <= measured["proven-epsilon"] and measured["below-proven"]
     assert "Empirical audit" in proc.stdout
