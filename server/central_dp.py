@@ -70,20 +70,18 @@ class ClientLevelDP:
         return [n for n in nodes if self.sampler.random() < self.sample_rate]
 
     def noisy_mean_update(self, sent: dict[str, torch.Tensor], received: list[dict[str, torch.Tensor]]):
-        """(Σ_k clip_C(Δ_k) + N(0, z²C²·I)) / m over the adapter tensors, and each Δ_k's norm before clipping."""
+        """(Σ_k clip_C(Δ_k) + N(0, z²C²·I)) / m over the adapter tensors."""
         total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in sent.items()}
-        norms = []
         for state in received:
             delta = {k: state[k].double() - sent[k].double() for k in sent}
             norm = math.sqrt(sum(float((d ** 2).sum()) for d in delta.values()))
-            norms.append(norm)
             factor = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
             for k in total:
                 total[k] += factor * delta[k]
         std = self.noise_multiplier * self.clipping_norm
         for k in total:
             total[k] += std * torch.randn(total[k].shape, dtype=torch.float64, generator=self.generator)
-        return {k: (v / self.expected_clients).to(sent[k].dtype) for k, v in total.items()}, norms
+        return {k: (v / self.expected_clients).to(sent[k].dtype) for k, v in total.items()}
 
     def release(self) -> float:
         """Record one round's release with the accountant; the cumulative ε at ``delta``."""

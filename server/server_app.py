@@ -94,7 +94,6 @@ class RunRecorder(FedAvgM):
         if self.central is None:
             return super().configure_train(server_round, arrays, config, eligible)
         # Central DP samples by Poisson, as its accountant assumes: no fixed count, no minimum.
-        self.current_arrays = self.current_arrays or arrays
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node)
@@ -170,7 +169,7 @@ class RunRecorder(FedAvgM):
 
     def aggregate_central(self, trained: list[Message], sent: dict):
         """global + η_s · noisy mean update (server/central_dp.py), in place of FedAvgM's weighted mean."""
-        update, _ = self.central.noisy_mean_update(sent, [m.content["arrays"].to_torch_state_dict() for m in trained])
+        update = self.central.noisy_mean_update(sent, [m.content["arrays"].to_torch_state_dict() for m in trained])
         arrays = ArrayRecord({k: sent[k] + self.server_learning_rate * update[k] for k in sent})
         self.current_arrays = arrays
         metrics = self.train_metrics_aggr_fn([m.content for m in trained], self.weighted_by_key) if trained else None
