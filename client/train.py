@@ -2,8 +2,9 @@
 
 One call of ``train`` runs ``local_steps`` DP-SGD steps: Poisson sampling with rate
 q = 1/⌈n_examples / batch_size⌉ (Opacus' DPDataLoader), per-example clipping to ``max_grad_norm``, Gaussian noise
-σ · max_grad_norm on the sum, Adam on the noisy mean. The accountant starts from the
-client's stored history, so the ε it returns is cumulative.
+σ · max_grad_norm on the sum, Adam on the noisy mean. The round is appended to the
+client's stored history as (σ, q, steps) with the q the DataLoader really samples at, so
+the ε it returns is cumulative and exactly what ``fedrec audit`` recomputes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from common.data import Example
 from common.metrics import metrics_from_ranks, target_ranks
-from common.model import device, score_users
+from common.model import device, is_trained, score_users
 from common.privacy import History, epsilon
 
 
@@ -57,26 +58,23 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
     if not examples:
         raise ValueError("no training examples")
     model.train()
-    # The per-item bias gets its own step size. Under DP noise Adam moves every coordinate by
-    # about its learning rate per step whatever the signal, and a bias over 1,682 items has
-    # little signal per item: with the DP popularity prior in place it is better left frozen
-    # (bias-learning-rate = 0), which also leaves the whole clipping budget to the LoRA weights.
-    bias = [p for n, p in model.named_parameters() if n.endswith("scorer.modules_to_save.default.bias")]
-    for p in bias:
-        p.requires_grad_(s.bias_learning_rate > 0)
-    # The score scale is one number with a strong, consistent gradient: Adam moves it by its
-    # full step size every step, and K clients moving it the same way (times the server's
-    # learning rate) overshoot by far (measured: s went 8 → 19 → 12 → 35 in three rounds).
-    scale = [p for n, p in model.named_parameters() if n.endswith("scorer.modules_to_save.default.log_scale")]
-    for p in scale:
-        p.requires_grad_(s.scale_learning_rate > 0)
-    # LoRA's A stays at its shared random initialisation unless lora-train-a (FFA-LoRA, Sun et
-    # al., ICLR 2024): ΔW = B·A is then linear in what is trained, so FedAvg of the clients' B
-    # is exactly the average of their ΔW (averaging A and B separately is not), and DP noise
-    # lands on half as many numbers.
+    # What trains (common.model.is_trained), and why:
+    # - The per-item bias gets its own step size. Under DP noise Adam moves every coordinate by
+    #   about its learning rate per step whatever the signal, and a bias over 1,682 items has
+    #   little signal per item: with the DP popularity prior in place it is better left frozen
+    #   (bias-learning-rate = 0), which also leaves the whole clipping budget to the LoRA weights.
+    # - The score scale is one number with a strong, consistent gradient: Adam moves it by its
+    #   full step size every step, and K clients moving it the same way (times the server's
+    #   learning rate) overshoot by far (measured: s went 8 → 19 → 12 → 35 in three rounds).
+    # - LoRA's A stays at its shared random initialisation unless lora-train-a (FFA-LoRA, Sun et
+    #   al., ICLR 2024): ΔW = B·A is then linear in what is trained, so FedAvg of the clients' B
+    #   is exactly the average of their ΔW (averaging A and B separately is not), and DP noise
+    #   lands on half as many numbers.
     for n, p in model.named_parameters():
-        if "lora_A" in n:
-            p.requires_grad_(s.lora_train_a)
+        if "lora_" in n or "modules_to_save" in n:
+            p.requires_grad_(is_trained(n, s))
+    bias = [p for n, p in model.named_parameters() if n.endswith("scorer.modules_to_save.default.bias")]
+    scale = [p for n, p in model.named_parameters() if n.endswith("scorer.modules_to_save.default.log_scale")]
     rest = [p for p in model.parameters() if p.requires_grad and all(p is not b for b in bias + scale)]
     groups = [{"params": rest, "lr": s.learning_rate}]
     if s.bias_learning_rate > 0:
@@ -92,20 +90,23 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
     # come from the OS entropy pool; only non-private training is reproducible from `seed`.
     generator = torch.Generator().manual_seed(secrets.randbits(63) if s.dp else seed)
     num_items = model.get_base_model().item_embeddings.shape[0]
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
-                        collate_fn=_collate(tokenizer, s.max_length, num_items))
+    collate = _collate(tokenizer, s.max_length, num_items)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate)
     engine = None
     module = model
     if s.dp:
         with warnings.catch_warnings():  # secure_mode needs torchcsprng; see README, "Privacy"
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             engine = PrivacyEngine(accountant=s.accountant)
-        engine.accountant.history = list(history)
+        engine.accountant.history = []
         module, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
             poisson_sampling=True, grad_sample_mode="hooks", noise_generator=generator,
         )
+        # A Poisson batch can be empty (a noise-only step). Opacus' empty-batch stand-in needs
+        # tensor samples; ours are text, and our collate already returns 0-row tensors.
+        loader.collate_fn = collate
     q = sample_rate(len(examples), s.batch_size)
     if s.dp and not math.isclose(loader.sample_rate, q):  # the budget check priced q; never account another
         raise RuntimeError(f"Opacus sample rate {loader.sample_rate} differs from the budgeted {q}")
@@ -114,17 +115,23 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
         while steps < s.local_steps:
             for input_ids, attention_mask, targets, seen in loader:
                 optimizer.zero_grad(set_to_none=True)
-                logits = module(input_ids=input_ids.to(device()), attention_mask=attention_mask.to(device()))
-                logits = logits.masked_fill(seen.to(device()), float("-inf"))
-                # Mean loss matches Opacus' default loss_reduction='mean': it rescales the
-                # per-sample gradients and divides the noisy sum by the *expected* batch size.
-                loss = torch.nn.functional.cross_entropy(logits, targets.to(device()), reduction="mean")
-                with warnings.catch_warnings():  # the frozen embeddings take no gradient, by design
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss.backward()
-                optimizer.step()
                 if len(targets):
+                    logits = module(input_ids=input_ids.to(device()), attention_mask=attention_mask.to(device()))
+                    logits = logits.masked_fill(seen.to(device()), float("-inf"))
+                    # Mean loss matches Opacus' default loss_reduction='mean': it rescales the
+                    # per-sample gradients and divides the noisy sum by the *expected* batch size.
+                    loss = torch.nn.functional.cross_entropy(logits, targets.to(device()), reduction="mean")
+                    with warnings.catch_warnings():  # the frozen embeddings take no gradient, by design
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                        loss.backward()
                     losses.append(loss.item())
+                else:
+                    # An empty Poisson batch still releases a step: the noise alone. The encoder
+                    # cannot run on zero rows, so Opacus gets zero-row per-sample gradients.
+                    for p in module.parameters():
+                        if p.requires_grad:
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                optimizer.step()
                 steps += 1
                 if steps >= s.local_steps:
                     break
@@ -133,7 +140,14 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
             module.to_standard_module()
     model.zero_grad(set_to_none=True)
     if engine is not None:
-        history = list(engine.accountant.history)
+        # Opacus' own hook accounts each step at 1/int(1/q), which float rounding can make
+        # 1/(k−1) for q = 1/k (a slightly larger, conservative q than the one sampled). The
+        # history records the q the DPDataLoader samples at, after checking the hook saw the
+        # same number of noisy steps.
+        noisy_steps = sum(n for _, _, n in engine.accountant.history)
+        if noisy_steps != steps:
+            raise RuntimeError(f"Opacus accounted {noisy_steps} noisy steps, the loop ran {steps}")
+        history = list(history) + [(s.noise_multiplier, q, steps)]
         eps = epsilon(history, s.delta, s.accountant)
     else:
         eps = math.inf

@@ -145,6 +145,19 @@ def build_model(encoder: nn.Module, num_items: int, config: LoraConfig, seed: in
     return get_peft_model(base, config)
 
 
+def is_trained(name: str, s) -> bool:
+    """Whether local training changes this adapter tensor under settings ``s`` (parameter or
+    state-dict name). LoRA's A only with ``lora-train-a``; the item bias and the score scale
+    only with a learning rate > 0; everything else (LoRA's B) always."""
+    if "lora_A" in name:
+        return s.lora_train_a
+    if "scorer" in name and name.endswith("bias"):
+        return s.bias_learning_rate > 0
+    if name.endswith("log_scale"):
+        return s.scale_learning_rate > 0
+    return True
+
+
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """The adapter's tensors, named as in PEFT's ``adapter_model.safetensors``."""
     return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}

@@ -69,11 +69,16 @@ class ClientLevelDP:
         """Each node independently with probability q (a node left out for budget has probability 0 ≤ q)."""
         return [n for n in nodes if self.sampler.random() < self.sample_rate]
 
-    def noisy_mean_update(self, sent: dict[str, torch.Tensor], received: list[dict[str, torch.Tensor]]):
-        """(Σ_k clip_C(Δ_k) + N(0, z²C²·I)) / m over the adapter tensors."""
-        total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in sent.items()}
+    def noisy_mean_update(self, sent: dict[str, torch.Tensor], received: list[dict[str, torch.Tensor]],
+                          trained: set[str]):
+        """(Σ_k clip_C(Δ_k) + N(0, z²C²·I)) / m over the ``trained`` adapter tensors; 0 for the rest.
+
+        Tensors the run keeps frozen (e.g. LoRA's A under FFA-LoRA) are neither taken from the
+        clients nor noised: they are public and fixed, and noise there would only destroy them.
+        """
+        total = {k: torch.zeros_like(sent[k], dtype=torch.float64) for k in trained}
         for state in received:
-            delta = {k: state[k].double() - sent[k].double() for k in sent}
+            delta = {k: state[k].double() - sent[k].double() for k in trained}
             norm = math.sqrt(sum(float((d ** 2).sum()) for d in delta.values()))
             factor = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
             for k in total:
@@ -81,7 +86,8 @@ class ClientLevelDP:
         std = self.noise_multiplier * self.clipping_norm
         for k in total:
             total[k] += std * torch.randn(total[k].shape, dtype=torch.float64, generator=self.generator)
-        return {k: (v / self.expected_clients).to(sent[k].dtype) for k, v in total.items()}
+        return {k: (total[k] / self.expected_clients).to(v.dtype) if k in total else torch.zeros_like(v)
+                for k, v in sent.items()}
 
     def release(self) -> float:
         """Record one round's release with the accountant; the cumulative ε at ``delta``."""

@@ -37,8 +37,8 @@ from flwr.serverapp.strategy import FedAvgM
 
 from common.config import Settings, fedrec_home, partition_root
 from common.data import catalog_fingerprint, load_movielens, read_catalog, write_catalog
-from common.model import (adapter_state, build_model, fingerprint, load_adapter_state, load_encoder, lora_config,
-                          resolve_model_path, set_item_bias)
+from common.model import (adapter_state, build_model, fingerprint, is_trained, load_adapter_state, load_encoder,
+                          lora_config, resolve_model_path, set_item_bias)
 from common.privacy import CLIENT_UNIT, UNIT
 from server.central_dp import ACCOUNTANT as CENTRAL_ACCOUNTANT
 from server.central_dp import ClientLevelDP
@@ -169,7 +169,8 @@ class RunRecorder(FedAvgM):
 
     def aggregate_central(self, trained: list[Message], sent: dict):
         """global + η_s · noisy mean update (server/central_dp.py), in place of FedAvgM's weighted mean."""
-        update = self.central.noisy_mean_update(sent, [m.content["arrays"].to_torch_state_dict() for m in trained])
+        update = self.central.noisy_mean_update(sent, [m.content["arrays"].to_torch_state_dict() for m in trained],
+                                                {k for k in sent if is_trained(k, self.settings)})
         arrays = ArrayRecord({k: sent[k] + self.server_learning_rate * update[k] for k in sent})
         self.current_arrays = arrays
         metrics = self.train_metrics_aggr_fn([m.content for m in trained], self.weighted_by_key) if trained else None

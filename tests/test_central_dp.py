@@ -27,7 +27,7 @@ def test_noise_has_the_stated_standard_deviation():
     """z·C/m per coordinate of the mean update: estimated from 40 × 1,920 draws, the sample
     standard deviation has a relative standard error of 1/√(2n) ≈ 0.26 %; we allow 1.5 %."""
     dp = mechanism(z=0.7, clip=2.0, expected=5)
-    draws = torch.cat([torch.cat([v.flatten() for v in dp.noisy_mean_update(state(), []).values()])
+    draws = torch.cat([torch.cat([v.flatten() for v in dp.noisy_mean_update(state(), [], set(SHAPES)).values()])
                        for _ in range(40)]).double()
     stated = 0.7 * 2.0 / 5
     assert abs(draws.std().item() / stated - 1) < 0.015
@@ -41,7 +41,7 @@ def test_equal_clipped_updates_give_their_mean_plus_that_noise():
     received = [{k: v + 0.3 for k, v in sent.items()} for _ in range(4)]
     norm = math.sqrt(sum(v.numel() for v in sent.values())) * 0.3
     clip = norm / 10
-    update = mechanism(z=0.8, clip=clip, seed=7).noisy_mean_update(sent, received)
+    update = mechanism(z=0.8, clip=clip, seed=7).noisy_mean_update(sent, received, set(SHAPES))
 
     replay = torch.Generator().manual_seed(7)
     noise = {k: 0.8 * clip * torch.randn(v.shape, dtype=torch.float64, generator=replay) for k, v in sent.items()}
@@ -57,9 +57,20 @@ def test_equal_clipped_updates_give_their_mean_plus_that_noise():
 def test_small_updates_are_not_scaled():
     sent = state(0.0)
     small = {k: torch.full(s, 1e-3) for k, s in SHAPES.items()}
-    update = mechanism(z=1e-12, clip=100.0, expected=2).noisy_mean_update(sent, [small, small])
+    update = mechanism(z=1e-12, clip=100.0, expected=2).noisy_mean_update(sent, [small, small], set(SHAPES))
     for k in SHAPES:
         assert torch.allclose(update[k], small[k], atol=1e-9)
+
+
+def test_frozen_tensors_are_neither_taken_nor_noised():
+    """A tensor the run keeps frozen (LoRA's A under FFA-LoRA) stays exactly as sent, even if a
+    client changed it; only the trained ones carry the clipped updates and the noise."""
+    sent = state(0.0)
+    tampered = {"layer.lora_B": torch.full(SHAPES["layer.lora_B"], 0.01),
+                "other.lora_B": torch.full(SHAPES["other.lora_B"], 5.0)}
+    update = mechanism(z=1.0, clip=1.0).noisy_mean_update(sent, [tampered], {"layer.lora_B"})
+    assert torch.equal(update["other.lora_B"], torch.zeros(SHAPES["other.lora_B"]))
+    assert update["layer.lora_B"].std() > 0.1  # noise z·C/m = 0.2 per coordinate
 
 
 def test_poisson_sampling_rate():

@@ -121,3 +121,18 @@ def test_dp_noise_is_not_replayable_from_the_run_seed(model_and_tokenizer, small
         train(model, tokenizer, train_ex, s, history=[], seed=123)
         outcomes.append({n: p.detach().clone() for n, p in model.named_parameters() if n in start})
     assert any(not torch.equal(outcomes[0][n], outcomes[1][n]) for n in start)
+
+
+def test_accounted_sample_rate_is_the_sampled_one(model_and_tokenizer, small_split, settings):
+    """93 examples, batch 1: the DataLoader samples at q = 1/93, but Opacus' own hook would
+    account 1/int(1/q) = 1/92 (float rounding). The history, the reported q and ε all use 1/93.
+    A Poisson batch at q = 1/93 is empty with probability (92/93)^93 ≈ 0.37, so 16 steps meet
+    an empty one (noise only) with probability 1 − 0.63^16 > 0.999: they must not crash."""
+    model, tokenizer = model_and_tokenizer
+    _, _, train_ex, _, _ = small_split
+    s = dataclasses.replace(settings, dp=True, local_steps=16, batch_size=1, noise_multiplier=1.0)
+    result = train(model, tokenizer, train_ex[:93], s, history=[(10.0, 1.0, 1)], seed=0)
+    assert int(1 / result.sample_rate) == 92 and result.sample_rate == 1 / 93
+    assert result.steps == 16 and result.history == [(10.0, 1.0, 1), (1.0, 1 / 93, 16)]
+    assert result.epsilon == epsilon([(10.0, 1.0, 1), (1.0, 1 / 93, 16)], s.delta, s.accountant)
+    assert result.epsilon < epsilon([(10.0, 1.0, 1), (1.0, 1 / 92, 16)], s.delta, s.accountant)
