@@ -1,10 +1,12 @@
-"""Centralized, non-private reference: the same model on the same split, trained on one machine.
+"""Centralized reference: the same model on the same split, trained on one machine.
 
     python -m simulations.centralized --steps 600 --out runs/centralized.json
+    python -m simulations.centralized --dp --steps 240 --set noise-multiplier=0.32
 
 Uses the same data loading, leave-last-out split, model, loss and metrics as the
-federated run; only the federation and DP are removed (plain Adam on all training
-examples). Prints HR@10 / NDCG@10 / Recall@20 beside the popularity baseline.
+federated run; only the federation is removed, and DP too unless ``--dp`` (then DP-SGD with
+the run's σ and C on all training examples, a popularity prior with N(0, σ_h²) noise, and
+ε accounted over both). Prints HR@10 / NDCG@10 / Recall@20 beside the popularity baseline.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import secrets
 import time
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from common.config import Settings, defaults, parse_overrides
 from common.data import leave_last_out, load_movielens
 from common.metrics import item_counts
 from common.model import build_model, load_encoder, lora_config, refresh_item_embeddings, set_item_bias
+from common.privacy import statement
 from simulations.partition import popularity_reference, select_users
 
 
@@ -34,11 +38,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--max-users", type=int, default=0, help="0 = all 943 users")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    parser.add_argument("--dp", action="store_true", help="DP-SGD with the run's noise-multiplier and max-grad-norm")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="run-config overrides, e.g. learning-rate=0.01 history-len=8")
     args = parser.parse_args(argv)
     s = dataclasses.replace(Settings.from_run_config({**defaults(), **parse_overrides(args.set)}),
-                            dp=False, max_users=args.max_users)
+                            dp=args.dp, max_users=args.max_users)
 
     catalog, interactions = load_movielens(s.dataset or None)
     users = select_users(interactions, s.max_users, s.seed)
@@ -47,8 +52,14 @@ def main(argv: list[str] | None = None) -> dict:
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
     model = build_model(encoder, len(catalog), lora_config(s.lora_rank, s.lora_alpha, s.lora_targets), seed=s.seed,
                         init_scale=s.initial_score_scale)
-    if s.popularity_prior:  # the same prior as the federated run, from exact counts (no DP here)
-        set_item_bias(model, item_counts([ex.target for ex in train_ex], len(catalog)))
+    history = []
+    if s.popularity_prior:  # the federated run's prior, from one histogram
+        counts = item_counts([ex.target for ex in train_ex], len(catalog))
+        if s.dp:
+            noise = torch.randn(len(catalog), generator=torch.Generator().manual_seed(secrets.randbits(63)))
+            counts += s.prior_noise_multiplier * noise
+            history = [(s.prior_noise_multiplier, 1.0, 1)]
+        set_item_bias(model, counts)
 
     console = Console()
     curve, started, done = [], time.time(), 0
@@ -57,7 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
         while done < args.steps:
             chunk = min(args.eval_every, args.steps - done)
             refresh_item_embeddings(model, tokenizer, catalog.texts())
-            result = train(model, tokenizer, train_ex, dataclasses.replace(s, local_steps=chunk), [], s.seed + done)
+            result = train(model, tokenizer, train_ex, dataclasses.replace(s, local_steps=chunk), history, s.seed + done)
+            history = result.history
             done += chunk
             refresh_item_embeddings(model, tokenizer, catalog.texts())
             val = evaluate(model, tokenizer, valid, s.max_length)
@@ -68,15 +80,19 @@ def main(argv: list[str] | None = None) -> dict:
         "users": len(test), "train-examples": len(train_ex), "steps": args.steps, "batch-size": s.batch_size,
         "epochs": args.steps * s.batch_size / len(train_ex), "wall-s": round(time.time() - started, 1),
         "test": test_metrics, "popularity": popularity["test"], "curve": curve,
-        "settings": dataclasses.asdict(s),
+        "settings": dataclasses.asdict(s), "epsilon": result.epsilon if s.dp else None,
     }
-    table = Table(title=f"Centralized, no DP ({len(test)} users, {args.steps} steps, {figures['wall-s']} s)")
+    privacy = f"DP, ε = {result.epsilon:.2f} at δ = {s.delta:g}" if s.dp else "no DP"
+    table = Table(title=f"Centralized, {privacy} ({len(test)} users, {args.steps} steps, {figures['wall-s']} s)")
     table.add_column("model")
     for k in test_metrics:
         table.add_column(k, justify="right")
     table.add_row("LoRA two-tower", *(f"{v:.4f}" for v in test_metrics.values()))
     table.add_row("popularity", *(f"{popularity['test'][k]:.4f}" for k in test_metrics))
     console.print(table)
+    if s.dp:
+        console.print(f"Privacy: {statement(result.epsilon, s.delta, s.accountant)}, over the prior and "
+                      f"{args.steps} DP-SGD steps on all users' examples as one dataset.")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(figures, indent=1))

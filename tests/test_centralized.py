@@ -1,0 +1,23 @@
+"""The centralized reference (simulations/centralized.py), with and without DP."""
+
+from __future__ import annotations
+
+import pytest
+
+from client.train import sample_rate
+from common.privacy import epsilon
+from simulations.centralized import main
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_centralized_reference_runs_and_accounts(dp, tmp_path):
+    argv = ["--steps", "2", "--eval-every", "2", "--max-users", "12", "--out", str(tmp_path / "c.json"),
+            "--set", "batch-size=8", "noise-multiplier=0.8"] + (["--dp"] if dp else [])
+    figures = main(argv)
+    assert 0 <= figures["test"]["ndcg@10"] <= figures["test"]["hr@10"] <= 1
+    assert figures["users"] == 12 and (tmp_path / "c.json").is_file()
+    if dp:
+        history = [(10.0, 1.0, 1), (0.8, sample_rate(figures["train-examples"], 8), 2)]
+        assert figures["epsilon"] == pytest.approx(epsilon(history, 1e-5, "rdp"), rel=1e-12)
+    else:
+        assert figures["epsilon"] is None
