@@ -76,9 +76,9 @@ class ClientLevelDP:
         Tensors the run keeps frozen (e.g. LoRA's A under FFA-LoRA) are neither taken from the
         clients nor noised: they are public and fixed, and noise there would only destroy them.
         """
-        total = {k: torch.zeros_like(sent[k], dtype=torch.float64) for k in trained}
+        total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in sent.items() if k in trained}
         for state in received:
-            delta = {k: state[k].double() - sent[k].double() for k in trained}
+            delta = {k: state[k].double() - sent[k].double() for k in total}
             norm = math.sqrt(sum(float((d ** 2).sum()) for d in delta.values()))
             factor = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
             for k in total:
