@@ -126,7 +126,8 @@ def materialize(s, num_clients: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         write_catalog(catalog, tmp / "catalog.csv")
         eps_max, delta = simulated_budget(s)
-        canaries = make_canaries(catalog, s.canaries, num_clients, phrase_words(resolve_model_path(s.model)))
+        canaries = (make_canaries(catalog, s.canaries, num_clients, phrase_words(resolve_model_path(s.model)))
+                    if s.canaries else [])
         for k, ids in enumerate(clients):
             planted = [it for c in canaries if c["client"] == k and c["included"] for it in canary_interactions(c)]
             write_interactions([it for u in ids for it in users[u]] + planted, tmp / f"client-{k}")
