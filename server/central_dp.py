@@ -37,8 +37,6 @@ from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, Neighboring
                                                SamplingMethod)
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from common.privacy import CLIENT_UNIT
-
 ACCOUNTANT = "flwr-rdp"  # as written in the ledger; the audit recomputes it with Opacus' RDP
 
 
@@ -94,7 +92,3 @@ class ClientLevelDP:
         self.accountant.compose(self.event)
         return self.accountant.get_epsilon(self.delta)
 
-    def statement(self, eps: float) -> str:
-        return (f"(ε = {eps:.3f}, δ = {self.delta:g})-DP, {CLIENT_UNIT}, Poisson client sampling q = "
-                f"{self.sample_rate:.3g}, z = {self.noise_multiplier:g}, C = {self.clipping_norm:g}, "
-                "Flower RdpAccountant")
