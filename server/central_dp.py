@@ -91,4 +91,3 @@ class ClientLevelDP:
         """Record one round's release with the accountant; the cumulative ε at ``delta``."""
         self.accountant.compose(self.event)
         return self.accountant.get_epsilon(self.delta)
-
