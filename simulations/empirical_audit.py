@@ -157,16 +157,21 @@ def canary_scores(run_dir: Path, canaries: list[dict], partition_dir: Path) -> d
     """Each canary's membership scores from the run's initial and final global adapters."""
     import torch
 
-    from common.model import adapter_state, score_users
+    from safetensors.torch import load_file
+
+    from common.model import adapter_state, load_adapter_state, refresh_item_embeddings, score_users
     from common.recommend import latest_adapter, load_recommender
 
+    initial = run_dir / "adapters" / "round-000"
+    model, tokenizer, catalog, s = load_recommender(run_dir, initial)  # one encoder load for both adapters
+    (bias,) = [v for k, v in adapter_state(model).items() if k.endswith("scorer.bias")]
+    prior_counts = torch.expm1(bias.double()).cpu().numpy()
+    texts = [user_text(canary_interactions(c)[:1], catalog, s.history_len) for c in canaries]
     log_probs = []
-    for adapter in (run_dir / "adapters" / "round-000", latest_adapter(run_dir)):
-        model, tokenizer, catalog, s = load_recommender(run_dir, adapter)
-        if not log_probs:
-            (bias,) = [v for k, v in adapter_state(model).items() if k.endswith("scorer.bias")]
-            prior_counts = torch.expm1(bias.double()).cpu().numpy()
-        texts = [user_text(canary_interactions(c)[:1], catalog, s.history_len) for c in canaries]
+    for adapter in (initial, latest_adapter(run_dir)):
+        if adapter != initial:
+            load_adapter_state(model, load_file(str(adapter / "adapter_model.safetensors")))
+            refresh_item_embeddings(model, tokenizer, catalog.texts())
         logits = score_users(model, tokenizer, texts, s.max_length)
         seen = torch.tensor([catalog.index[c["history-item"]] for c in canaries])
         logits[torch.arange(len(canaries)), seen] = float("-inf")  # as in training: seen items are masked
