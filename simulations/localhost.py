@@ -1,0 +1,269 @@
+"""A real Flower deployment on this machine: one SuperLink and one SuperNode per site, TLS and
+SuperNode authentication on, each site with its own data directory and budget.
+
+    python -m simulations.localhost --sites 3 --rounds 2 --set local-steps=10 max-users=90
+
+runs the same ServerApp/ClientApp as ``fedrec simulate`` through Flower's Deployment Engine:
+``fedrec credentials`` makes a CA, the SuperLink's certificate and one key pair per site; the
+partitioner writes each site's folder; ``flower-superlink --enable-supernode-auth`` starts;
+each site's public key is registered with ``flwr supernode register``; ``flower-supernode``
+starts per site with ``--node-config data-dir=...``; ``flwr run . <connection>`` submits the
+run. The README's "Deploy on premise" section gives the same steps as shell commands. Every
+process started here is stopped on exit, also on failure (they detach into their own sessions,
+so their whole process trees are tracked, not just their groups).
+
+Each SuperNode reaches the SuperLink through a byte-counting TCP relay, so the bytes each site
+sent and received (TLS records included) are measured on the wire, not estimated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from common.config import PROJECT_DIR, Settings, defaults, parse_overrides
+from common.credentials import make_node_key, make_tls
+
+BIN = Path(sys.executable).parent  # flower-superlink etc. live beside this interpreter
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ByteCounter:
+    """A TCP relay 127.0.0.1:<port> → target that counts bytes in each direction."""
+
+    def __init__(self, target_port: int):
+        self.target_port, self.up, self.down = target_port, 0, 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the SuperLink is down (stopping): the node sees a refused connection
+                client.close()
+                continue
+            threading.Thread(target=self._pipe, args=(client, upstream, "up"), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, "down"), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, direction: str):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                with self.lock:
+                    setattr(self, direction, getattr(self, direction) + len(data))
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.server.close()
+
+
+class LocalDeployment:
+    """Start with ``with LocalDeployment(root, sites) as d:``; ``d.run(overrides)`` submits a run."""
+
+    def __init__(self, root: Path, data_dirs: list[Path], register: int | None = None):
+        self.root, self.data_dirs = root, data_dirs
+        self.register = len(data_dirs) if register is None else register
+        self.certs, self.logs = root / "certs", root / "logs"
+        self.port = free_port()
+        self.processes: list[subprocess.Popen] = []
+        self.counters: dict[str, ByteCounter] = {}
+        self.env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{name}.log", "ab")
+        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                env=self.env, cwd=self.root, start_new_session=True)
+        log.close()
+        self.processes.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        """SIGTERM every process started here and all their descendants, then SIGKILL stragglers."""
+        tree = []
+        for proc in self.processes:
+            try:
+                parent = psutil.Process(proc.pid)
+                tree += [parent, *parent.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        for p in tree:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        for proc in self.processes:
+            proc.poll()  # reap
+        for counter in self.counters.values():
+            counter.close()
+
+    def __enter__(self):
+        try:
+            self.up()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- the deployment ----------------------------------------------------------------------
+
+    def up(self) -> None:
+        make_tls(self.certs, ["localhost", "127.0.0.1"])
+        (self.root / "flwr-home").mkdir(parents=True, exist_ok=True)
+        (self.root / "flwr-home" / "config.toml").write_text(
+            '[superlink]\ndefault = "onprem"\n\n[superlink.onprem]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs / "ca.crt"}"\n')
+        self.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(self.certs / "ca.crt"),
+                   "--ssl-certfile", str(self.certs / "server.pem"), "--ssl-keyfile", str(self.certs / "server.key"),
+                   "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                   "--port", str(self.port), "--database", str(self.root / "superlink.db"))
+        self.wait_for_port(self.port, "superlink")
+        for k, data_dir in enumerate(self.data_dirs):
+            name = f"site-{k}"
+            public = make_node_key(self.certs / "nodes", name)
+            if k < self.register:
+                self.flwr("supernode", "register", str(public), "onprem")
+            self.start_supernode(name, data_dir)
+
+    def start_supernode(self, name: str, data_dir: Path, *, ca: bool = True, key: str | None = None,
+                        max_retries: int | None = None) -> subprocess.Popen:
+        """``flower-supernode`` for one site, reaching the SuperLink through a byte counter."""
+        counter = self.counters[name] = ByteCounter(self.port)
+        args = ["flower-supernode", "--superlink", f"127.0.0.1:{counter.port}",
+                "--auth-supernode-private-key", str(self.certs / "nodes" / (key or name)),
+                "--port", str(free_port()), "--node-config", f'data-dir="{data_dir}"']
+        if ca:
+            args += ["--root-certificates", str(self.certs / "ca.crt")]
+        if max_retries is not None:
+            args += ["--max-retries", str(max_retries), "--max-wait-time", "30"]
+        return self.start(name, *args)
+
+    def wait_for_port(self, port: int, name: str, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            if self.processes[-1].poll() is not None:
+                raise RuntimeError(f"{name} exited: {self.log(name)[-2000:]}")
+            time.sleep(0.3)
+        raise TimeoutError(f"{name} did not listen on {port} within {timeout:.0f} s")
+
+    def flwr(self, *args: str, timeout: float = 120) -> str:
+        done = subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=PROJECT_DIR, capture_output=True,
+                              text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"flwr {' '.join(args)} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+        return done.stdout
+
+    def online_nodes(self) -> int:
+        out = json.loads(self.flwr("supernode", "list", "onprem", "--format", "json"))
+        return sum(n.get("status") == "online" for n in out.get("nodes", []))
+
+    def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while (online := self.online_nodes()) < count:
+            if time.time() > deadline:
+                raise TimeoutError(f"{online} of {count} SuperNodes online after {timeout:.0f} s")
+            time.sleep(1)
+
+    def run(self, overrides: dict, timeout: float = 3600) -> str:
+        """``flwr run . onprem --stream`` with these run-config overrides; returns its output."""
+        config = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
+        out = self.flwr("run", ".", "onprem", "--stream", "--run-config", config, timeout=timeout)
+        (self.logs / "flwr-run.log").write_text(out)
+        return out
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    from simulations.partition import materialize
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--root", type=Path, default=None, help="working folder (default: a new one in /tmp)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    root = (args.root or Path(f"/tmp/fedrec-localhost-{time.strftime('%Y%m%d-%H%M%S')}")).resolve()
+    if root.exists() and any(root.iterdir()):
+        raise SystemExit(f"--root {root}: not empty; choose a new folder")
+    overrides = {**parse_overrides(args.set), "num-server-rounds": args.rounds, "run-dir": str(root / "run")}
+    s = Settings.from_run_config({**defaults(), **overrides, "partition-dir": str(root / "data")})
+    materialize(s, args.sites)
+    console = Console()
+    with LocalDeployment(root, [root / "data" / f"client-{k}" for k in range(args.sites)]) as d:
+        d.wait_for_nodes(args.sites)
+        started = time.time()
+        d.run(overrides)
+        wall = time.time() - started
+        wire = {name: {"sent": c.up, "received": c.down} for name, c in d.counters.items()}
+    rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed-s"] for r in rows]
+    per_round = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
+    figures = {"sites": args.sites, "rounds": len(rows), "wall-s": round(wall, 1), "round-s": per_round,
+               "wire-bytes": wire, "final": {k: rows[-1].get(k) for k in ("ndcg@10", "hr@10", "epsilon-max")}}
+    table = Table(title=f"Localhost deployment: {args.sites} SuperNodes, TLS + node auth, {len(rows)} rounds")
+    for col in ("site", "sent (MB)", "received (MB)", "per round (MB up / down)"):
+        table.add_column(col, justify="right")
+    for name, w in wire.items():
+        n = len(rows) + 1  # + the popularity-prior query
+        table.add_row(name, f"{w['sent'] / 1e6:.2f}", f"{w['received'] / 1e6:.2f}",
+                      f"{w['sent'] / 1e6 / n:.2f} / {w['received'] / 1e6 / n:.2f}")
+    console.print(table)
+    console.print(f"wall {wall:.1f} s; seconds per round {', '.join(f'{t:.1f}' for t in per_round)}")
+    (root / "localhost.json").write_text(json.dumps(figures, indent=1))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
