@@ -2,6 +2,10 @@
 
     fedrec simulate [--rounds N] [--clients K] [--run-dir DIR] [--set key=value ...]
     fedrec recommend RUN_DIR (--items 50,172,181 | --history FILE) [--top 10]
+    fedrec audit RUN_DIR [--empirical]
+    fedrec client prepare EXPORT --catalog CATALOG --out DIR   (a site's raw export → client format)
+    fedrec client validate DIR                                 (check a site's data folder)
+    fedrec credentials DIR --host NAME ... --nodes SITE ...    (TLS CA/certificate, SuperNode keys)
 """
 
 from __future__ import annotations
@@ -237,6 +241,74 @@ def audit_cmd(args) -> int:
         fail(f"{run_dir}: {e}")
 
 
+def client_prepare_cmd(args) -> int:
+    from client.prepare import parse_columns, prepare
+    from common.data import DataError
+    from common.privacy import Budget
+
+    budget = None
+    if args.epsilon_max is not None:
+        if not (args.epsilon_max > 0 and 0 < args.delta < 1):
+            fail(f"--epsilon-max {args.epsilon_max:g} --delta {args.delta:g}: need ε_max > 0 and 0 < δ < 1")
+        budget = Budget(args.epsilon_max, args.delta)
+    try:
+        done = prepare(Path(args.export), Path(args.catalog), Path(args.out), parse_columns(args.columns),
+                       drop_unknown=args.drop_unknown, replace=args.replace, budget=budget)
+    except (DataError, OSError) as e:
+        fail(str(e))
+    dropped = f", {done['dropped-unknown']} events of unknown items dropped" if done["dropped-unknown"] else ""
+    console.print(f"Prepared {done['events']} events of {done['users']} users in {done['out']}{dropped}.")
+    return 0
+
+
+def client_validate_cmd(args) -> int:
+    import datetime
+
+    from client.prepare import validate
+    from common.data import DataError
+
+    try:
+        summary = validate(Path(args.dir), Path(args.catalog) if args.catalog else None)
+    except DataError as e:
+        fail(str(e))
+
+    def day(t):
+        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).date().isoformat() if t is not None else "—"
+
+    table = Table(title=f"{args.dir}", show_header=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    for name, value in [("users", summary.users), ("  with ≥ 3 events (evaluated)", summary.evaluable_users),
+                        ("events", summary.events), ("  rated", summary.rated), ("  implicit", summary.implicit),
+                        ("  with text", summary.with_text), ("date range", f"{day(summary.first)} – {day(summary.last)}"),
+                        ("unknown items", summary.unknown_items), ("privacy budget", summary.budget)]:
+        table.add_row(name, str(value))
+    console.print(table)
+    if summary.problems:
+        for problem in summary.problems:
+            console.print(f"[red]{problem}[/red]", highlight=False)
+        fail(f"{args.dir}: {len(summary.problems)} problem(s) shown above (at most 20 listed)")
+    console.print("OK: this folder can be given to a SuperNode as --node-config data-dir=...")
+    return 0
+
+
+def credentials_cmd(args) -> int:
+    from common.credentials import make_node_key, make_tls
+
+    out = Path(args.dir)
+    try:
+        if args.host:
+            make_tls(out, args.host)
+            console.print(f"{out}/ca.crt, ca.key, server.pem, server.key (SANs: {', '.join(args.host)})")
+        for name in args.nodes:
+            console.print(f"{make_node_key(out / 'nodes', name)} (register it: flwr supernode register <it>)")
+    except (FileExistsError, ValueError) as e:
+        fail(str(e))
+    if not args.host and not args.nodes:
+        fail("nothing to make: give --host NAME (TLS) and/or --nodes SITE (SuperNode keys)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedrec", description="Federated DP-LoRA recommender (Flower + PEFT + Opacus)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,6 +330,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--empirical", action="store_true",
                    help="also run the one-run canary audit (a simulation run with --set canaries=N)")
     p.set_defaults(func=audit_cmd)
+    p = sub.add_parser("client", help="a site's data tooling: prepare an export, validate a folder")
+    client_sub = p.add_subparsers(dest="client_command", required=True)
+    c = client_sub.add_parser("prepare", help="turn a raw CSV/JSONL export into the client data format")
+    c.add_argument("export", help="the site's export: .csv with a header row, or .jsonl")
+    c.add_argument("--catalog", required=True, help="the public catalog.csv every item must be in")
+    c.add_argument("--out", required=True, help="the site's data folder (SuperNode --node-config data-dir)")
+    c.add_argument("--columns", nargs="*", default=[], metavar="FIELD=COLUMN",
+                   help="export column names, e.g. user_id=customer item_id=sku timestamp=ts text=review")
+    c.add_argument("--drop-unknown", action="store_true", help="drop events of items not in the catalog (counted)")
+    c.add_argument("--replace", action="store_true", help="replace prepared data (the old file is kept as a backup)")
+    c.add_argument("--epsilon-max", type=float, help="also write budget.json: this site's ε limit")
+    c.add_argument("--delta", type=float, default=1e-5, help="δ of the budget (default 1e-5)")
+    c.set_defaults(func=client_prepare_cmd)
+    c = client_sub.add_parser("validate", help="check a site's data folder and summarise it")
+    c.add_argument("dir")
+    c.add_argument("--catalog", help="default: DIR/catalog.csv, else DIR/../catalog.csv")
+    c.set_defaults(func=client_validate_cmd)
+    p = sub.add_parser("credentials", help="TLS CA and SuperLink certificate, and SuperNode key pairs")
+    p.add_argument("dir")
+    p.add_argument("--host", action="append", default=[], help="a name or IP the SuperLink is reached at (repeat)")
+    p.add_argument("--nodes", nargs="*", default=[], metavar="SITE", help="make a key pair per site name")
+    p.set_defaults(func=credentials_cmd)
     args = parser.parse_args(argv)
     return args.func(args)
 
