@@ -25,6 +25,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.secure_aggregation import secure_aggregation_mod
 from client.train import evaluate as evaluate_local
 from client.train import sample_rate
 from client.train import train as train_local
@@ -35,7 +36,7 @@ from common.model import (adapter_state, build_model, fingerprint, load_adapter_
 from common.metrics import item_counts
 from common.privacy import UNIT, Budget, epsilon, load_history, read_budget, save_history, spend
 
-app = ClientApp()
+app = ClientApp(mods=[secure_aggregation_mod])  # a no-op unless the round is a SecAgg+ round
 
 
 def data_paths(context: Context, s: Settings) -> tuple[Path, Path, Path]:
@@ -147,7 +148,9 @@ def train(msg: Message, context: Context) -> Message:
     mechanism = (s.noise_multiplier, sample_rate(len(train_examples), s.batch_size), s.local_steps)
     if reason := check_budget(s, budget, history, mechanism):
         return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget)
-    seed = s.seed * 1_000_003 + server_round * 7919 + context.node_id % 100_003
+    # A simulated client is its partition, whatever node id it got this run.
+    node = int(context.node_config.get("partition-id", context.node_id))
+    seed = s.seed * 1_000_003 + server_round * 7919 + node % 100_003
     result = train_local(model, tokenizer, train_examples, s, history, seed)
     if s.dp:
         save_history(state_dir, result.history, s.accountant, s.delta)

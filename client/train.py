@@ -89,6 +89,8 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
     # run config would let anyone who knows the seed replay (and subtract) the noise. Both
     # come from the OS entropy pool; only non-private training is reproducible from `seed`.
     generator = torch.Generator().manual_seed(secrets.randbits(63) if s.dp else seed)
+    if not s.dp:
+        torch.manual_seed(seed)  # the encoder's dropout too, so a non-private run replays exactly
     num_items = model.get_base_model().item_embeddings.shape[0]
     collate = _collate(tokenizer, s.max_length, num_items)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate)

@@ -116,6 +116,12 @@ class Settings:
     central_noise_multiplier: float
     central_clipping_norm: float
     central_delta: float
+    # SecAgg+: the server sees only the sum of the adapters (server/secure_aggregation.py)
+    secure_aggregation: bool
+    secagg_num_shares: float
+    secagg_reconstruction_threshold: float
+    secagg_max_weight: float
+    secagg_clipping_range: float
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> Settings:
@@ -170,6 +176,18 @@ class Settings:
         require(not (self.central_dp and self.popularity_prior),
                 "central-dp covers the adapter updates only, and the popularity prior (each client's histogram) "
                 "has no client-level bound; set popularity-prior=false with central-dp=true")
+        require(not (self.secure_aggregation and self.central_dp),
+                "secure-aggregation hides each client's update from the server, and central-dp must clip each "
+                "one there; they cannot combine. Client-side DP-SGD (dp = true) does combine with SecAgg+")
+        require(not self.secure_aggregation or (self.min_train_nodes >= 2),
+                "secure-aggregation needs min-train-nodes >= 2: a sum over one client is that client's update")
+        require(0 < self.secagg_num_shares and (self.secagg_num_shares <= 1 or self.secagg_num_shares.is_integer()),
+                "secagg-num-shares must be a fraction of the sampled clients in (0, 1] or a whole number")
+        require(0 < self.secagg_reconstruction_threshold and (self.secagg_reconstruction_threshold <= 1
+                                                              or self.secagg_reconstruction_threshold.is_integer()),
+                "secagg-reconstruction-threshold must be a fraction of the shares in (0, 1] or a whole number")
+        require(self.secagg_max_weight > 0, "secagg-max-weight must be > 0 (the largest example count weighted)")
+        require(self.secagg_clipping_range > 0, "secagg-clipping-range must be > 0")
 
     def expected_clients(self, num_nodes: int) -> int:
         """Clients per round: ``fraction-train`` of the nodes (at least ``min-train-nodes``), as

@@ -33,6 +33,7 @@ from pathlib import Path
 import flwr
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp.strategy import FedAvgM
 
 from common.config import Settings, fedrec_home, partition_root
@@ -43,6 +44,7 @@ from common.privacy import CLIENT_UNIT, UNIT
 from server.central_dp import ACCOUNTANT as CENTRAL_ACCOUNTANT
 from server.central_dp import ClientLevelDP
 from server.ledger import Ledger, pseudonym
+from server.secure_aggregation import SecureGrid
 
 app = ServerApp()
 log = logging.getLogger("fedrec.server")
@@ -142,7 +144,9 @@ class RunRecorder(FedAvgM):
                 continue
             clients.append({"node": node, **json_metrics(m)})
             participants.append({**entry, "status": "trained", "num_examples": int(m["num-examples"]),
-                                 "update_norm": update_norm(msg.content["arrays"], sent), **ledger_privacy(m)})
+                                 # SecAgg+ hides each client's update: its norm is unknown here.
+                                 "update_norm": None if self.settings.secure_aggregation
+                                 else update_norm(msg.content["arrays"], sent), **ledger_privacy(m)})
             if m["noise-multiplier"] > 0:
                 mechanisms.append({**entry, "mechanism": "dp-sgd", "noise_multiplier": m["noise-multiplier"],
                                    "sample_rate": m["sample-rate"], "steps": int(m["steps"]),
@@ -284,6 +288,11 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600) -> list[int]:
     return nodes
 
 
+def whole_or_fraction(x: float) -> int | float:
+    """SecAggPlusWorkflow reads an int as a count and a float as a fraction of the clients."""
+    return int(x) if x > 1 else x
+
+
 def load_catalog(s: Settings):
     return read_catalog(s.catalog) if s.catalog else load_movielens(s.dataset or None)[0]
 
@@ -337,6 +346,10 @@ def main(grid: Grid, context: Context) -> None:
         strategy.exhausted |= popularity_prior(grid, model, checks, s, run_dir, ledger, context.run_id)
     initial = ArrayRecord(adapter_state(model))
     strategy.save_adapter(0, initial)
+    if s.secure_aggregation:
+        grid = SecureGrid(grid, context, SecAggPlusWorkflow(
+            whole_or_fraction(s.secagg_num_shares), whole_or_fraction(s.secagg_reconstruction_threshold),
+            max_weight=s.secagg_max_weight, clipping_range=s.secagg_clipping_range))
     stopped = None
     try:
         strategy.start(
