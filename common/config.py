@@ -23,6 +23,9 @@ def defaults() -> dict:
         return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
 
 
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "multi-krum")
+
+
 class ConfigError(ValueError):
     pass
 
@@ -122,6 +125,13 @@ class Settings:
     secagg_reconstruction_threshold: float
     secagg_max_weight: float
     secagg_clipping_range: float
+    # reliability: reply checks, robust aggregation, timeouts (server/validation.py, server_app.py)
+    max_update_norm: float
+    aggregation: str
+    trim_fraction: float
+    krum_malicious: int
+    krum_select: int
+    round_timeout: float
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> Settings:
@@ -152,6 +162,7 @@ class Settings:
         require(self.skew_alpha >= 0, "skew-alpha must be >= 0 (0 means IID)")
         require(self.history_len >= 1, "history-len must be >= 1")
         require(self.canaries >= 0, "canaries must be >= 0 (0 = no empirical audit)")
+        require(self.model_layers >= 0, "model-layers must be >= 0 (0 = all of the encoder's layers)")
         require(self.lora_rank >= 1, "lora-rank must be >= 1")
         require(self.initial_score_scale > 0, "initial-score-scale must be > 0")
         require(self.max_length >= 16, "max-length must be >= 16")
@@ -188,6 +199,18 @@ class Settings:
                 "secagg-reconstruction-threshold must be a fraction of the shares in (0, 1] or a whole number")
         require(self.secagg_max_weight > 0, "secagg-max-weight must be > 0 (the largest example count weighted)")
         require(self.secagg_clipping_range > 0, "secagg-clipping-range must be > 0")
+        require(self.max_update_norm > 0, "max-update-norm must be > 0 (the largest L2 norm of a client's update)")
+        require(self.aggregation in AGGREGATIONS, f"aggregation must be one of {', '.join(AGGREGATIONS)}")
+        require(0 <= self.trim_fraction < 0.5, "trim-fraction must be in [0, 0.5)")
+        require(self.krum_malicious >= 0, "krum-malicious must be >= 0")
+        require(self.krum_select >= 0, "krum-select must be >= 0 (0 = all but krum-malicious)")
+        require(self.round_timeout > 0, "round-timeout must be > 0 (seconds)")
+        require(self.aggregation == "fedavg" or not self.secure_aggregation,
+                f"aggregation = {self.aggregation} needs each client's update, which secure-aggregation hides; "
+                "use aggregation = fedavg with SecAgg+")
+        require(self.aggregation == "fedavg" or not self.central_dp,
+                f"aggregation = {self.aggregation} changes what one client can move the aggregate by, which central-dp's "
+                "accounting assumes is the clipped sum; use aggregation = fedavg with central DP")
 
     def expected_clients(self, num_nodes: int) -> int:
         """Clients per round: ``fraction-train`` of the nodes (at least ``min-train-nodes``), as

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from common.config import Settings
+from common.config import Settings, defaults
 from common.data import Interaction, read_catalog, user_text
 from common.model import Recommender, device, load_encoder, refresh_item_embeddings, score_users
 
@@ -25,12 +25,21 @@ def load_recommender(run_dir: Path, adapter: Path | None = None):
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.json (is this a fedrec run directory?)")
-    config = json.loads(config_path.read_text())
-    s = Settings.from_run_config(config["run-config"])
+    try:
+        config = json.loads(config_path.read_text())["run-config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{config_path}: not a fedrec run config ({e})") from None
+    # A run made before a key existed ran with that key's default.
+    s = Settings.from_run_config({**defaults(), **config})
     catalog = read_catalog(run_dir / "catalog.csv")
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
     base = Recommender(encoder, len(catalog)).to(device())
-    model = PeftModel.from_pretrained(base, str(adapter or latest_adapter(run_dir)))
+    path = adapter or latest_adapter(run_dir)
+    try:
+        model = PeftModel.from_pretrained(base, str(path))
+    except Exception as e:  # safetensors, JSON and shape errors all mean the same thing here
+        raise ValueError(f"{path}: not a readable PEFT adapter for this run's model "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     model.eval()
     refresh_item_embeddings(model, tokenizer, catalog.texts())
     return model, tokenizer, catalog, s
@@ -38,6 +47,8 @@ def load_recommender(run_dir: Path, adapter: Path | None = None):
 
 def recommend(model, tokenizer, catalog, s: Settings, history: list[tuple[str, float | None]], k: int = 10):
     """Top-k (item, score) for a history of (item_id, rating or None), oldest first."""
+    if not 1 <= k <= len(catalog):
+        raise ValueError(f"--top {k}: must be between 1 and the catalog's {len(catalog)} items")
     unknown = [item for item, _ in history if item not in catalog.index]
     if unknown:
         raise ValueError(f"item id(s) not in the catalog: {', '.join(unknown)}")

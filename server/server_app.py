@@ -34,7 +34,7 @@ import flwr
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.serverapp.strategy import FedAvgM
+from flwr.serverapp.strategy import FedAvgM, FedMedian, FedTrimmedAvg, MultiKrum
 
 from common.config import Settings, fedrec_home, partition_root
 from common.data import catalog_fingerprint, load_movielens, read_catalog, write_catalog
@@ -45,6 +45,7 @@ from server.central_dp import ACCOUNTANT as CENTRAL_ACCOUNTANT
 from server.central_dp import ClientLevelDP
 from server.ledger import Ledger, pseudonym
 from server.secure_aggregation import SecureGrid
+from server.validation import check_train_reply
 
 app = ServerApp()
 log = logging.getLogger("fedrec.server")
@@ -74,10 +75,12 @@ class RunRecorder(FedAvgM):
     """
 
     def __init__(self, run_dir: Path, model, settings: Settings, reference_path: Path | None, ledger: Ledger,
-                 run_id: int, central: ClientLevelDP | None = None, **kwargs):
+                 run_id: int, central: ClientLevelDP | None = None, robust=None, **kwargs):
         super().__init__(**kwargs)
         self.central = central
+        self.robust = robust  # a Flower strategy whose aggregate replaces FedAvg's weighted mean
         self.sent: ArrayRecord | None = None  # the global adapter this round's clients received
+        self.sampled: list[int] = []  # the nodes it was sent to
         self.run_dir, self.model, self.settings = run_dir, model, settings
         self.reference_path = reference_path
         self.ledger, self.run_id = ledger, run_id
@@ -94,12 +97,14 @@ class RunRecorder(FedAvgM):
                              f"({len(self.exhausted)} declined for budget); min-train-nodes is {self.min_train_nodes}")
         self.sent = arrays
         if self.central is None:
-            return super().configure_train(server_round, arrays, config, eligible)
+            messages = list(super().configure_train(server_round, arrays, config, eligible))
+            self.sampled = [m.metadata.dst_node_id for m in messages]
+            return messages
         # Central DP samples by Poisson, as its accountant assumes: no fixed count, no minimum.
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node)
-                for node in self.central.sample(eligible.get_node_ids())]
+        self.sampled = self.central.sample(eligible.get_node_ids())
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node) for node in self.sampled]
 
     def save_adapter(self, server_round: int, arrays: ArrayRecord) -> None:
         load_adapter_state(self.model, arrays.to_torch_state_dict())
@@ -112,36 +117,32 @@ class RunRecorder(FedAvgM):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        declined = [m for m in replies if is_decline(m)]
-        self.exhausted.update(m.metadata.src_node_id for m in declined)
         sent = self.sent.to_torch_state_dict()
-        clients, participants, mechanisms, central = [], [], [], {}
-        if self.central is None:
-            arrays, metrics = super().aggregate_train(server_round, [m for m in replies if not is_decline(m)])
-        else:
-            arrays, metrics, central = self.aggregate_central([m for m in replies if not m.has_error()
-                                                               and not is_decline(m)], sent)
-            participants.append({"node": "server", "phase": "central", "status": "released",
-                                 "num_examples": central["central-clients"], "epsilon": central["central-epsilon"],
-                                 "delta": self.central.delta})
-            mechanisms.append({"node": "server", "phase": "central", "mechanism": "client-level-gaussian",
-                               "noise_multiplier": self.central.noise_multiplier,
-                               "sample_rate": self.central.sample_rate, "steps": 1,
-                               "max_grad_norm": self.central.clipping_norm, "delta": self.central.delta,
-                               "accountant": CENTRAL_ACCOUNTANT})
+        clients, participants, mechanisms, central, accepted, declined = [], [], [], {}, [], []
         for msg in replies:
             node = msg.metadata.src_node_id
             entry = {"node": pseudonym(self.run_id, node), "phase": "train"}
-            if msg.has_error():
-                clients.append({"node": node, "error": msg.error.reason})
-                participants.append({**entry, "status": "failed", "reason": msg.error.reason})
+            if msg.has_error():  # crashed, or dropped out of SecAgg+
+                reason = short_reason(msg.error.reason)
+                clients.append({"node": node, "error": reason})
+                participants.append({**entry, "status": "failed", "reason": reason})
                 continue
             m = msg.content["metrics"]
             if is_decline(msg):
+                declined.append(node)
                 reason = str(msg.content["decline"]["reason"])
                 clients.append({"node": node, **json_metrics(m), "decline-reason": reason})
                 participants.append({**entry, "status": "declined", "reason": reason, **ledger_privacy(m)})
                 continue
+            # SecAgg+ replies carry the aggregate, not the client's update: nothing to check per client.
+            reason = None if self.settings.secure_aggregation else check_train_reply(
+                msg.content, sent, self.settings.max_update_norm)
+            if reason:
+                log.warning("round %s: dropped the reply of node %s: %s", server_round, node, reason)
+                clients.append({"node": node, "rejected": reason})
+                participants.append({**entry, "status": "rejected", "reason": reason})
+                continue
+            accepted.append(msg)
             clients.append({"node": node, **json_metrics(m)})
             participants.append({**entry, "status": "trained", "num_examples": int(m["num-examples"]),
                                  # SecAgg+ hides each client's update: its norm is unknown here.
@@ -152,14 +153,46 @@ class RunRecorder(FedAvgM):
                                    "sample_rate": m["sample-rate"], "steps": int(m["steps"]),
                                    "max_grad_norm": m["max-grad-norm"], "delta": m["delta"],
                                    "accountant": self.settings.accountant})
+        for node in sorted(set(self.sampled) - {m.metadata.src_node_id for m in replies}):
+            reason = f"no reply within round-timeout = {self.settings.round_timeout:g} s"
+            clients.append({"node": node, "error": reason})
+            participants.append({"node": pseudonym(self.run_id, node), "phase": "train", "status": "failed",
+                                 "reason": reason})
+        self.exhausted.update(declined)
+        if self.central is None and len(accepted) < self.min_train_nodes:
+            problems = "; ".join(f"node {c['node']}: {c.get('error') or c.get('rejected') or c.get('decline-reason')}"
+                                 for c in clients if "error" in c or "rejected" in c or "decline-reason" in c)
+            raise RunStopped(f"round {server_round}: {len(accepted)} usable repl{'y' if len(accepted) == 1 else 'ies'}"
+                             f", fewer than min-train-nodes = {self.min_train_nodes}; the global adapter of round "
+                             f"{server_round - 1} stands ({problems})")
+        if self.central is not None:
+            arrays, metrics, central = self.aggregate_central(accepted, sent)
+            participants.append({"node": "server", "phase": "central", "status": "released",
+                                 "num_examples": central["central-clients"], "epsilon": central["central-epsilon"],
+                                 "delta": self.central.delta})
+            mechanisms.append({"node": "server", "phase": "central", "mechanism": "client-level-gaussian",
+                               "noise_multiplier": self.central.noise_multiplier,
+                               "sample_rate": self.central.sample_rate, "steps": 1,
+                               "max_grad_norm": self.central.clipping_norm, "delta": self.central.delta,
+                               "accountant": CENTRAL_ACCOUNTANT})
+        elif self.robust is not None:
+            if isinstance(self.robust, MultiKrum) and self.settings.krum_select == 0:
+                self.robust.num_nodes_to_select = max(1, len(accepted) - self.settings.krum_malicious)
+            robust, metrics = self.robust.aggregate_train(server_round, accepted)
+            aggregate = robust.to_torch_state_dict()
+            arrays = ArrayRecord({k: sent[k] + self.server_learning_rate * (aggregate[k] - sent[k]) for k in sent})
+            self.current_arrays = arrays
+        else:
+            arrays, metrics = super().aggregate_train(server_round, accepted)
         self.ledger_rows = (participants, mechanisms)
-        ok = [c for c in clients if "error" not in c and not c.get("declined")]
+        ok = [c for c in clients if "error" not in c and "rejected" not in c and "decline-reason" not in c]
         eps = [c["epsilon"] for c in ok if c["epsilon"] is not None]
         self.row = {
             "round": server_round,
             "clients": len(ok),
             "declined": len(declined),
             "failures": sum("error" in c for c in clients),
+            "rejected": sum("rejected" in c for c in clients),
             "train-loss": metrics["train-loss"] if metrics else None,
             "epsilon-max": max(eps) if eps else None,
             "epsilon-median": statistics.median(eps) if eps else None,
@@ -201,6 +234,13 @@ class RunRecorder(FedAvgM):
             f.write(json.dumps(row) + "\n")
         self.row, self.ledger_rows = {}, ([], [])
         return metrics
+
+
+def short_reason(reason: str) -> str:
+    """A client error in one line: Flower wraps the exception's message in a traceback."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else "(no reason given)"
+    return last.split("Message: ", 1)[-1].removesuffix("'>").strip()
 
 
 def is_decline(msg: Message) -> bool:
@@ -288,6 +328,25 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600) -> list[int]:
     return nodes
 
 
+def robust_aggregator(s: Settings):
+    """Flower's robust strategy for ``aggregation``, used for its aggregate only (None = FedAvg).
+
+    * median: coordinate-wise median of the client adapters (FedMedian);
+    * trimmed-mean: per coordinate, drop the ``trim-fraction`` largest and smallest, average the
+      rest (FedTrimmedAvg, β = trim-fraction);
+    * multi-krum: keep the ``krum-select`` adapters closest to their n − f − 2 nearest others
+      (f = ``krum-malicious``) and take their example-weighted mean (MultiKrum).
+    """
+    common = {"train_metrics_aggr_fn": aggregate_train_metrics, "min_train_nodes": 1, "min_available_nodes": 1}
+    if s.aggregation == "median":
+        return FedMedian(**common)
+    if s.aggregation == "trimmed-mean":
+        return FedTrimmedAvg(beta=s.trim_fraction, **common)
+    if s.aggregation == "multi-krum":
+        return MultiKrum(num_malicious_nodes=s.krum_malicious, num_nodes_to_select=max(1, s.krum_select), **common)
+    return None
+
+
 def whole_or_fraction(x: float) -> int | float:
     """SecAggPlusWorkflow reads an int as a count and a float as a fraction of the clients."""
     return int(x) if x > 1 else x
@@ -333,7 +392,7 @@ def main(grid: Grid, context: Context) -> None:
     # Simulations leave the popularity baseline of their split here; deployments have none.
     reference = partition_root(s, num_nodes) / "reference.json"
     strategy = RunRecorder(
-        run_dir, model, s, reference, ledger, context.run_id, central,
+        run_dir, model, s, reference, ledger, context.run_id, central, robust_aggregator(s),
         fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=s.min_train_nodes,
@@ -356,6 +415,7 @@ def main(grid: Grid, context: Context) -> None:
             grid=grid,
             initial_arrays=initial,
             num_rounds=s.num_server_rounds,
+            timeout=s.round_timeout,
             train_config=ConfigRecord(checks),
             evaluate_config=ConfigRecord(checks),
         )

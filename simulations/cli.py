@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sqlite3
 import statistics
 import sys
@@ -47,7 +48,10 @@ def count_users(s) -> int:
 def simulate(args) -> int:
     from common.config import ConfigError, Settings, defaults, parse_overrides
     from common.data import DataError
+    from common.model import resolve_model_path
     from simulations.partition import materialize
+    from simulations.scenarios import ENV as SCENARIO_ENV
+    from simulations.scenarios import parse as parse_scenario
 
     try:
         overrides = parse_overrides(args.set)
@@ -59,9 +63,15 @@ def simulate(args) -> int:
     overrides["run-dir"] = str(run_dir)
     try:
         s = Settings.from_run_config({**defaults(), **overrides})
+        resolve_model_path(s.model)  # a wrong model folder fails here, not in every client
+        if args.clients is not None and args.clients < 1:
+            raise ValueError(f"--clients {args.clients}: need at least 1")
         clients = args.clients or (count_users(s) if s.partition == "user" else DEFAULT_SILOS)
         s.check_population(clients)
         root = materialize(s, clients)  # the users produce their data before the run starts
+        scenario = parse_scenario(args.scenario)
+        if any(p >= clients for p in scenario):
+            raise ValueError(f"--scenario: partitions are 0..{clients - 1}, got {max(scenario)}")
     except (ConfigError, DataError, ValueError) as e:
         fail(str(e))
     overrides["partition-dir"] = str(root)
@@ -80,7 +90,12 @@ def simulate(args) -> int:
     watcher.start()
     try:
         # Client workers' own output stays in Ray's logs unless --verbose.
-        run_app(overrides, clients, worker_logs=args.verbose)
+        if scenario:
+            run_app(overrides, clients, worker_logs=args.verbose, client_app="simulations.scenarios:app",
+                    env={SCENARIO_ENV: " ".join(args.scenario), **{k: v for k, v in os.environ.items()
+                                                                   if k.startswith(SCENARIO_ENV)}})
+        else:
+            run_app(overrides, clients, worker_logs=args.verbose)
     finally:
         stop.set()
         watcher.join()
@@ -185,6 +200,10 @@ def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path)
             f"rounds ({CLIENT_UNIT}; Poisson client sampling q = {q:.3g}, updates clipped to C = "
             f"{s.central_clipping_norm:g}, Gaussian noise z = {s.central_noise_multiplier:g}; Flower RdpAccountant). "
             "The server sees each update and is trusted to add the noise.")
+    failed, rejected = sum(r.get("failures", 0) for r in rows), sum(r.get("rejected", 0) for r in rows)
+    if failed or rejected:
+        console.print(f"[yellow]Dropped replies over the run: {failed} failed (crash, timeout), {rejected} rejected "
+                      "by the update checks; each reason is in metrics.jsonl and the ledger.[/yellow]")
     console.print(f"Run directory: {run_dir} (metrics.jsonl, adapters/round-NNN, summary.json)")
 
 
@@ -318,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", help="where results go (default: runs/<timestamp>)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run-config overrides (pyproject keys)")
     p.add_argument("--verbose", action="store_true", help="show Flower's logs instead of a progress bar")
+    p.add_argument("--scenario", nargs="*", default=[], metavar="PARTITION:BEHAVIOUR",
+                   help="make simulated clients misbehave, e.g. 0:sign-flip 1:nan (simulations/scenarios.py)")
     p.set_defaults(func=simulate)
     p = sub.add_parser("recommend", help="top-10 items for a history, from a run's latest global adapter")
     p.add_argument("run_dir")

@@ -25,9 +25,13 @@ from flwr.supercore.telemetry import EventType
 from common.config import PROJECT_DIR
 
 
-def run_app(overrides: dict, num_supernodes: int, cpus_per_client: float = 1.0, worker_logs: bool = True) -> None:
-    """Simulate ``num_supernodes`` clients with run config = defaults ⊕ ``overrides``."""
+def run_app(overrides: dict, num_supernodes: int, cpus_per_client: float = 1.0, worker_logs: bool = True,
+            client_app: str = "client.client_app:app", env: dict | None = None) -> None:
+    """Simulate ``num_supernodes`` clients with run config = defaults ⊕ ``overrides``.
+    ``client_app`` names another ClientApp (e.g. ``simulations.scenarios:app``); ``env`` is set
+    in the client workers' environment."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.update(env or {})  # Ray's workers inherit the environment of the process that starts Ray
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
     run = Run.create_empty(run_id=run_id)
@@ -43,7 +47,7 @@ def run_app(overrides: dict, num_supernodes: int, cpus_per_client: float = 1.0, 
         num_supernodes=num_supernodes,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         server_app_attr="server.server_app:app",
-        client_app_attr="client.client_app:app",
+        client_app_attr=client_app,
         server_app_context=context,
         app_dir=str(PROJECT_DIR),
         run=run,
@@ -51,7 +55,6 @@ def run_app(overrides: dict, num_supernodes: int, cpus_per_client: float = 1.0, 
         backend_config={
             # GPU when present: clients share it (a LoRA step on MiniLM needs little memory).
             "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.25 if torch.cuda.is_available() else 0.0},
-            "init_args": {"include_dashboard": False,
-                          "log_to_driver": worker_logs},
+            "init_args": {"include_dashboard": False, "log_to_driver": worker_logs},
         },
     )

@@ -211,7 +211,10 @@ class LocalDeployment:
             time.sleep(1)
 
     def run(self, overrides: dict, timeout: float = 3600) -> str:
-        """``flwr run . onprem --stream`` with these run-config overrides; returns its output."""
+        """``flwr run . onprem --stream`` with these run-config overrides; returns its output.
+        The byte counters restart here, so they hold what this run sent and received."""
+        for counter in self.counters.values():
+            counter.up = counter.down = 0
         config = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
         out = self.flwr("run", ".", "onprem", "--stream", "--run-config", config, timeout=timeout)
         (self.logs / "flwr-run.log").write_text(out)
@@ -222,11 +225,33 @@ class LocalDeployment:
         return path.read_text(errors="replace") if path.is_file() else ""
 
 
+def deploy(root: Path, sites: int, overrides: dict) -> dict:
+    """Partition the data into ``sites`` folders, deploy, run once; the figures of that run."""
+    from common.model import adapter_state, build_model, load_encoder, lora_config
+    from simulations.partition import materialize
+
+    s = Settings.from_run_config({**defaults(), **overrides, "partition-dir": str(root / "data")})
+    materialize(s, sites)
+    with LocalDeployment(root, [root / "data" / f"client-{k}" for k in range(sites)]) as d:
+        d.wait_for_nodes(sites)
+        started = time.time()
+        d.run(overrides)
+        wall = time.time() - started
+        wire = {name: {"sent": c.up, "received": c.down} for name, c in d.counters.items()}
+    rows = [json.loads(line) for line in (Path(overrides["run-dir"]) / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed-s"] for r in rows]
+    encoder, _ = load_encoder(s.model, s.model_layers)
+    model = build_model(encoder, 1682, lora_config(s.lora_rank, s.lora_alpha, s.lora_targets))
+    adapter_bytes = sum(t.numel() * t.element_size() for t in adapter_state(model).values())
+    return {"sites": sites, "rounds": len(rows), "wall-s": round(wall, 1),
+            "round-s": [round(b - a, 1) for a, b in zip(elapsed, elapsed[1:])], "first-round-s": elapsed[0],
+            "wire-bytes": wire, "adapter-bytes": adapter_bytes,
+            "final": {k: rows[-1].get(k) for k in ("ndcg@10", "hr@10", "epsilon-max")}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
-
-    from simulations.partition import materialize
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=3)
@@ -238,29 +263,16 @@ def main(argv: list[str] | None = None) -> dict:
     if root.exists() and any(root.iterdir()):
         raise SystemExit(f"--root {root}: not empty; choose a new folder")
     overrides = {**parse_overrides(args.set), "num-server-rounds": args.rounds, "run-dir": str(root / "run")}
-    s = Settings.from_run_config({**defaults(), **overrides, "partition-dir": str(root / "data")})
-    materialize(s, args.sites)
-    console = Console()
-    with LocalDeployment(root, [root / "data" / f"client-{k}" for k in range(args.sites)]) as d:
-        d.wait_for_nodes(args.sites)
-        started = time.time()
-        d.run(overrides)
-        wall = time.time() - started
-        wire = {name: {"sent": c.up, "received": c.down} for name, c in d.counters.items()}
-    rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
-    elapsed = [r["elapsed-s"] for r in rows]
-    per_round = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
-    figures = {"sites": args.sites, "rounds": len(rows), "wall-s": round(wall, 1), "round-s": per_round,
-               "wire-bytes": wire, "final": {k: rows[-1].get(k) for k in ("ndcg@10", "hr@10", "epsilon-max")}}
-    table = Table(title=f"Localhost deployment: {args.sites} SuperNodes, TLS + node auth, {len(rows)} rounds")
-    for col in ("site", "sent (MB)", "received (MB)", "per round (MB up / down)"):
+    figures = deploy(root, args.sites, overrides)
+    table = Table(title=f"Localhost deployment: {args.sites} SuperNodes, TLS + node auth, {figures['rounds']} rounds")
+    for col in ("site", "sent (MB)", "received (MB)"):
         table.add_column(col, justify="right")
-    for name, w in wire.items():
-        n = len(rows) + 1  # + the popularity-prior query
-        table.add_row(name, f"{w['sent'] / 1e6:.2f}", f"{w['received'] / 1e6:.2f}",
-                      f"{w['sent'] / 1e6 / n:.2f} / {w['received'] / 1e6 / n:.2f}")
+    for name, w in figures["wire-bytes"].items():
+        table.add_row(name, f"{w['sent'] / 1e6:.2f}", f"{w['received'] / 1e6:.2f}")
+    console = Console()
     console.print(table)
-    console.print(f"wall {wall:.1f} s; seconds per round {', '.join(f'{t:.1f}' for t in per_round)}")
+    console.print(f"wall {figures['wall-s']} s; round 1 ended at {figures['first-round-s']} s, later rounds took "
+                  f"{figures['round-s']} s; adapter {figures['adapter-bytes'] / 1e6:.2f} MB")
     (root / "localhost.json").write_text(json.dumps(figures, indent=1))
     return figures
 

@@ -19,6 +19,23 @@ from simulations.cli import main
     (["simulate", "--clients", "5", "--set", "central-dp=true", "popularity-prior=false", "central-delta=0.2"],
      "central-delta = 0.2 must be < 1/N = 0.2 for N = 5 clients"),
     (["simulate", "--set", "central-dp=true"], "set popularity-prior=false with central-dp=true"),
+    (["simulate", "--set", "model=/nonexistent/encoder"], "'/nonexistent/encoder' is neither 'all-MiniLM-L6-v2' nor"),
+    (["simulate", "--set", "model-layers=-1"], "model-layers must be >= 0"),
+    (["simulate", "--set", "batch-size"], "--set 'batch-size': expected key=value"),
+    (["simulate", "--set", "dp=yes"], "dp must be true or false, got 'yes'"),
+    (["simulate", "--rounds", "0"], "num-server-rounds must be >= 1"),
+    (["simulate", "--clients", "0"], "--clients 0: need at least 1"),
+    (["simulate", "--set", "aggregation=mean"], "aggregation must be one of fedavg, median, trimmed-mean, multi-krum"),
+    (["simulate", "--set", "trim-fraction=0.5"], "trim-fraction must be in [0, 0.5)"),
+    (["simulate", "--set", "round-timeout=0"], "round-timeout must be > 0"),
+    (["simulate", "--set", "max-update-norm=-1"], "max-update-norm must be > 0"),
+    (["simulate", "--set", "secure-aggregation=true", "aggregation=median"], "secure-aggregation hides; use"),
+    (["simulate", "--clients", "3", "--scenario", "5:nan"], "--scenario: partitions are 0..2, got 5"),
+    (["simulate", "--scenario", "0:explode"], "--scenario '0:explode': expected PARTITION:BEHAVIOUR"),
+    (["client", "validate", "/nonexistent/site"], "/nonexistent/site: not a folder"),
+    (["client", "prepare", "/nonexistent/export.csv", "--catalog", "/nonexistent/catalog.csv", "--out", "/tmp/x"],
+     "/nonexistent/catalog.csv: file not found"),
+    (["credentials", "/tmp/nothing-to-make"], "nothing to make: give --host NAME"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
@@ -29,3 +46,41 @@ def test_bad_input_exits_2_with_one_clear_line(argv, message, capsys, tmp_path, 
     assert message in out.replace("\n", "")
     assert "Traceback" not in out
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture()
+def broken_run(tmp_path, movielens):
+    """A run directory whose latest adapter is damaged (a truncated download, a full disk)."""
+    import json
+
+    from common.config import defaults
+    from common.data import write_catalog
+
+    run = tmp_path / "broken-run"
+    (run / "adapters" / "round-001").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"run-config": defaults()}))
+    write_catalog(movielens[0], run / "catalog.csv")
+    (run / "adapters" / "round-001" / "adapter_config.json").write_text("{}")
+    (run / "adapters" / "round-001" / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    return run
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--items", "50"], "adapters/round-001: not a readable PEFT adapter for this run's model"),
+    (["--items", "50", "--top", "0"], "--top 0: must be between 1 and"),
+])
+def test_damaged_adapter_or_bad_top_is_one_clear_line(broken_run, capsys, extra, message):
+    if "--top" in extra:  # a good adapter, a bad --top: give the run a real (initial) adapter
+        import shutil
+
+        from common.model import build_model, load_encoder, lora_config
+
+        shutil.rmtree(broken_run / "adapters" / "round-001")
+        encoder, _ = load_encoder("all-MiniLM-L6-v2", 2)
+        build_model(encoder, 1682, lora_config(8, 16.0, "query,value")).save_pretrained(
+            broken_run / "adapters" / "round-001")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["recommend", str(broken_run), *extra])
+    assert exit_info.value.code == 2
+    out = capsys.readouterr().out.replace("\n", "")
+    assert message in out and "Traceback" not in out
