@@ -32,8 +32,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.data import (Catalog, DataError, Interaction, read_catalog, write_catalog,
-                         write_interactions)
+from common.data import (
+    Catalog,
+    DataError,
+    Interaction,
+    read_catalog,
+    write_catalog,
+    write_interactions,
+)
 from common.privacy import Budget, write_budget
 
 FIELDS = ("user_id", "item_id", "timestamp", "rating", "text")

@@ -64,13 +64,16 @@ def main(argv: list[str] | None = None) -> dict:
             print(name, json.dumps(results[name]), flush=True)
     table = Table(title=f"{args.sites} clients, {args.rounds} rounds, {' '.join(args.set)} "
                         f"({os.cpu_count()} CPU cores)")
-    for col in ("engine", "round 1 (s)", "median round 2+ (s)", "MB sent / received per site, whole run",
-                "NDCG@10"):
+    for col in ("engine", "round 1 (s)", "median round 2+ (s)", "kB sent / received per site per round (median)",
+                "MB per site, whole run", "NDCG@10"):
         table.add_column(col, justify="right")
     for name, r in results.items():
-        wire = r.get("wire-bytes")
+        per_round, wire = r.get("wire-bytes-per-round"), r.get("wire-bytes")
+        kb = "—" if not per_round else " · ".join(
+            f"{statistics.median(w['sent']) / 1e3:.0f} / {statistics.median(w['received']) / 1e3:.0f}"
+            for w in per_round.values())
         mb = "—" if not wire else " · ".join(f"{w['sent'] / 1e6:.2f} / {w['received'] / 1e6:.2f}" for w in wire.values())
-        table.add_row(name, f"{r['first-round-s']:.1f}", f"{statistics.median(r['round-s']):.1f}", mb,
+        table.add_row(name, f"{r['first-round-s']:.1f}", f"{statistics.median(r['round-s']):.1f}", kb, mb,
                       f"{r['final']['ndcg@10']:.4f}")
     Console().print(table)
     (args.root / "bench.json").write_text(json.dumps(results, indent=1))

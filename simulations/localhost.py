@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -216,9 +215,25 @@ class LocalDeployment:
         for counter in self.counters.values():
             counter.up = counter.down = 0
         config = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
-        out = self.flwr("run", ".", "onprem", "--stream", "--run-config", config, timeout=timeout)
+        done = threading.Event()
+        watcher = threading.Thread(target=self._snapshot_rounds, args=(Path(overrides["run-dir"]), done), daemon=True)
+        watcher.start()
+        try:
+            out = self.flwr("run", ".", "onprem", "--stream", "--run-config", config, timeout=timeout)
+        finally:
+            done.set()
+            watcher.join()
         (self.logs / "flwr-run.log").write_text(out)
         return out
+
+    def _snapshot_rounds(self, run_dir: Path, done: threading.Event) -> None:
+        """Each site's byte counts when each round's metrics row appears: per-round traffic."""
+        self.round_bytes: list[dict] = []
+        metrics = run_dir / "metrics.jsonl"
+        while not done.wait(0.2):
+            rows = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+            while len(self.round_bytes) < rows:
+                self.round_bytes.append({n: (c.up, c.down) for n, c in self.counters.items()})
 
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"
@@ -238,6 +253,11 @@ def deploy(root: Path, sites: int, overrides: dict) -> dict:
         d.run(overrides)
         wall = time.time() - started
         wire = {name: {"sent": c.up, "received": c.down} for name, c in d.counters.items()}
+        marks = d.round_bytes
+    # Rounds 2..R: one train and one evaluate exchange each (round 1 also carries the app
+    # bundle download and the popularity-prior query).
+    per_round = {name: {"sent": [b[name][0] - a[name][0] for a, b in zip(marks, marks[1:])],
+                        "received": [b[name][1] - a[name][1] for a, b in zip(marks, marks[1:])]} for name in wire}
     rows = [json.loads(line) for line in (Path(overrides["run-dir"]) / "metrics.jsonl").read_text().splitlines()]
     elapsed = [r["elapsed-s"] for r in rows]
     encoder, _ = load_encoder(s.model, s.model_layers)
@@ -245,7 +265,7 @@ def deploy(root: Path, sites: int, overrides: dict) -> dict:
     adapter_bytes = sum(t.numel() * t.element_size() for t in adapter_state(model).values())
     return {"sites": sites, "rounds": len(rows), "wall-s": round(wall, 1),
             "round-s": [round(b - a, 1) for a, b in zip(elapsed, elapsed[1:])], "first-round-s": elapsed[0],
-            "wire-bytes": wire, "adapter-bytes": adapter_bytes,
+            "wire-bytes": wire, "wire-bytes-per-round": per_round, "adapter-bytes": adapter_bytes,
             "final": {k: rows[-1].get(k) for k in ("ndcg@10", "hr@10", "epsilon-max")}}
 
 
@@ -271,6 +291,9 @@ def main(argv: list[str] | None = None) -> dict:
         table.add_row(name, f"{w['sent'] / 1e6:.2f}", f"{w['received'] / 1e6:.2f}")
     console = Console()
     console.print(table)
+    for name, w in figures["wire-bytes-per-round"].items():
+        console.print(f"{name}, rounds 2..R: sent {[round(b / 1e3) for b in w['sent']]} kB, "
+                      f"received {[round(b / 1e3) for b in w['received']]} kB per round")
     console.print(f"wall {figures['wall-s']} s; round 1 ended at {figures['first-round-s']} s, later rounds took "
                   f"{figures['round-s']} s; adapter {figures['adapter-bytes'] / 1e6:.2f} MB")
     (root / "localhost.json").write_text(json.dumps(figures, indent=1))

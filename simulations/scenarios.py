@@ -53,7 +53,7 @@ def misbehave(msg: Message, context, call_next) -> Message:
     if behaviour == "raise":
         raise RuntimeError("scenario: this client crashes")
     if behaviour == "sleep":
-        time.sleep(float(os.environ.get("FEDREC_SCENARIO_SLEEP", 30)))
+        time.sleep(float(os.environ.get("FEDREC_SCENARIO_SLEEP", "30")))
     reply = call_next(msg, context)
     if reply.has_error() or "arrays" not in reply.content:
         return reply

@@ -51,7 +51,7 @@ def test_prepare_csv_and_jsonl_give_the_client_format(site, capsys):
     capsys.readouterr()
     assert fedrec(["client", "validate", str(root / "a")]) == 0
     out = capsys.readouterr().out
-    assert f"│ events " in out and str(len(events)) in out and "ε ≤ 4 at δ = 1e-05" in out
+    assert "│ events " in out and str(len(events)) in out and "ε ≤ 4 at δ = 1e-05" in out
 
 
 def test_replace_keeps_a_backup_and_the_accountant(site):
