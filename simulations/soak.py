@@ -26,12 +26,15 @@ from rich.table import Table
 
 
 def client_workers(root: psutil.Process) -> list[psutil.Process]:
-    """Ray's client actors (their process title names the actor class)."""
+    """This run's Ray client actors: descendants of the run's process (Ray's raylet is started by
+    it) whose process title names the actor class; other simulations on the machine are not counted."""
     workers = []
-    for p in psutil.process_iter(["cmdline", "name"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "ClientAppActor" in cmd or "ClientAppActor" in (p.info["name"] or ""):
-            workers.append(p)
+    for p in root.children(recursive=True):
+        try:
+            if "ClientAppActor" in " ".join(p.cmdline()) or "ClientAppActor" in p.name():
+                workers.append(p)
+        except psutil.NoSuchProcess:
+            pass
     return workers
 
 
