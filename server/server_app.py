@@ -159,11 +159,11 @@ class RunRecorder(FedAvgM):
             participants.append({"node": pseudonym(self.run_id, node), "phase": "train", "status": "failed",
                                  "reason": reason})
         self.exhausted.update(declined)
-        if self.central is None and len(accepted) < self.min_train_nodes:
+        if self.central is None and len(accepted) < self.settings.min_replies:
             problems = "; ".join(f"node {c['node']}: {c.get('error') or c.get('rejected') or c.get('decline-reason')}"
                                  for c in clients if "error" in c or "rejected" in c or "decline-reason" in c)
             raise RunStopped(f"round {server_round}: {len(accepted)} usable repl{'y' if len(accepted) == 1 else 'ies'}"
-                             f", fewer than min-train-nodes = {self.min_train_nodes}; the global adapter of round "
+                             f", fewer than min-replies = {self.settings.min_replies}; the global adapter of round "
                              f"{server_round - 1} stands ({problems})")
         if self.central is not None:
             arrays, metrics, central = self.aggregate_central(accepted, sent)

@@ -109,11 +109,11 @@ def test_faulty_clients_are_dropped_with_their_reasons_and_the_round_completes(t
 
 
 def test_too_few_usable_replies_stop_the_run_cleanly(tmp_path):
-    proc = simulate(tmp_path, 3, ["0:raise", "1:nan"], "min-train-nodes=2")
+    proc = simulate(tmp_path, 3, ["0:raise", "1:nan"], "min-replies=2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = " ".join(proc.stdout.split())
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert "round 1: 1 usable reply, fewer than min-train-nodes = 2" in out
+    assert "round 1: 1 usable reply, fewer than min-replies = 2" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "non-finite" in summary["stopped"] and "crashes" in summary["stopped"]
     assert not (tmp_path / "run" / "adapters" / "round-001").exists()  # round 0's adapter stands
