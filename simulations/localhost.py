@@ -89,8 +89,10 @@ class ByteCounter:
 class LocalDeployment:
     """Start with ``with LocalDeployment(root, sites) as d:``; ``d.run(overrides)`` submits a run."""
 
-    def __init__(self, root: Path, data_dirs: list[Path], register: int | None = None):
+    def __init__(self, root: Path, data_dirs: list[Path], register: int | None = None,
+                 budgets: list[tuple[float, float]] | None = None):
         self.root, self.data_dirs = root, data_dirs
+        self.budgets = budgets  # each site's (ε_max, δ), given through --node-config (else its budget.json)
         self.register = len(data_dirs) if register is None else register
         self.certs, self.logs = root / "certs", root / "logs"
         self.port = free_port()
@@ -165,15 +167,16 @@ class LocalDeployment:
             public = make_node_key(self.certs / "nodes", name)
             if k < self.register:
                 self.flwr("supernode", "register", str(public), "onprem")
-            self.start_supernode(name, data_dir)
+            self.start_supernode(name, data_dir, budget=self.budgets[k] if self.budgets else None)
 
     def start_supernode(self, name: str, data_dir: Path, *, ca: bool = True, key: str | None = None,
-                        max_retries: int | None = None) -> subprocess.Popen:
+                        max_retries: int | None = None, budget: tuple[float, float] | None = None) -> subprocess.Popen:
         """``flower-supernode`` for one site, reaching the SuperLink through a byte counter."""
         counter = self.counters[name] = ByteCounter(self.port)
+        node_config = f'data-dir="{data_dir}"' + (f" epsilon-max={budget[0]} delta={budget[1]}" if budget else "")
         args = ["flower-supernode", "--superlink", f"127.0.0.1:{counter.port}",
                 "--auth-supernode-private-key", str(self.certs / "nodes" / (key or name)),
-                "--port", str(free_port()), "--node-config", f'data-dir="{data_dir}"']
+                "--port", str(free_port()), "--node-config", node_config]
         if ca:
             args += ["--root-certificates", str(self.certs / "ca.crt")]
         if max_retries is not None:

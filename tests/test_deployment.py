@@ -56,7 +56,8 @@ def test_deployment_with_tls_node_auth_and_no_text_leaving_the_sites(tmp_path):
     overrides = {"num-server-rounds": 2, "local-steps": 2, "batch-size": 8, "max-users": 45,
                  "run-dir": str(tmp_path / "run")}
     started = []
-    with LocalDeployment(tmp_path, sites) as d:
+    budgets = [(6.5, 1e-5), (7.5, 1e-6)]  # each site's own, through --node-config (budget.json says 8.0)
+    with LocalDeployment(tmp_path, sites, budgets=budgets) as d:
         started = list(d.processes)
         d.wait_for_nodes(2)
         # A site whose key was never registered is refused by the SuperLink.
@@ -83,7 +84,9 @@ def test_deployment_with_tls_node_auth_and_no_text_leaving_the_sites(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["clients"] == 2 and r["failures"] == 0 for r in rows)
-    assert 0 < rows[0]["epsilon-max"] < rows[1]["epsilon-max"] < 8.0  # cumulative, within budget
+    assert 0 < rows[0]["epsilon-max"] < rows[1]["epsilon-max"] < 6.5  # cumulative, within budget
+    # Each site accounted at its own δ and held its own ε_max, from its --node-config.
+    assert sorted((c["epsilon-max"], c["delta"]) for c in rows[-1]["client-updates"]) == sorted(budgets)
     assert rows[-1]["eval-users"] > 0 and 0.0 <= rows[-1]["ndcg@10"] <= 1.0
     assert sorted(p.name for p in (run / "adapters").iterdir()) == ["round-000", "round-001", "round-002"]
     # Each site's accountant lives at the site, not at the server.
