@@ -45,7 +45,7 @@ from server.central_dp import ACCOUNTANT as CENTRAL_ACCOUNTANT
 from server.central_dp import ClientLevelDP
 from server.ledger import Ledger, pseudonym
 from server.secure_aggregation import SecureGrid
-from server.validation import check_train_reply
+from server.validation import check_train_reply, update_norm
 
 app = ServerApp()
 log = logging.getLogger("fedrec.server")
@@ -147,7 +147,8 @@ class RunRecorder(FedAvgM):
             participants.append({**entry, "status": "trained", "num_examples": int(m["num-examples"]),
                                  # SecAgg+ hides each client's update: its norm is unknown here.
                                  "update_norm": None if self.settings.secure_aggregation
-                                 else update_norm(msg.content["arrays"], sent), **ledger_privacy(m)})
+                                 else update_norm(msg.content["arrays"].to_torch_state_dict(), sent),
+                                 **ledger_privacy(m)})
             if m["noise-multiplier"] > 0:
                 mechanisms.append({**entry, "mechanism": "dp-sgd", "noise_multiplier": m["noise-multiplier"],
                                    "sample_rate": m["sample-rate"], "steps": int(m["steps"]),
@@ -250,12 +251,6 @@ def is_decline(msg: Message) -> bool:
 def ledger_privacy(m: MetricRecord) -> dict:
     return {"epsilon": m["epsilon"] if math.isfinite(m["epsilon"]) else None, "delta": m["delta"],
             "epsilon_max": m["epsilon-max"] if math.isfinite(m["epsilon-max"]) else None}
-
-
-def update_norm(arrays: ArrayRecord, sent: dict) -> float:
-    """L2 norm of a client's change to the global adapter, over all its tensors."""
-    received = arrays.to_torch_state_dict()
-    return math.sqrt(sum(float(((received[k].double() - sent[k].double()) ** 2).sum()) for k in sent if k in received))
 
 
 def json_metrics(record: MetricRecord) -> dict:

@@ -50,7 +50,6 @@ def check_train_reply(content: RecordDict, sent: dict[str, torch.Tensor], max_up
         missing, extra = sorted(set(sent) - set(received)), sorted(set(received) - set(sent))
         return f"adapter tensors differ: {len(received)} received, {len(sent)} expected" + (
             f"; missing {missing[:3]}" if missing else "") + (f"; unexpected {extra[:3]}" if extra else "")
-    squared = 0.0
     for name, reference in sent.items():
         tensor = received[name]
         if tensor.shape != reference.shape:
@@ -59,8 +58,12 @@ def check_train_reply(content: RecordDict, sent: dict[str, torch.Tensor], max_up
             return f"{name}: dtype {tensor.dtype}, expected {reference.dtype}"
         if not torch.isfinite(tensor).all():
             return f"{name}: {int((~torch.isfinite(tensor)).sum())} non-finite value(s)"
-        squared += float(((tensor.double() - reference.double()) ** 2).sum())
-    norm = math.sqrt(squared)
+    norm = update_norm(received, sent)
     if norm > max_update_norm:
         return f"update norm {norm:.4g} exceeds max-update-norm {max_update_norm:g}"
     return None
+
+
+def update_norm(received: dict[str, torch.Tensor], sent: dict[str, torch.Tensor]) -> float:
+    """‖θ_k − θ‖₂: the L2 norm of a client's change to the global adapter, over all its tensors."""
+    return math.sqrt(sum(float(((received[k].double() - sent[k].double()) ** 2).sum()) for k in sent if k in received))
