@@ -34,7 +34,8 @@ from common.data import catalog_fingerprint, leave_last_out, read_catalog, read_
 from common.model import (adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
                           lora_config, refresh_item_embeddings)
 from common.metrics import item_counts
-from common.privacy import UNIT, Budget, epsilon, load_history, read_budget, save_history, spend
+from common.privacy import (UNIT, Budget, client_id, epsilon, history_metrics, load_history, read_budget,
+                            save_history, spend)
 
 app = ClientApp(mods=[secure_aggregation_mod])  # a no-op unless the round is a SecAgg+ round
 
@@ -96,10 +97,15 @@ def settings_and_budget(context: Context) -> tuple[Settings, Budget, Path, Path,
     return dataclasses.replace(s, delta=budget.delta), budget, data_dir, catalog_path, state_dir
 
 
-def decline(msg: Message, reason: str, eps_now: float, budget: Budget) -> Message:
+def identity(state_dir: Path, history) -> dict:
+    """What every reply carries besides its result: this client's id and accountant history."""
+    return {"client-id": client_id(state_dir), **history_metrics(history)}
+
+
+def decline(msg: Message, reason: str, eps_now: float, budget: Budget, state_dir: Path, history) -> Message:
     """A reply that carries no update: the client refused this round, and says why."""
     metrics = MetricRecord({"declined": 1, "epsilon": eps_now, "delta": budget.delta,
-                            "epsilon-max": budget.epsilon_max})
+                            "epsilon-max": budget.epsilon_max, **identity(state_dir, history)})
     return Message(RecordDict({"metrics": metrics, "decline": ConfigRecord({"reason": reason})}), reply_to=msg)
 
 
@@ -147,13 +153,14 @@ def train(msg: Message, context: Context) -> Message:
     history = load_history(state_dir)
     mechanism = (s.noise_multiplier, sample_rate(len(train_examples), s.batch_size), s.local_steps)
     if reason := check_budget(s, budget, history, mechanism):
-        return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget)
+        return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
     # A simulated client is its partition, whatever node id it got this run.
     node = int(context.node_config.get("partition-id", context.node_id))
     seed = s.seed * 1_000_003 + server_round * 7919 + node % 100_003
     result = train_local(model, tokenizer, train_examples, s, history, seed)
     if s.dp:
         save_history(state_dir, result.history, s.accountant, s.delta)
+        history = result.history
     metrics = {
         "num-examples": len(train_examples),
         "train-loss": result.loss,
@@ -165,6 +172,7 @@ def train(msg: Message, context: Context) -> Message:
         "max-grad-norm": s.max_grad_norm,
         "epsilon-max": budget.epsilon_max,
         "declined": 0,
+        **identity(state_dir, history),
     }
     content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
@@ -183,7 +191,7 @@ def popularity(msg: Message, context: Context) -> Message:
     catalog, train_examples, _, _ = load_data(data_dir, catalog_path, s.history_len)
     history = load_history(state_dir)
     if reason := check_budget(s, budget, history, (s.prior_noise_multiplier, 1.0, 1)):
-        return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget)
+        return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
     counts = item_counts([ex.target for ex in train_examples], len(catalog))
     if s.dp:
         generator = torch.Generator().manual_seed(secrets.randbits(63))  # secret noise, as in training
@@ -192,7 +200,7 @@ def popularity(msg: Message, context: Context) -> Message:
         save_history(state_dir, history, s.accountant, s.delta)
     metrics = {"epsilon": epsilon(history, s.delta, s.accountant) if s.dp else math.inf, "delta": s.delta,
                "noise-multiplier": s.prior_noise_multiplier if s.dp else 0.0, "sample-rate": 1.0, "steps": 1,
-               "epsilon-max": budget.epsilon_max, "declined": 0}
+               "epsilon-max": budget.epsilon_max, "declined": 0, **identity(state_dir, history)}
     content = RecordDict({"arrays": ArrayRecord({"counts": counts}), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -12,6 +12,7 @@ recovers its masks; it releases nothing.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 
 import numpy as np
@@ -63,6 +64,8 @@ def secure_aggregation_mod(msg: Message, context, call_next):
         # Flower's quantization mishandles 0-d arrays (the score scale): send them as shape (1,);
         # the server restores every tensor's shape from the adapter it sent.
         arrays = [np.atleast_1d(trained[k].numpy()) for k in keys]
+        # Legacy FitRes metrics are scalars: the accountant history travels as JSON text.
+        metrics = {k: json.dumps(v) if isinstance(v, list) else v for k, v in metrics.items()}
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), int(metrics["num-examples"]), metrics)
         return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=fit_msg)
 

@@ -133,6 +133,8 @@ class Settings:
     krum_select: int
     round_timeout: float
     min_replies: int
+    # resume RUN_DIR (run-dir) from its last committed round (server/server_app.py)
+    resume: bool
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> Settings:
@@ -206,6 +208,7 @@ class Settings:
         require(self.krum_malicious >= 0, "krum-malicious must be >= 0")
         require(self.krum_select >= 0, "krum-select must be >= 0 (0 = all but krum-malicious)")
         require(self.round_timeout > 0, "round-timeout must be > 0 (seconds)")
+        require(not self.resume or bool(self.run_dir), "resume = true needs run-dir: the run directory to resume")
         require(self.min_replies >= 1, "min-replies must be >= 1 (usable replies a round needs to be applied)")
         require(self.aggregation == "fedavg" or not self.secure_aggregation,
                 f"aggregation = {self.aggregation} needs each client's update, which secure-aggregation hides; "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +149,28 @@ def spend(history: History, mechanism: tuple[float, float, int], budget: Budget,
     """
     after = epsilon(list(history) + [mechanism], budget.delta, accountant)
     return after <= budget.epsilon_max, after
+
+
+def client_id(state_dir: Path) -> int:
+    """This client's id in this run: random, made once and kept in its state directory.
+
+    The server names the client in its ledger by a pseudonym of this id, so a client keeps one
+    name across server restarts (a resumed run), when Flower's node ids change."""
+    path = Path(state_dir) / "client-id"
+    if not path.is_file():
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(secrets.randbits(62)))
+        os.replace(tmp, path)
+    return int(path.read_text())
+
+
+def history_metrics(history: History) -> dict[str, list]:
+    """The accountant history as reply metrics: the server records any release it did not see
+    (one a crashed server received but never committed), so ``fedrec audit`` can recompute ε."""
+    return {"history-noise-multiplier": [float(h[0]) for h in history],
+            "history-sample-rate": [float(h[1]) for h in history],
+            "history-steps": [int(h[2]) for h in history]}
 
 
 def statement(eps: float, delta: float, accountant: str) -> str:

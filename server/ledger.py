@@ -40,9 +40,10 @@ APPEND_ONLY = "".join(
 )
 
 
-def pseudonym(run_id: int | str, node_id: int) -> str:
-    """A stable per-run pseudonym for a node: its Flower node id is not written anywhere."""
-    return "node-" + hashlib.sha256(f"{run_id}:{node_id}".encode()).hexdigest()[:12]
+def pseudonym(key: int | str, client: int | str) -> str:
+    """A stable per-run pseudonym for a client (its own ``client-id``, or the Flower node id of
+    one that never sent it): neither id is written anywhere. ``key`` is the ledger's own."""
+    return "node-" + hashlib.sha256(f"{key}:{client}".encode()).hexdigest()[:12]
 
 
 class Ledger:
@@ -57,6 +58,20 @@ class Ledger:
             self.db.execute("BEGIN")
             for key, value in values.items():
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def meta(self, key: str):
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def last_round(self) -> int | None:
+        """The last committed round (0 = the popularity prior), None if none committed."""
+        return self.db.execute("SELECT MAX(round) FROM rounds").fetchone()[0]
+
+    def releases(self, node: str) -> list[tuple[float, float, int]]:
+        """The (σ, q, steps) of every mechanism recorded for ``node``, in order."""
+        return [tuple(r) for r in self.db.execute(
+            "SELECT noise_multiplier, sample_rate, steps FROM mechanisms WHERE node = ? ORDER BY round, rowid",
+            (node,))]
 
     def commit_round(self, server_round: int, participants: list[dict], mechanisms: list[dict],
                      metrics: dict[str, float]) -> None:

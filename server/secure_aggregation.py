@@ -31,6 +31,7 @@ accounted, and ``popularity-prior = false`` removes them.
 
 from __future__ import annotations
 
+import json
 import logging
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -116,7 +117,9 @@ class SecureGrid:
                 continue
             arrays = parameters_to_ndarrays(fitres.parameters)
             aggregate = ArrayRecord({k: _like(sent[k], a) for k, a in zip(keys, arrays, strict=True)})
-            metrics = MetricRecord({k: v for k, v in fitres.metrics.items() if isinstance(v, (int, float))})
+            # The client's accountant history came as JSON text (legacy metrics are scalars).
+            metrics = MetricRecord({k: json.loads(v) if isinstance(v, str) else v for k, v in fitres.metrics.items()
+                                    if isinstance(v, (int, float, str))})
             replies.append(Message(RecordDict({"arrays": aggregate, "metrics": metrics}), reply_to=msg))
         return replies
 

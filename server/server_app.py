@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import math
 import logging
+import os
+import secrets
 import shutil
 import statistics
 import time
@@ -31,10 +33,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import flwr
+from safetensors.torch import load_file
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp.strategy import FedAvgM, FedMedian, FedTrimmedAvg, MultiKrum
+
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 from common.config import Settings, fedrec_home, partition_root
 from common.data import catalog_fingerprint, load_movielens, read_catalog, write_catalog
@@ -75,21 +80,26 @@ class RunRecorder(FedAvgM):
     """
 
     def __init__(self, run_dir: Path, model, settings: Settings, reference_path: Path | None, ledger: Ledger,
-                 run_id: int, central: ClientLevelDP | None = None, robust=None, **kwargs):
+                 central: ClientLevelDP | None = None, robust=None, round_offset: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.central = central
         self.robust = robust  # a Flower strategy whose aggregate replaces FedAvg's weighted mean
         self.sent: ArrayRecord | None = None  # the global adapter this round's clients received
         self.sampled: list[int] = []  # the nodes it was sent to
+        self.instructions: list[Message] = []  # the train messages themselves (their ids once sent)
         self.run_dir, self.model, self.settings = run_dir, model, settings
         self.reference_path = reference_path
-        self.ledger, self.run_id = ledger, run_id
+        self.ledger = ledger
+        self.names: dict[int, str] = {}  # Flower node id -> ledger pseudonym (from the client's own id)
+        # A resumed run carries on from its last committed round: Flower counts from 1 again.
+        self.round_offset = round_offset
         self.exhausted: set[int] = set()  # nodes that declined for budget: never sampled again
         self.started = time.time()
         self.row: dict = {}
         self.ledger_rows: tuple[list, list] = ([], [])
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        server_round += self.round_offset
         eligible = EligibleNodes(grid, self.exhausted)
         left = len(eligible.get_node_ids())
         if left < self.min_train_nodes:
@@ -99,12 +109,18 @@ class RunRecorder(FedAvgM):
         if self.central is None:
             messages = list(super().configure_train(server_round, arrays, config, eligible))
             self.sampled = [m.metadata.dst_node_id for m in messages]
+            self.instructions = messages
             return messages
         # Central DP samples by Poisson, as its accountant assumes: no fixed count, no minimum.
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         self.sampled = self.central.sample(eligible.get_node_ids())
-        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node) for node in self.sampled]
+        self.instructions = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node)
+                             for node in self.sampled]
+        return self.instructions
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def save_adapter(self, server_round: int, arrays: ArrayRecord) -> None:
         load_adapter_state(self.model, arrays.to_torch_state_dict())
@@ -116,19 +132,21 @@ class RunRecorder(FedAvgM):
         tmp.rename(target)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
         replies = list(replies)
         sent = self.sent.to_torch_state_dict()
         clients, participants, mechanisms, central, accepted, declined = [], [], [], {}, [], []
         for msg in replies:
-            node = msg.metadata.src_node_id
-            entry = {"node": pseudonym(self.run_id, node), "phase": "train"}
+            node = self.replier(msg)
+            entry = {"node": client_name(self.ledger, msg, self.names, node), "phase": "train"}
             if msg.has_error():  # crashed, or dropped out of SecAgg+
                 reason = short_reason(msg.error.reason)
                 clients.append({"node": node, "error": reason})
                 participants.append({**entry, "status": "failed", "reason": reason})
                 continue
-            m = msg.content["metrics"]
+            m = msg.content.metric_records.get("metrics", MetricRecord())
             if is_decline(msg):
+                mechanisms += unrecorded_releases(self.ledger, entry["node"], m, self.settings.accountant, False)
                 declined.append(node)
                 reason = str(msg.content["decline"]["reason"])
                 clients.append({"node": node, **json_metrics(m), "decline-reason": reason})
@@ -143,6 +161,8 @@ class RunRecorder(FedAvgM):
                 participants.append({**entry, "status": "rejected", "reason": reason})
                 continue
             accepted.append(msg)
+            mechanisms += unrecorded_releases(self.ledger, entry["node"], m, self.settings.accountant,
+                                              includes_this=m["noise-multiplier"] > 0)
             clients.append({"node": node, **json_metrics(m)})
             participants.append({**entry, "status": "trained", "num_examples": int(m["num-examples"]),
                                  # SecAgg+ hides each client's update: its norm is unknown here.
@@ -154,10 +174,11 @@ class RunRecorder(FedAvgM):
                                    "sample_rate": m["sample-rate"], "steps": int(m["steps"]),
                                    "max_grad_norm": m["max-grad-norm"], "delta": m["delta"],
                                    "accountant": self.settings.accountant})
-        for node in sorted(set(self.sampled) - {m.metadata.src_node_id for m in replies}):
+        for node in sorted(set(self.sampled) - {self.replier(m) for m in replies}):
             reason = f"no reply within round-timeout = {self.settings.round_timeout:g} s"
             clients.append({"node": node, "error": reason})
-            participants.append({"node": pseudonym(self.run_id, node), "phase": "train", "status": "failed",
+            participants.append({"node": client_name(self.ledger, None, self.names, node), "phase": "train",
+                                 "status": "failed",
                                  "reason": reason})
         self.exhausted.update(declined)
         if self.central is None and len(accepted) < self.settings.min_replies:
@@ -205,6 +226,16 @@ class RunRecorder(FedAvgM):
             self.save_adapter(server_round, arrays)
         return arrays, metrics
 
+    def replier(self, reply: Message) -> int:
+        """The node a reply is about. An error the SuperLink writes itself (e.g. "Node Unavailable")
+        comes from the SuperLink's own node id; the instruction it answers names the node."""
+        if reply.metadata.src_node_id != SUPERLINK_NODE_ID:
+            return reply.metadata.src_node_id
+        for sent in self.instructions:
+            if sent.metadata.message_id and sent.metadata.message_id == reply.metadata.reply_to_message_id:
+                return sent.metadata.dst_node_id
+        return reply.metadata.src_node_id
+
     def aggregate_central(self, trained: list[Message], sent: dict):
         """global + η_s · noisy mean update (server/central_dp.py), in place of FedAvgM's weighted mean."""
         update = self.central.noisy_mean_update(sent, [m.content["arrays"].to_torch_state_dict() for m in trained],
@@ -217,6 +248,7 @@ class RunRecorder(FedAvgM):
                                  "central-clients": len(trained)}
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         metrics = super().aggregate_evaluate(server_round, replies)
         row = {"round": server_round, **self.row}
@@ -230,11 +262,55 @@ class RunRecorder(FedAvgM):
         row["elapsed-s"] = round(time.time() - self.started, 2)
         participants, mechanisms = self.ledger_rows
         numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "round"}
-        self.ledger.commit_round(server_round, participants, mechanisms, numbers)
+        # The ledger commit is the round's commit point: a metrics row (or adapter) past the
+        # ledger's last round is the round in flight, and --resume discards it.
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.ledger.commit_round(server_round, participants, mechanisms, numbers)
         self.row, self.ledger_rows = {}, ([], [])
         return metrics
+
+
+def client_name(ledger: Ledger, msg: Message | None, names: dict[int, str], node: int | None = None) -> str:
+    """The ledger's pseudonym for the client behind ``msg`` (from Flower ``node``).
+
+    Clients send their own random ``client-id``, which outlives a server restart (Flower's node
+    ids in a simulation do not); a client that never sent one is named by its node id.
+    """
+    key = ledger.meta("pseudonym-key")
+    node = msg.metadata.src_node_id if node is None else node
+    if msg is not None:
+        if not msg.has_error() and "metrics" in msg.content:
+            client = msg.content["metrics"].get("client-id")
+            if isinstance(client, int) and not isinstance(client, bool):
+                names[node] = pseudonym(key, client)
+    return names.get(node) or pseudonym(key, f"flower-node-{node}")
+
+
+def unrecorded_releases(ledger: Ledger, node: str, m: MetricRecord, accountant: str, includes_this: bool) -> list[dict]:
+    """Mechanisms in a client's reported accountant history that the ledger has no record of.
+
+    A release the server received but never committed (it crashed mid-round, or dropped the
+    reply) is still part of the client's ε. The client's history must extend what the ledger
+    holds for it; the extra entries are recorded in this round as phase ``unrecorded``, so
+    ``fedrec audit`` recomputes the ε the client reports. A history that does not extend the
+    ledger's is left alone: the audit then reports the mismatch.
+    """
+    try:
+        history = list(zip(m["history-noise-multiplier"], m["history-sample-rate"], m["history-steps"], strict=True))
+    except (KeyError, TypeError, ValueError):
+        return []
+    if includes_this:
+        history = history[:-1]
+    recorded = ledger.releases(node)
+    if [tuple(h) for h in history[:len(recorded)]] != recorded:
+        log.warning("%s: its accountant history does not extend the ledger's record of it", node)
+        return []
+    return [{"node": node, "phase": "unrecorded", "mechanism": "dp-sgd" if q < 1 else "gaussian-histogram",
+             "noise_multiplier": sigma, "sample_rate": q, "steps": int(steps), "max_grad_norm": None,
+             "delta": m["delta"], "accountant": accountant} for sigma, q, steps in history[len(recorded):]]
 
 
 def short_reason(reason: str) -> str:
@@ -255,8 +331,10 @@ def ledger_privacy(m: MetricRecord) -> dict:
 
 def json_metrics(record: MetricRecord) -> dict:
     """A client's metrics for the run directory. Without DP a client reports ε = inf ("no
-    guarantee"); JSON has no inf, so it becomes null."""
-    return {k: (v if math.isfinite(v) else None) for k, v in record.items()}
+    guarantee"); JSON has no inf, so it becomes null. The client's id and accountant history
+    are left out: the ledger holds what they tell (pseudonymously)."""
+    return {k: (v if math.isfinite(v) else None) for k, v in record.items()
+            if not isinstance(v, list) and k != "client-id"}
 
 
 def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -272,15 +350,16 @@ def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> Metri
     })
 
 
-def popularity_prior(grid: Grid, model, checks: dict, s: Settings, run_dir: Path, ledger: Ledger,
-                     run_id: int) -> set[int]:
+def popularity_prior(grid: Grid, model, checks: dict, s: Settings, run_dir: Path, strategy: RunRecorder) -> set[int]:
     """Set the item bias to log(1 + Σ noisy client counts): a DP popularity prior.
 
     Each client answers with a Gaussian-noised histogram of its training targets (its own
     accountant records the release); the server only sums them and clamps at zero, which is
     post-processing. Under DP noise, learning this bias by DP-SGD alone takes far more steps.
-    Returns the nodes that declined for budget. The query is ledger round 0.
+    Returns the nodes that declined for budget. The query is ledger round 0, committed after
+    the adapter with the prior is saved as round 0.
     """
+    ledger = strategy.ledger
     nodes = wait_for_nodes(grid, s.min_train_nodes)
     messages = [Message(RecordDict({"config": ConfigRecord(checks)}), dst_node_id=node,
                         message_type="query.popularity") for node in nodes]
@@ -294,11 +373,13 @@ def popularity_prior(grid: Grid, model, checks: dict, s: Settings, run_dir: Path
     (run_dir / "prior.json").write_text(json.dumps(record, indent=1))
     participants, mechanisms = [], []
     for r in replies:
-        entry = {"node": pseudonym(run_id, r.metadata.src_node_id), "phase": "prior"}
+        entry = {"node": client_name(ledger, r, strategy.names), "phase": "prior"}
         if r.has_error():
             participants.append({**entry, "status": "failed", "reason": r.error.reason})
             continue
         m = r.content["metrics"]
+        mechanisms += unrecorded_releases(ledger, entry["node"], m, s.accountant,
+                                          includes_this=not is_decline(r) and m.get("noise-multiplier", 0) > 0)
         if is_decline(r):
             participants.append({**entry, "status": "declined", "reason": str(r.content["decline"]["reason"]),
                                  **ledger_privacy(m)})
@@ -308,11 +389,12 @@ def popularity_prior(grid: Grid, model, checks: dict, s: Settings, run_dir: Path
             mechanisms.append({**entry, "mechanism": "gaussian-histogram", "noise_multiplier": m["noise-multiplier"],
                                "sample_rate": 1.0, "steps": 1, "max_grad_norm": None, "delta": m["delta"],
                                "accountant": s.accountant})
-    ledger.commit_round(0, participants, mechanisms, {"answered": len(ok), "declined": len(declined)})
     if not ok:
         log.warning("popularity prior: no client answered; starting from a zero bias")
     else:
         set_item_bias(model, sum(r.content["arrays"].to_torch_state_dict()["counts"] for r in ok))
+    strategy.save_adapter(0, ArrayRecord(adapter_state(model)))
+    ledger.commit_round(0, participants, mechanisms, {"answered": len(ok), "declined": len(declined)})
     return {r.metadata.src_node_id for r in declined}
 
 
@@ -351,8 +433,46 @@ def load_catalog(s: Settings):
     return read_catalog(s.catalog) if s.catalog else load_movielens(s.dataset or None)[0]
 
 
+def resume_point(run_dir: Path, run_config: dict) -> tuple[int | None, dict]:
+    """Bring ``run_dir`` back to its last committed round; (that round or None, what was discarded).
+
+    The ledger's last committed round R is the commit point. Metrics rows and adapters after R
+    belong to the round in flight when the server died: they are discarded, and the run goes on
+    from ``adapters/round-R`` with round R + 1. Clients keep their own accountants; releases
+    they made in the lost round are recorded when they next reply (``unrecorded_releases``).
+    """
+    config_file = run_dir / "config.json"
+    if not config_file.is_file() or not (run_dir / "ledger.sqlite").is_file():
+        raise RunStopped(f"resume: {run_dir} has no config.json and ledger.sqlite; is it a fedrec run directory?")
+    stored = json.loads(config_file.read_text())["run-config"]
+    differ = sorted(k for k in set(stored) | set(run_config) if k != "resume" and stored.get(k) != run_config.get(k))
+    if differ:
+        raise RunStopped(f"resume: the run config differs from {config_file} in {', '.join(differ)}; "
+                         "a run resumes with its own config")
+    ledger = Ledger(run_dir / "ledger.sqlite")
+    last = ledger.last_round()
+    ledger.close()
+    metrics_file = run_dir / "metrics.jsonl"
+    lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
+    kept = [line for line in lines if last is not None and json.loads(line)["round"] <= last]
+    tmp = metrics_file.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, metrics_file)
+    discarded = []
+    for folder in sorted((run_dir / "adapters").glob("round-*")):
+        number = folder.name.removeprefix("round-").removesuffix(".tmp")
+        if folder.name.endswith(".tmp") or last is None or int(number) > last:
+            shutil.rmtree(folder)
+            discarded.append(folder.name)
+    if last is not None and not (run_dir / "adapters" / f"round-{last:03d}").is_dir():
+        raise RunStopped(f"resume: the ledger commits round {last} but {run_dir}/adapters/round-{last:03d} is missing")
+    return last, {"discarded-metrics-rows": len(lines) - len(kept), "discarded-adapters": discarded,
+                  "elapsed-s": json.loads(kept[-1]).get("elapsed-s", 0.0) if kept else 0.0}
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    started = time.time()
     s = Settings.from_run_config(dict(context.run_config))
     run_dir = Path(s.run_dir).expanduser() if s.run_dir else fedrec_home() / "runs" / f"run-{context.run_id}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -363,31 +483,43 @@ def main(grid: Grid, context: Context) -> None:
                         init_scale=s.initial_score_scale)
     model.peft_config["default"].base_model_name_or_path = str(resolve_model_path(s.model))
     checks = {"base-sha256": base_sha, "catalog-sha256": catalog_fingerprint(catalog)}
-    write_catalog(catalog, run_dir / "catalog.csv")
-    (run_dir / "config.json").write_text(json.dumps({
-        "run-config": dict(context.run_config), **checks, "num-items": len(catalog),
-        "flwr": flwr.__version__, "privacy-unit": UNIT if s.dp else "none (dp = false)",
-        "central-privacy-unit": CLIENT_UNIT if s.central_dp else "none (central-dp = false)",
-    }, indent=1))
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    (run_dir / "ledger.sqlite").unlink(missing_ok=True)
+    if not s.resume:
+        write_catalog(catalog, run_dir / "catalog.csv")
+        (run_dir / "config.json").write_text(json.dumps({
+            "run-config": dict(context.run_config), **checks, "num-items": len(catalog),
+            "flwr": flwr.__version__, "privacy-unit": UNIT if s.dp else "none (dp = false)",
+            "central-privacy-unit": CLIENT_UNIT if s.central_dp else "none (central-dp = false)",
+        }, indent=1))
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / "ledger.sqlite").unlink(missing_ok=True)
+    elif (run_dir / "config.json").is_file():
+        stored = json.loads((run_dir / "config.json").read_text())
+        if {k: stored.get(k) for k in checks} != checks:
+            raise RunStopped(f"resume: the base model or catalog differs from the one {run_dir} was trained with")
+    resumed_from, resume = None, {}
+    if s.resume:
+        resumed_from, resume = resume_point(run_dir, dict(context.run_config))
+    ledger = Ledger(run_dir / "ledger.sqlite")
     num_nodes = len(wait_for_nodes(grid, s.min_train_nodes))
     central = None
     if s.central_dp:
         s.check_population(num_nodes)
         central = ClientLevelDP(s.central_noise_multiplier, s.central_clipping_norm, s.central_delta, num_nodes,
                                 s.expected_clients(num_nodes))
-    ledger = Ledger(run_dir / "ledger.sqlite")
+        for _ in ledger.releases("server"):  # a resumed run's accountant holds the committed releases
+            central.accountant.compose(central.event)
+    # INSERT OR IGNORE: a resumed run keeps its first start's values (its pseudonym key too).
     ledger.set_meta(**{"run-config": dict(context.run_config), "unit": UNIT if s.dp else "none (dp = false)",
                        "adjacency": "add/remove one training example of one client",
-                       "accountant": s.accountant, **checks})
+                       "accountant": s.accountant, "pseudonym-key": secrets.token_hex(16), **checks})
     if central:
         ledger.set_meta(**{"central-unit": CLIENT_UNIT, "central-population": num_nodes,
                            "central-expected-clients": central.expected_clients})
     # Simulations leave the popularity baseline of their split here; deployments have none.
     reference = partition_root(s, num_nodes) / "reference.json"
+    offset = resumed_from or 0
     strategy = RunRecorder(
-        run_dir, model, s, reference, ledger, context.run_id, central, robust_aggregator(s),
+        run_dir, model, s, reference, ledger, central, robust_aggregator(s), offset,
         fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=s.min_train_nodes,
@@ -396,20 +528,27 @@ def main(grid: Grid, context: Context) -> None:
         train_metrics_aggr_fn=aggregate_train_metrics,
         server_learning_rate=s.server_learning_rate,
     )
-    if s.popularity_prior:
-        strategy.exhausted |= popularity_prior(grid, model, checks, s, run_dir, ledger, context.run_id)
+    if resumed_from is not None:
+        adapter = run_dir / "adapters" / f"round-{resumed_from:03d}" / "adapter_model.safetensors"
+        load_adapter_state(model, load_file(adapter))
+        strategy.started = time.time() - resume["elapsed-s"]  # elapsed-s carries on from the last row
+        with open(run_dir / "resumes.jsonl", "a") as f:
+            f.write(json.dumps({"at": time.time(), "from-round": resumed_from, **resume,
+                                "restore-s": round(time.time() - started, 3)}) + "\n")
+        log.warning("resumed %s from round %s (restored in %.1f s)", run_dir, resumed_from, time.time() - started)
+    elif s.popularity_prior:
+        strategy.exhausted |= popularity_prior(grid, model, checks, s, run_dir, strategy)
+    else:
+        strategy.save_adapter(0, ArrayRecord(adapter_state(model)))
     initial = ArrayRecord(adapter_state(model))
-    strategy.save_adapter(0, initial)
-    if s.secure_aggregation:
-        grid = SecureGrid(grid, context, SecAggPlusWorkflow(
-            whole_or_fraction(s.secagg_num_shares), whole_or_fraction(s.secagg_reconstruction_threshold),
-            max_weight=s.secagg_max_weight, clipping_range=s.secagg_clipping_range))
     stopped = None
     try:
+        if offset >= s.num_server_rounds:
+            raise RunStopped(f"resume: all {s.num_server_rounds} rounds are committed already")
         strategy.start(
             grid=grid,
             initial_arrays=initial,
-            num_rounds=s.num_server_rounds,
+            num_rounds=s.num_server_rounds - offset,
             timeout=s.round_timeout,
             train_config=ConfigRecord(checks),
             evaluate_config=ConfigRecord(checks),

@@ -19,7 +19,10 @@ from flwr.app import RecordDict
 TRAIN_METRICS = {
     "num-examples": int, "train-loss": float, "epsilon": float, "delta": float, "steps": int,
     "sample-rate": float, "noise-multiplier": float, "max-grad-norm": float, "epsilon-max": float, "declined": int,
+    "client-id": int, "history-noise-multiplier": list[float], "history-sample-rate": list[float],
+    "history-steps": list[int],
 }
+HISTORY = ("history-noise-multiplier", "history-sample-rate", "history-steps")
 
 
 def check_train_reply(content: RecordDict, sent: dict[str, torch.Tensor], max_update_norm: float) -> str | None:
@@ -35,11 +38,18 @@ def check_train_reply(content: RecordDict, sent: dict[str, torch.Tensor], max_up
             return f"metric {key!r} must be an integer, got {type(value).__name__}"
         if kind is float and not isinstance(value, (int, float)):
             return f"metric {key!r} must be a number, got {type(value).__name__}"
+        if kind in (list[int], list[float]):
+            element = kind.__args__[0]
+            if not isinstance(value, list) or not all(isinstance(v, element) and not isinstance(v, bool)
+                                                      and math.isfinite(v) for v in value):
+                return f"metric {key!r} must be a list of finite {element.__name__}s"
         if key not in ("epsilon", "epsilon-max") and isinstance(value, float) and not math.isfinite(value):
             return f"metric {key!r} is {value}"
     extra = sorted(set(metrics.keys()) - set(TRAIN_METRICS))
     if extra:
         return f"undeclared metric(s) {extra}"
+    if len({len(metrics[k]) for k in HISTORY}) != 1:
+        return "the accountant history lists differ in length"
     if metrics["num-examples"] < 1:
         return f"num-examples is {metrics['num-examples']}"
     try:

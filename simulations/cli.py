@@ -53,14 +53,17 @@ def simulate(args) -> int:
     from simulations.scenarios import ENV as SCENARIO_ENV
     from simulations.scenarios import parse as parse_scenario
 
-    try:
-        overrides = parse_overrides(args.set)
-    except ConfigError as e:
-        fail(str(e))
-    if args.rounds is not None:
-        overrides["num-server-rounds"] = args.rounds
-    run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    overrides["run-dir"] = str(run_dir)
+    if args.resume:
+        run_dir, overrides, args.clients, args.scenario = resume_plan(args)
+    else:
+        try:
+            overrides = parse_overrides(args.set)
+        except ConfigError as e:
+            fail(str(e))
+        if args.rounds is not None:
+            overrides["num-server-rounds"] = args.rounds
+        run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+        overrides["run-dir"] = str(run_dir)
     try:
         s = Settings.from_run_config({**defaults(), **overrides})
         resolve_model_path(s.model)  # a wrong model folder fails here, not in every client
@@ -75,13 +78,19 @@ def simulate(args) -> int:
     except (ConfigError, DataError, ValueError) as e:
         fail(str(e))
     overrides["partition-dir"] = str(root)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        fail(f"--run-dir {run_dir} exists and is not empty; choose a new folder")
-    run_dir.mkdir(parents=True)
+    if not args.resume:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            fail(f"--run-dir {run_dir} exists and is not empty; choose a new folder, or --resume it")
+        run_dir.mkdir(parents=True)
+        # What --resume needs to start the same simulation again.
+        (run_dir / SIMULATION_FILE).write_text(json.dumps(
+            {"clients": clients, "scenario": args.scenario, "overrides": overrides}, indent=1))
     _log_flower_to(run_dir / "flower.log", args.verbose)
 
     from simulations.engine import run_app
 
+    if args.resume:
+        console.print(f"fedrec: resuming {run_dir} after round {len(_rows(run_dir / 'metrics.jsonl'))}")
     console.print(f"fedrec: {clients} clients ({s.partition}{', skew α=' + str(s.skew_alpha) if s.skew_alpha else ''}), "
                   f"{s.num_server_rounds} rounds, run directory [bold]{run_dir}[/bold]")
     started = time.time()
@@ -117,6 +126,37 @@ def simulate(args) -> int:
         console.print(f"[yellow]The run stopped after {len(rows)} of {s.num_server_rounds} rounds: "
                       f"{summary['stopped']}[/yellow]")
     return 0
+
+
+SIMULATION_FILE = "simulation.json"
+
+
+def resume_plan(args) -> tuple[Path, dict, int, list[str]]:
+    """(run dir, overrides, clients, scenario) to start a killed simulation again: its own."""
+    from common.config import defaults
+    from server.ledger import Ledger
+
+    if args.rounds is not None or args.clients is not None or args.set or args.run_dir or args.scenario:
+        fail("--resume takes no --rounds, --clients, --set, --run-dir or --scenario: a run resumes with its own")
+    run_dir = Path(args.resume).resolve()
+    plan_file = run_dir / SIMULATION_FILE
+    if not plan_file.is_file():
+        fail(f"--resume {run_dir}: no {SIMULATION_FILE}; only runs started by `fedrec simulate` resume this way "
+             "(a deployment resumes with flwr run --run-config 'run-dir=\"…\" resume=true')")
+    if not (run_dir / "ledger.sqlite").is_file():
+        fail(f"--resume {run_dir}: no ledger.sqlite; the run died before it started, start it again")
+    try:
+        plan = json.loads(plan_file.read_text())
+        overrides, clients, scenario = dict(plan["overrides"]), int(plan["clients"]), list(plan["scenario"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        fail(f"{plan_file}: not a fedrec simulation plan ({e})")
+    ledger = Ledger(run_dir / "ledger.sqlite")
+    last, ledger_rounds = ledger.last_round(), ledger.db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+    ledger.close()
+    rounds = overrides.get("num-server-rounds", defaults()["num-server-rounds"])
+    if last is not None and rounds is not None and last >= rounds:
+        fail(f"--resume {run_dir}: all {rounds} rounds are committed ({ledger_rounds} ledger rounds); nothing to resume")
+    return run_dir, {**overrides, "resume": True}, clients, scenario
 
 
 def _log_flower_to(path: Path, verbose: bool) -> None:
@@ -339,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verbose", action="store_true", help="show Flower's logs instead of a progress bar")
     p.add_argument("--scenario", nargs="*", default=[], metavar="PARTITION:BEHAVIOUR",
                    help="make simulated clients misbehave, e.g. 0:sign-flip 1:nan (simulations/scenarios.py)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a killed simulation from its last committed round, with its own settings")
     p.set_defaults(func=simulate)
     p = sub.add_parser("recommend", help="top-10 items for a history, from a run's latest global adapter")
     p.add_argument("run_dir")

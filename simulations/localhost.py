@@ -48,15 +48,20 @@ class ByteCounter:
 
     def __init__(self, target_port: int):
         self.target_port, self.up, self.down = target_port, 0, 0
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
+        self.port = 0
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.listen()
 
-    def _accept(self):
+    def listen(self):
+        """Accept connections (again, on the same port after ``close``)."""
+        self.server = socket.create_server(("127.0.0.1", self.port))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+
+    def _accept(self, server: socket.socket):
         while True:
             try:
-                client, _ = self.server.accept()
+                client, _ = server.accept()
             except OSError:
                 return
             try:
@@ -83,6 +88,10 @@ class ByteCounter:
                     pass
 
     def close(self):
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread, which then ends
+        except OSError:
+            pass
         self.server.close()
 
 
@@ -157,17 +166,42 @@ class LocalDeployment:
         (self.root / "flwr-home" / "config.toml").write_text(
             '[superlink]\ndefault = "onprem"\n\n[superlink.onprem]\n'
             f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs / "ca.crt"}"\n')
-        self.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(self.certs / "ca.crt"),
-                   "--ssl-certfile", str(self.certs / "server.pem"), "--ssl-keyfile", str(self.certs / "server.key"),
-                   "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-                   "--port", str(self.port), "--database", str(self.root / "superlink.db"))
-        self.wait_for_port(self.port, "superlink")
+        self.start_superlink()
         for k, data_dir in enumerate(self.data_dirs):
             name = f"site-{k}"
             public = make_node_key(self.certs / "nodes", name)
             if k < self.register:
                 self.flwr("supernode", "register", str(public), "onprem")
             self.start_supernode(name, data_dir, budget=self.budgets[k] if self.budgets else None)
+
+    def start_superlink(self) -> None:
+        self.superlink = self.start(
+            "superlink", "flower-superlink", "--ssl-ca-certfile", str(self.certs / "ca.crt"),
+            "--ssl-certfile", str(self.certs / "server.pem"), "--ssl-keyfile", str(self.certs / "server.key"),
+            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+            "--port", str(self.port), "--database", str(self.root / "superlink.db"))
+        self.wait_for_port(self.port, "superlink")
+
+    def crash_superlink(self) -> None:
+        """SIGKILL the SuperLink and the ServerApp it runs (the server machine dies), then start
+        it again on its database: registered node keys and the SuperNodes' sessions come back.
+
+        While it is down the relays stop listening too, so the SuperNodes see what they would
+        see without them, a refused connection (which they retry), not a TLS stream cut short."""
+        for counter in self.counters.values():
+            counter.close()
+        tree = [psutil.Process(self.superlink.pid)]
+        tree += tree[0].children(recursive=True)
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=30)
+        self.superlink.wait()
+        self.start_superlink()
+        for counter in self.counters.values():
+            counter.listen()
 
     def start_supernode(self, name: str, data_dir: Path, *, ca: bool = True, key: str | None = None,
                         max_retries: int | None = None, budget: tuple[float, float] | None = None) -> subprocess.Popen:

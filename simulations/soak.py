@@ -4,8 +4,9 @@
 
 Runs ``fedrec simulate`` in a subprocess (the ServerApp runs in that process; each simulated
 client in a Ray worker) and samples RSS when each round's metrics row appears: the server's
-process and every Ray ``ClientAppActor`` worker. Prints RSS at a few rounds and the growth from
-the end of warm-up (``--warmup`` rounds) to the last round, in %, and writes ``soak.json``.
+process and every Ray ``ClientAppActor`` worker. Prints RSS at a few rounds and the growth of the
+median RSS from the 5 rounds after warm-up (``--warmup``) to the 5 before the last, in %, and
+writes ``soak.json``. With 2 CPUs, Ray runs the clients in 2 workers whatever their number.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def rss_mb(processes: list[psutil.Process]) -> list[float]:
     return out
 
 
+def window_median(samples: list[dict], key: str) -> float:
+    values = [v for s in samples for v in (s[key] if isinstance(s[key], list) else [s[key]])]
+    return statistics.median(values)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=50)
@@ -75,20 +81,23 @@ def main(argv: list[str] | None = None) -> dict:
             time.sleep(0.2)
     if proc.returncode != 0 or len(samples) < args.rounds:
         raise SystemExit(f"the soak run failed after {len(samples)} rounds (exit {proc.returncode}); see {run}")
-    warm, last = samples[args.warmup - 1], samples[-1]
-    growth = {"server-%": 100 * (last["server-mb"] / warm["server-mb"] - 1),
-              "clients-%": 100 * (statistics.median(last["client-mb"]) / statistics.median(warm["client-mb"]) - 1)}
+    # Windows of 5 rounds, not single samples: a worker's RSS moves by tens of MB from round to
+    # round. The last round is left out: the server is already shutting Ray down when it lands.
+    warm, last = samples[args.warmup - 1:args.warmup + 4], samples[-6:-1]
+    growth = {"server-%": 100 * (window_median(last, "server-mb") / window_median(warm, "server-mb") - 1),
+              "clients-%": 100 * (window_median(last, "client-mb") / window_median(warm, "client-mb") - 1),
+              "windows": [[s["round"] for s in warm], [s["round"] for s in last]]}
     table = Table(title=f"{args.rounds}-round soak, {args.clients} clients ({' '.join(args.set)})")
     for col in ("round", "server RSS (MB)", "client workers RSS (MB, median / max)"):
         table.add_column(col, justify="right")
     for s in samples:
-        if s["round"] in (1, args.warmup, args.rounds // 2, args.rounds) and s["client-mb"]:
+        if s["round"] in (1, args.warmup, args.rounds // 2, args.rounds - 1) and s["client-mb"]:
             table.add_row(str(s["round"]), f"{s['server-mb']:.0f}",
                           f"{statistics.median(s['client-mb']):.0f} / {max(s['client-mb']):.0f}")
     console = Console()
     console.print(table)
-    console.print(f"growth from round {args.warmup} to {args.rounds}: server {growth['server-%']:+.1f} %, "
-                  f"client workers (median) {growth['clients-%']:+.1f} %")
+    console.print(f"growth, median RSS of rounds {args.warmup}–{args.warmup + 4} to rounds {args.rounds - 5}–"
+                  f"{args.rounds - 1}: server {growth['server-%']:+.1f} %, client workers {growth['clients-%']:+.1f} %")
     args.root.mkdir(parents=True, exist_ok=True)
     (args.root / "soak.json").write_text(json.dumps({"samples": samples, "growth": growth}, indent=1))
     return growth

@@ -84,3 +84,42 @@ def test_damaged_adapter_or_bad_top_is_one_clear_line(broken_run, capsys, extra,
     assert exit_info.value.code == 2
     out = capsys.readouterr().out.replace("\n", "")
     assert message in out and "Traceback" not in out
+
+
+@pytest.fixture()
+def finished_run(tmp_path):
+    """A simulation's run directory whose ledger commits all its rounds."""
+    import json
+
+    from server.ledger import Ledger
+
+    run = tmp_path / "finished"
+    run.mkdir()
+    (run / "simulation.json").write_text(json.dumps({"clients": 3, "scenario": [],
+                                                     "overrides": {"num-server-rounds": 2, "run-dir": str(run)}}))
+    ledger = Ledger(run / "ledger.sqlite")
+    for r in (1, 2):
+        ledger.commit_round(r, [], [], {})
+    ledger.close()
+    return run
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume", "{empty}"], "empty: no simulation.json; only runs started by `fedrec simulate` resume this way"),
+    (["--resume", "{finished}", "--rounds", "3"], "--resume takes no --rounds, --clients, --set, --run-dir"),
+    (["--resume", "{finished}"], "all 2 rounds are committed (2 ledger rounds); nothing to resume"),
+    (["--resume", "{garbled}"], "simulation.json: not a fedrec simulation plan"),
+])
+def test_resume_refuses_what_it_cannot_resume(argv, message, finished_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    garbled = tmp_path / "garbled"
+    garbled.mkdir()
+    (garbled / "ledger.sqlite").write_bytes((finished_run / "ledger.sqlite").read_bytes())
+    (garbled / "simulation.json").write_text("{\"clients\": 3")
+    argv = [a.format(empty=tmp_path / "empty", finished=finished_run, garbled=garbled) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", *argv])
+    assert exit_info.value.code == 2
+    out = capsys.readouterr().out
+    assert message in out.replace("\n", "") and "Traceback" not in out

@@ -15,7 +15,8 @@ from common.data import catalog_fingerprint, write_catalog, write_interactions
 from common.model import adapter_state, build_model, fingerprint, load_encoder, lora_config
 
 DECLARED_TRAIN_METRICS = {"num-examples", "train-loss", "epsilon", "delta", "steps", "sample-rate",
-                          "noise-multiplier", "max-grad-norm", "epsilon-max", "declined"}
+                          "noise-multiplier", "max-grad-norm", "epsilon-max", "declined", "client-id",
+                          "history-noise-multiplier", "history-sample-rate", "history-steps"}
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +71,10 @@ def test_reply_holds_only_adapter_tensors_and_declared_metrics(node, settings):
 
     metrics = reply.content["metrics"]
     assert set(metrics.keys()) == DECLARED_TRAIN_METRICS
-    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    assert all(isinstance(v, (int, float)) or all(isinstance(x, (int, float)) for x in v) for v in metrics.values())
+    # The accountant history it reports is the one it keeps: this round's DP-SGD release.
+    assert metrics["history-steps"] == [metrics["steps"]]
+    assert metrics["history-noise-multiplier"] == [metrics["noise-multiplier"]]
     # No text anywhere in the reply: no title of the client's history, no history text.
     blob = b"".join(t.numpy().tobytes() for t in sent.values()) + repr(dict(metrics)).encode()
     history = users[next(iter(users))]

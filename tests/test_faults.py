@@ -21,7 +21,8 @@ from common.model import adapter_state
 from server.validation import check_train_reply
 
 METRICS = {"num-examples": 100, "train-loss": 5.0, "epsilon": 1.0, "delta": 1e-5, "steps": 3, "sample-rate": 0.1,
-           "noise-multiplier": 1.0, "max-grad-norm": 1.0, "epsilon-max": 8.0, "declined": 0}
+           "noise-multiplier": 1.0, "max-grad-norm": 1.0, "epsilon-max": 8.0, "declined": 0, "client-id": 12345,
+           "history-noise-multiplier": [10.0, 1.0], "history-sample-rate": [1.0, 0.1], "history-steps": [1, 3]}
 
 
 def reply(arrays: dict, metrics: dict = METRICS, extra: dict | None = None) -> RecordDict:
@@ -67,6 +68,8 @@ def test_corrupted_adapters_are_refused(model_and_tokenizer, how, reason):
     ({**METRICS, "train-loss": float("nan")}, None, "metric 'train-loss' is nan"),
     ({**METRICS, "num-examples": 0}, None, "num-examples is 0"),
     ({**METRICS, "user-text-length": 12}, None, "undeclared metric(s) ['user-text-length']"),
+    ({**METRICS, "history-steps": [1.5, 3.0]}, None, "metric 'history-steps' must be a list of finite ints"),
+    ({**METRICS, "history-steps": [3]}, None, "the accountant history lists differ in length"),
     (METRICS, {"leak": ConfigRecord({"text": "hello"})}, "unexpected records"),
 ])
 def test_undeclared_or_mistyped_metrics_are_refused(model_and_tokenizer, metrics, extra, reason):
