@@ -33,13 +33,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import flwr
-from safetensors.torch import load_file
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp.strategy import FedAvgM, FedMedian, FedTrimmedAvg, MultiKrum
-
-from flwr.common.constant import SUPERLINK_NODE_ID
+from safetensors.torch import load_file
 
 from common.config import Settings, fedrec_home, partition_root
 from common.data import catalog_fingerprint, load_movielens, read_catalog, write_catalog
@@ -178,8 +177,7 @@ class RunRecorder(FedAvgM):
             reason = f"no reply within round-timeout = {self.settings.round_timeout:g} s"
             clients.append({"node": node, "error": reason})
             participants.append({"node": client_name(self.ledger, None, self.names, node), "phase": "train",
-                                 "status": "failed",
-                                 "reason": reason})
+                                 "status": "failed", "reason": reason})
         self.exhausted.update(declined)
         if self.central is None and len(accepted) < self.settings.min_replies:
             problems = "; ".join(f"node {c['node']}: {c.get('error') or c.get('rejected') or c.get('decline-reason')}"
@@ -541,6 +539,10 @@ def main(grid: Grid, context: Context) -> None:
     else:
         strategy.save_adapter(0, ArrayRecord(adapter_state(model)))
     initial = ArrayRecord(adapter_state(model))
+    if s.secure_aggregation:
+        grid = SecureGrid(grid, context, SecAggPlusWorkflow(
+            whole_or_fraction(s.secagg_num_shares), whole_or_fraction(s.secagg_reconstruction_threshold),
+            max_weight=s.secagg_max_weight, clipping_range=s.secagg_clipping_range))
     stopped = None
     try:
         if offset >= s.num_server_rounds:

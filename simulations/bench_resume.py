@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         ("uninterrupted run, wall (s)", f"{straight_s:.1f}"),
         ("killed after (s)", f"{killed_after:.1f}"),
         ("half a round, the kill point after the commit (s)", f"{half_round:.1f}"),
-        ("ServerApp restore: ledger, adapter, truncation (s)", f"{restore['restore-s']:.2f}"),
+        ("ServerApp start → run restored: model, ledger, adapter (s)", f"{restore['restore-s']:.2f}"),
         (f"resume command → round {committed + 1} committed (s)", f"{first_s:.1f}"),
         ("resume command, wall (s)", f"{resume_wall:.1f}"),
         ("killed + resumed vs uninterrupted, wall", f"{(killed_after + resume_wall) / straight_s:.2f}×"),

@@ -133,6 +133,8 @@ SIMULATION_FILE = "simulation.json"
 
 def resume_plan(args) -> tuple[Path, dict, int, list[str]]:
     """(run dir, overrides, clients, scenario) to start a killed simulation again: its own."""
+    from safetensors.torch import load_file
+
     from common.config import defaults
     from server.ledger import Ledger
 
@@ -150,12 +152,22 @@ def resume_plan(args) -> tuple[Path, dict, int, list[str]]:
         overrides, clients, scenario = dict(plan["overrides"]), int(plan["clients"]), list(plan["scenario"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         fail(f"{plan_file}: not a fedrec simulation plan ({e})")
-    ledger = Ledger(run_dir / "ledger.sqlite")
-    last, ledger_rounds = ledger.last_round(), ledger.db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
-    ledger.close()
+    try:
+        ledger = Ledger(run_dir / "ledger.sqlite")
+        last = ledger.last_round()
+        ledger.close()
+    except sqlite3.DatabaseError as e:
+        fail(f"{run_dir / 'ledger.sqlite'}: not a readable ledger ({e})")
     rounds = overrides.get("num-server-rounds", defaults()["num-server-rounds"])
-    if last is not None and rounds is not None and last >= rounds:
-        fail(f"--resume {run_dir}: all {rounds} rounds are committed ({ledger_rounds} ledger rounds); nothing to resume")
+    if last is not None and last >= rounds:
+        fail(f"--resume {run_dir}: all {rounds} rounds are committed; nothing to resume")
+    if last is not None:
+        adapter = run_dir / "adapters" / f"round-{last:03d}" / "adapter_model.safetensors"
+        try:
+            load_file(adapter)
+        except Exception as e:  # missing, truncated or not safetensors: the run cannot go on from it
+            fail(f"{adapter}: the adapter of the last committed round is not readable "
+                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     return run_dir, {**overrides, "resume": True}, clients, scenario
 
 

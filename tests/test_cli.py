@@ -104,11 +104,30 @@ def finished_run(tmp_path):
     return run
 
 
+def half_run(tmp_path, finished_run, adapter: bytes | None):
+    """The finished run's plan with 3 rounds, 2 committed, and round 2's adapter as given."""
+    import json
+
+    run = tmp_path / "half"
+    run.mkdir()
+    (run / "ledger.sqlite").write_bytes((finished_run / "ledger.sqlite").read_bytes())
+    (run / "simulation.json").write_text(json.dumps({"clients": 3, "scenario": [],
+                                                     "overrides": {"num-server-rounds": 3, "run-dir": str(run)}}))
+    if adapter is not None:
+        (run / "adapters" / "round-002").mkdir(parents=True)
+        (run / "adapters" / "round-002" / "adapter_model.safetensors").write_bytes(adapter)
+    return run
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--resume", "{empty}"], "empty: no simulation.json; only runs started by `fedrec simulate` resume this way"),
     (["--resume", "{finished}", "--rounds", "3"], "--resume takes no --rounds, --clients, --set, --run-dir"),
-    (["--resume", "{finished}"], "all 2 rounds are committed (2 ledger rounds); nothing to resume"),
+    (["--resume", "{finished}"], "all 2 rounds are committed; nothing to resume"),
     (["--resume", "{garbled}"], "simulation.json: not a fedrec simulation plan"),
+    (["--resume", "{no_adapter}"], "round-002/adapter_model.safetensors: the adapter of the last committed round is "
+                                   "not readable"),
+    (["--resume", "{bad_adapter}"], "the adapter of the last committed round is not readable (SafetensorError"),
+    (["--resume", "{bad_ledger}"], "ledger.sqlite: not a readable ledger (file is not a database)"),
 ])
 def test_resume_refuses_what_it_cannot_resume(argv, message, finished_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
@@ -117,7 +136,15 @@ def test_resume_refuses_what_it_cannot_resume(argv, message, finished_run, tmp_p
     garbled.mkdir()
     (garbled / "ledger.sqlite").write_bytes((finished_run / "ledger.sqlite").read_bytes())
     (garbled / "simulation.json").write_text("{\"clients\": 3")
-    argv = [a.format(empty=tmp_path / "empty", finished=finished_run, garbled=garbled) for a in argv]
+    runs = {"empty": tmp_path / "empty", "finished": finished_run, "garbled": garbled}
+    if "{no_adapter}" in argv:
+        runs["no_adapter"] = half_run(tmp_path, finished_run, None)
+    if "{bad_adapter}" in argv:
+        runs["bad_adapter"] = half_run(tmp_path, finished_run, b"\x00" * 10)
+    if "{bad_ledger}" in argv:
+        runs["bad_ledger"] = half_run(tmp_path, finished_run, None)
+        (runs["bad_ledger"] / "ledger.sqlite").write_bytes(b"not a database" * 100)
+    argv = [a.format(**runs) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         main(["simulate", *argv])
     assert exit_info.value.code == 2
