@@ -22,9 +22,7 @@ touches the folder's ``state/`` (the privacy accountant) or ``budget.json``.
 from __future__ import annotations
 
 import csv
-import datetime
 import json
-import math
 import shutil
 import time
 from collections import Counter
@@ -33,9 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.data import (
+    REQUIRED_EVENT_FIELDS,
     Catalog,
     DataError,
     Interaction,
+    parse_event,
     read_catalog,
     write_catalog,
     write_interactions,
@@ -43,7 +43,6 @@ from common.data import (
 from common.privacy import Budget, write_budget
 
 FIELDS = ("user_id", "item_id", "timestamp", "rating", "text")
-REQUIRED = ("user_id", "item_id", "timestamp")
 
 
 def parse_columns(pairs: list[str]) -> dict[str, str]:
@@ -68,7 +67,7 @@ def read_export(path: Path, columns: dict[str, str]) -> Iterator[tuple[int, dict
             if suffix == ".csv":
                 reader = csv.DictReader(f)
                 header = reader.fieldnames or []
-                missing = [name[c] for c in REQUIRED if name[c] not in header]
+                missing = [name[c] for c in REQUIRED_EVENT_FIELDS if name[c] not in header]
                 if missing:
                     raise DataError(f"{path}:1: missing column(s) {', '.join(missing)}; header is {header}")
                 for row in reader:
@@ -93,61 +92,6 @@ def read_export(path: Path, columns: dict[str, str]) -> Iterator[tuple[int, dict
         raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
     except csv.Error as e:
         raise DataError(f"{path}: {e}") from None
-
-
-def parse_timestamp(raw) -> int:
-    """Integer seconds, or an ISO 8601 date / date-time (UTC unless it carries an offset)."""
-    if isinstance(raw, bool):
-        raise ValueError
-    if isinstance(raw, int):
-        value = raw
-    elif isinstance(raw, float) and raw.is_integer():
-        value = int(raw)
-    elif isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
-        value = int(raw.strip())
-    elif isinstance(raw, str):
-        when = datetime.datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=datetime.timezone.utc)
-        value = int(when.timestamp())
-    else:
-        raise ValueError
-    if value < 0:
-        raise ValueError
-    return value
-
-
-def parse_event(raw: dict, where: str, catalog: Catalog) -> Interaction:
-    """One event, checked field by field; a DataError names ``where`` and the field."""
-    for f in REQUIRED:
-        value = raw.get(f)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            raise DataError(f"{where}: field '{f}': missing or empty")
-    user, item = str(raw["user_id"]).strip(), str(raw["item_id"]).strip()
-    if item not in catalog.index:
-        raise DataError(f"{where}: field 'item_id': {item!r} is not in the catalog")
-    try:
-        timestamp = parse_timestamp(raw["timestamp"])
-    except (ValueError, OverflowError):
-        raise DataError(f"{where}: field 'timestamp': {raw['timestamp']!r} is neither integer seconds (≥ 0) "
-                        "nor an ISO 8601 date") from None
-    rating = raw.get("rating")
-    if isinstance(rating, str):
-        rating = rating.strip() or None
-    if rating is not None:
-        try:
-            if isinstance(rating, bool):
-                raise ValueError
-            rating = float(rating)
-        except ValueError:
-            raise DataError(f"{where}: field 'rating': {raw['rating']!r} is not a number "
-                            "(leave it empty for an implicit event)") from None
-        if not (math.isfinite(rating) and 0 <= rating <= 5):
-            raise DataError(f"{where}: field 'rating': {rating:g} is outside 0-5")
-    text = raw.get("text")
-    if text is not None and not isinstance(text, str):
-        raise DataError(f"{where}: field 'text': expected a string, got {type(text).__name__}")
-    return Interaction(user, item, rating, timestamp, " ".join((text or "").split()))
 
 
 def prepare(export: Path, catalog_path: Path, out: Path, columns: dict[str, str] | None = None,

@@ -12,8 +12,8 @@ Two on-disk files, both UTF-8 CSV with a header row:
       user_id,item_id,rating,timestamp,text
       196,242,3,881250949,
 
-  ``rating`` is 1-5 (or empty for an implicit event), ``timestamp`` an integer
-  (seconds), ``text`` optional free text the user wrote about the item.
+  ``rating`` is 0-5 (or empty for an implicit event), ``timestamp`` integer seconds
+  (or an ISO 8601 date), ``text`` optional free text the user wrote about the item.
 
 Every problem in a file is reported as ``DataError("path:line: what is wrong")``.
 
@@ -24,7 +24,9 @@ atomic files) or from an official GroupLens ``ml-100k`` folder (``u.data``, ``u.
 from __future__ import annotations
 
 import csv
+import datetime
 import importlib.util
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ from pathlib import Path
 CATALOG_COLUMNS = ["item_id", "title", "year", "genres"]
 INTERACTION_COLUMNS = ["user_id", "item_id", "rating", "timestamp", "text"]
 REQUIRED_INTERACTION_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
+REQUIRED_EVENT_FIELDS = ("user_id", "item_id", "timestamp")  # rating may be empty: an implicit event
 
 GROUPLENS_GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -232,29 +235,68 @@ def write_interactions(interactions: list[Interaction], folder: Path) -> None:
             writer.writerow([it.user_id, it.item_id, rating, it.timestamp, it.text])
 
 
+def parse_timestamp(raw) -> int:
+    """Integer seconds, or an ISO 8601 date / date-time (UTC unless it carries an offset)."""
+    if isinstance(raw, bool):
+        raise ValueError
+    if isinstance(raw, int):
+        value = raw
+    elif isinstance(raw, float) and raw.is_integer():
+        value = int(raw)
+    elif isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+        value = int(raw.strip())
+    elif isinstance(raw, str):
+        when = datetime.datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        value = int(when.timestamp())
+    else:
+        raise ValueError
+    if value < 0:
+        raise ValueError
+    return value
+
+
+def parse_event(raw: dict, where: str, catalog: Catalog) -> Interaction:
+    """One event, checked field by field; a DataError names ``where`` and the field."""
+    for f in REQUIRED_EVENT_FIELDS:
+        value = raw.get(f)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise DataError(f"{where}: field '{f}': missing or empty")
+    user, item = str(raw["user_id"]).strip(), str(raw["item_id"]).strip()
+    if item not in catalog.index:
+        raise DataError(f"{where}: field 'item_id': {item!r} is not in the catalog")
+    try:
+        timestamp = parse_timestamp(raw["timestamp"])
+    except (ValueError, OverflowError):
+        raise DataError(f"{where}: field 'timestamp': {raw['timestamp']!r} is neither integer seconds (≥ 0) "
+                        "nor an ISO 8601 date") from None
+    rating = raw.get("rating")
+    if isinstance(rating, str):
+        rating = rating.strip() or None
+    if rating is not None:
+        try:
+            if isinstance(rating, bool):
+                raise ValueError
+            rating = float(rating)
+        except ValueError:
+            raise DataError(f"{where}: field 'rating': {raw['rating']!r} is not a number "
+                            "(leave it empty for an implicit event)") from None
+        if not (math.isfinite(rating) and 0 <= rating <= 5):
+            raise DataError(f"{where}: field 'rating': {rating:g} is outside 0-5")
+    text = raw.get("text")
+    if text is not None and not isinstance(text, str):
+        raise DataError(f"{where}: field 'text': expected a string, got {type(text).__name__}")
+    return Interaction(user, item, rating, timestamp, " ".join((text or "").split()))
+
+
 def read_interactions(folder: str | Path, catalog: Catalog) -> dict[str, list[Interaction]]:
     """One client's private data: {user_id: interactions sorted oldest first}."""
     path = Path(folder) / "interactions.csv"
     users: dict[str, list[Interaction]] = {}
     for line, row in _csv_rows(path, REQUIRED_INTERACTION_COLUMNS):
-        user, item = row["user_id"].strip(), row["item_id"].strip()
-        if not user:
-            raise DataError(f"{path}:{line}: user_id is empty")
-        if item not in catalog.index:
-            raise DataError(f"{path}:{line}: item_id {item!r} is not in the catalog")
-        rating_raw = row["rating"].strip()
-        try:
-            rating = float(rating_raw) if rating_raw else None
-            timestamp = int(row["timestamp"].strip())
-        except ValueError:
-            raise DataError(
-                f"{path}:{line}: rating must be a number (or empty) and timestamp an integer, "
-                f"got rating={rating_raw!r} timestamp={row['timestamp']!r}"
-            ) from None
-        if rating is not None and not 0 <= rating <= 5:
-            raise DataError(f"{path}:{line}: rating {rating:g} outside 0-5")
-        text = (row.get("text") or "").strip()
-        users.setdefault(user, []).append(Interaction(user, item, rating, timestamp, text))
+        event = parse_event(row, f"{path}:{line}", catalog)
+        users.setdefault(event.user_id, []).append(event)
     if not users:
         raise DataError(f"{path}: no interactions")
     for history in users.values():

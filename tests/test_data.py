@@ -62,12 +62,15 @@ def test_client_format_round_trip(movielens, tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("user_id,item_id,rating,timestamp\n1,1,4,100\n1,99999,4,101\n", r"interactions.csv:3: item_id '99999' is not in the catalog"),
-    ("user_id,item_id,rating,timestamp\n1,1,four,100\n", r"interactions.csv:2: rating must be a number"),
+    ("user_id,item_id,rating,timestamp\n1,1,4,100\n1,99999,4,101\n", r"interactions.csv:3: field 'item_id': '99999' is not in the catalog"),
+    ("user_id,item_id,rating,timestamp\n1,1,four,100\n", r"interactions.csv:2: field 'rating': 'four' is not a number"),
     ("user_id,item_id,timestamp\n1,1,100\n", r"interactions.csv:1: missing column\(s\) rating"),
     ("user_id,item_id,rating,timestamp\n1,1,4,100\n2,5,3\n", r"interactions.csv:3: expected 4 fields"),
     ("user_id,item_id,rating,timestamp\n", r"interactions.csv: no interactions"),
-    ("user_id,item_id,rating,timestamp\n1,1,9,100\n", r"interactions.csv:2: rating 9 outside 0-5"),
+    ("user_id,item_id,rating,timestamp\n1,1,4,yesterday\n", r"interactions.csv:2: field 'timestamp': 'yesterday' is "
+                                                           r"neither integer seconds"),
+    ("user_id,item_id,rating,timestamp\n,1,4,100\n", r"interactions.csv:2: field 'user_id': missing or empty"),
+    ("user_id,item_id,rating,timestamp\n1,1,9,100\n", r"interactions.csv:2: field 'rating': 9 is outside 0-5"),
 ])
 def test_malformed_client_file_names_file_and_line(movielens, tmp_path, content, message):
     catalog, _ = movielens
