@@ -21,6 +21,7 @@ the sum, equal weights and a fixed denominator in place of FedAvg's weighted mea
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import logging
@@ -179,6 +180,9 @@ class RunRecorder(FedAvgM):
             participants.append({"node": client_name(self.ledger, None, self.names, node), "phase": "train",
                                  "status": "failed", "reason": reason})
         self.exhausted.update(declined)
+        # Replies arrive in whatever order the network gives; floating-point sums depend on the
+        # order. Sorted by content, the same replies always give the same bits.
+        accepted.sort(key=lambda msg: content_digest(msg.content["arrays"]))
         if self.central is None and len(accepted) < self.settings.min_replies:
             problems = "; ".join(f"node {c['node']}: {c.get('error') or c.get('rejected') or c.get('decline-reason')}"
                                  for c in clients if "error" in c or "rejected" in c or "decline-reason" in c)
@@ -269,6 +273,10 @@ class RunRecorder(FedAvgM):
         self.ledger.commit_round(server_round, participants, mechanisms, numbers)
         self.row, self.ledger_rows = {}, ([], [])
         return metrics
+
+
+def content_digest(arrays: ArrayRecord) -> str:
+    return hashlib.sha256(b"".join(arrays[k].data for k in sorted(arrays))).hexdigest()
 
 
 def client_name(ledger: Ledger, msg: Message | None, names: dict[int, str], node: int | None = None) -> str:
