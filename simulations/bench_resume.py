@@ -78,10 +78,11 @@ def run_until(cmd: list[str], env: dict, condition, timeout: float = 1800) -> tu
     return proc, time.time() - started
 
 
-def first_new_round_s(run_dir: Path, env: dict, committed: int) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run the resume command; (its result, seconds until its first round committed, its wall time)."""
+def timed(cmd: list[str], run_dir: Path, env: dict, committed: int) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run ``cmd`` (which finds ``committed`` rounds in ``run_dir``); (its result, seconds until it
+    committed a round, its wall time)."""
     started = time.time()
-    proc = subprocess.Popen(resume_cmd(run_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = None
     while proc.poll() is None:
         if first is None and metrics_rows(run_dir) > committed:
@@ -103,12 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     console = Console()
 
     straight = args.root / "straight"
-    started = time.time()
-    done = subprocess.run(simulate_cmd(straight, args.clients, args.rounds, args.set), env=env, capture_output=True,
-                          text=True)
+    done, fresh_first_s, straight_s = timed(simulate_cmd(straight, args.clients, args.rounds, args.set), straight,
+                                            env, 0)
     if done.returncode != 0:
-        raise SystemExit(done.stdout[-3000:] + done.stderr[-3000:])
-    straight_s = time.time() - started
+        raise SystemExit(done.stdout[-3000:])
 
     killed = args.root / "killed"
     committed = args.kill_in_round - 1
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         return "at" in seen and time.time() - seen["at"] >= half_round
 
     _, killed_after = run_until(simulate_cmd(killed, args.clients, args.rounds, args.set), env, mid_round)
-    resumed, first_s, resume_wall = first_new_round_s(killed, env, committed)
+    resumed, first_s, resume_wall = timed(resume_cmd(killed), killed, env, committed)
     if resumed.returncode != 0:
         raise SystemExit(resumed.stdout[-3000:])
     restore = json.loads((killed / "resumes.jsonl").read_text().splitlines()[-1])
@@ -142,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         ("half a round, the kill point after the commit (s)", f"{half_round:.1f}"),
         ("ServerApp start → run restored: model, ledger, adapter (s)", f"{restore['restore-s']:.2f}"),
         (f"resume command → round {committed + 1} committed (s)", f"{first_s:.1f}"),
+        ("for comparison: fresh start → round 1 committed (s)", f"{fresh_first_s:.1f}"),
         ("resume command, wall (s)", f"{resume_wall:.1f}"),
         ("killed + resumed vs uninterrupted, wall", f"{(killed_after + resume_wall) / straight_s:.2f}×"),
         ("discarded: metrics rows / adapters", f"{restore['discarded-metrics-rows']} / "
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     console.print(table)
     (args.root / "resume.json").write_text(json.dumps({
         "straight-s": straight_s, "killed-after-s": killed_after, "restore-s": restore["restore-s"],
-        "first-round-s": first_s, "resume-wall-s": resume_wall, "max-abs-diff": diff}, indent=1))
+        "first-round-s": first_s, "fresh-first-round-s": fresh_first_s, "resume-wall-s": resume_wall,
+        "max-abs-diff": diff}, indent=1))
 
 
 if __name__ == "__main__":
