@@ -91,6 +91,7 @@ class RunRecorder(FedAvgM):
         self.reference_path = reference_path
         self.ledger = ledger
         self.names: dict[int, str] = {}  # Flower node id -> ledger pseudonym (from the client's own id)
+        self.pseudonym_key = ledger.meta("pseudonym-key")
         # A resumed run carries on from its last committed round: Flower counts from 1 again.
         self.round_offset = round_offset
         self.exhausted: set[int] = set()  # nodes that declined for budget: never sampled again
@@ -138,7 +139,7 @@ class RunRecorder(FedAvgM):
         clients, participants, mechanisms, central, accepted, declined = [], [], [], {}, [], []
         for msg in replies:
             node = self.replier(msg)
-            entry = {"node": client_name(self.ledger, msg, self.names, node), "phase": "train"}
+            entry = {"node": client_name(self.pseudonym_key, msg, self.names, node), "phase": "train"}
             if msg.has_error():  # crashed, or dropped out of SecAgg+
                 reason = short_reason(msg.error.reason)
                 clients.append({"node": node, "error": reason})
@@ -177,7 +178,7 @@ class RunRecorder(FedAvgM):
         for node in sorted(set(self.sampled) - {self.replier(m) for m in replies}):
             reason = f"no reply within round-timeout = {self.settings.round_timeout:g} s"
             clients.append({"node": node, "error": reason})
-            participants.append({"node": client_name(self.ledger, None, self.names, node), "phase": "train",
+            participants.append({"node": client_name(self.pseudonym_key, None, self.names, node), "phase": "train",
                                  "status": "failed", "reason": reason})
         self.exhausted.update(declined)
         # Replies arrive in whatever order the network gives; floating-point sums depend on the
@@ -279,13 +280,12 @@ def content_digest(arrays: ArrayRecord) -> str:
     return hashlib.sha256(b"".join(arrays[k].data for k in sorted(arrays))).hexdigest()
 
 
-def client_name(ledger: Ledger, msg: Message | None, names: dict[int, str], node: int | None = None) -> str:
+def client_name(key: str, msg: Message | None, names: dict[int, str], node: int | None = None) -> str:
     """The ledger's pseudonym for the client behind ``msg`` (from Flower ``node``).
 
     Clients send their own random ``client-id``, which outlives a server restart (Flower's node
     ids in a simulation do not); a client that never sent one is named by its node id.
     """
-    key = ledger.meta("pseudonym-key")
     node = msg.metadata.src_node_id if node is None else node
     if msg is not None:
         if not msg.has_error() and "metrics" in msg.content:
@@ -379,7 +379,7 @@ def popularity_prior(grid: Grid, model, checks: dict, s: Settings, run_dir: Path
     (run_dir / "prior.json").write_text(json.dumps(record, indent=1))
     participants, mechanisms = [], []
     for r in replies:
-        entry = {"node": client_name(ledger, r, strategy.names), "phase": "prior"}
+        entry = {"node": client_name(strategy.pseudonym_key, r, strategy.names), "phase": "prior"}
         if r.has_error():
             participants.append({**entry, "status": "failed", "reason": r.error.reason})
             continue
@@ -439,7 +439,7 @@ def load_catalog(s: Settings):
     return read_catalog(s.catalog) if s.catalog else load_movielens(s.dataset or None)[0]
 
 
-def resume_point(run_dir: Path, run_config: dict) -> tuple[int | None, dict]:
+def resume_point(run_dir: Path, run_config: dict, checks: dict) -> tuple[int | None, dict]:
     """Bring ``run_dir`` back to its last committed round; (that round or None, what was discarded).
 
     The ledger's last committed round R is the commit point. Metrics rows and adapters after R
@@ -450,7 +450,10 @@ def resume_point(run_dir: Path, run_config: dict) -> tuple[int | None, dict]:
     config_file = run_dir / "config.json"
     if not config_file.is_file() or not (run_dir / "ledger.sqlite").is_file():
         raise RunStopped(f"resume: {run_dir} has no config.json and ledger.sqlite; is it a fedrec run directory?")
-    stored = json.loads(config_file.read_text())["run-config"]
+    config = json.loads(config_file.read_text())
+    if {k: config.get(k) for k in checks} != checks:
+        raise RunStopped(f"resume: the base model or catalog differs from the one {run_dir} was trained with")
+    stored = config["run-config"]
     differ = sorted(k for k in set(stored) | set(run_config) if k != "resume" and stored.get(k) != run_config.get(k))
     if differ:
         raise RunStopped(f"resume: the run config differs from {config_file} in {', '.join(differ)}; "
@@ -498,13 +501,9 @@ def main(grid: Grid, context: Context) -> None:
         }, indent=1))
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         (run_dir / "ledger.sqlite").unlink(missing_ok=True)
-    elif (run_dir / "config.json").is_file():
-        stored = json.loads((run_dir / "config.json").read_text())
-        if {k: stored.get(k) for k in checks} != checks:
-            raise RunStopped(f"resume: the base model or catalog differs from the one {run_dir} was trained with")
     resumed_from, resume = None, {}
     if s.resume:
-        resumed_from, resume = resume_point(run_dir, dict(context.run_config))
+        resumed_from, resume = resume_point(run_dir, dict(context.run_config), checks)
     ledger = Ledger(run_dir / "ledger.sqlite")
     num_nodes = len(wait_for_nodes(grid, s.min_train_nodes))
     central = None

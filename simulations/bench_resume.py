@@ -26,6 +26,8 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file
 
+from simulations.localhost import process_tree, signal_all
+
 SMALL = ["max-users=30", "local-steps=2", "batch-size=8"]
 
 
@@ -46,18 +48,10 @@ def metrics_rows(run_dir: Path) -> int:
 def kill_hard(proc: subprocess.Popen) -> None:
     """SIGKILL the process, then every process it started (Ray's GCS, raylet and workers): what
     is left when the machine running the server dies."""
-    try:
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    os.kill(proc.pid, signal.SIGKILL)
+    tree = process_tree(proc.pid)  # the process first: it dies before what it started
+    signal_all(tree, signal.SIGKILL)
     proc.wait()
-    for p in descendants:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(descendants, timeout=30)
+    psutil.wait_procs(tree[1:], timeout=30)
 
 
 def run_until(cmd: list[str], env: dict, condition, timeout: float = 1800) -> tuple[subprocess.Popen, float]:

@@ -43,6 +43,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The process and all its descendants (Flower detaches its SuperExec processes into their
+    own sessions, so process groups miss them); [] if it is gone."""
+    try:
+        parent = psutil.Process(pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def signal_all(processes: list[psutil.Process], sig: int) -> None:
+    for p in processes:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
 class ByteCounter:
     """A TCP relay 127.0.0.1:<port> → target that counts bytes in each direction."""
 
@@ -123,24 +141,10 @@ class LocalDeployment:
 
     def stop(self) -> None:
         """SIGTERM every process started here and all their descendants, then SIGKILL stragglers."""
-        tree = []
-        for proc in self.processes:
-            try:
-                parent = psutil.Process(proc.pid)
-                tree += [parent, *parent.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for p in tree:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
+        tree = [p for proc in self.processes for p in process_tree(proc.pid)]
+        signal_all(tree, signal.SIGTERM)
         _, alive = psutil.wait_procs(tree, timeout=10)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        signal_all(alive, signal.SIGKILL)
         psutil.wait_procs(alive, timeout=5)
         for proc in self.processes:
             proc.poll()  # reap
@@ -190,13 +194,8 @@ class LocalDeployment:
         see without them, a refused connection (which they retry), not a TLS stream cut short."""
         for counter in self.counters.values():
             counter.close()
-        tree = [psutil.Process(self.superlink.pid)]
-        tree += tree[0].children(recursive=True)
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        tree = process_tree(self.superlink.pid)
+        signal_all(tree, signal.SIGKILL)
         psutil.wait_procs(tree, timeout=30)
         self.superlink.wait()
         self.start_superlink()
