@@ -32,7 +32,7 @@ from client.train import train as train_local
 from common.config import Settings
 from common.data import catalog_fingerprint, leave_last_out, read_catalog, read_interactions
 from common.model import (adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
-                          lora_config, refresh_item_embeddings)
+                          adapter_config, refresh_item_embeddings)
 from common.metrics import item_counts
 from common.privacy import (UNIT, Budget, client_id, epsilon, history_metrics, load_history, read_budget,
                             save_history, spend)
@@ -79,11 +79,11 @@ MODEL_LOADS = 0  # how many times this process loaded the base model (once per c
 def load_model(s: Settings, num_items: int):
     """The base model is loaded once per process and reused across rounds."""
     global MODEL_LOADS
-    key = (s.model, s.model_layers, s.lora_rank, s.lora_alpha, s.lora_targets, num_items)
+    key = (s.model, s.model_layers, s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_layers, num_items)
     if key not in _MODELS:
         encoder, tokenizer = load_encoder(s.model, s.model_layers)
         base_sha = fingerprint(encoder)  # before LoRA is injected into it
-        model = build_model(encoder, num_items, lora_config(s.lora_rank, s.lora_alpha, s.lora_targets))
+        model = build_model(encoder, num_items, adapter_config(s, encoder))
         _MODELS[key] = {"model": model, "tokenizer": tokenizer, "base-sha256": base_sha, "items-of": None}
         MODEL_LOADS += 1
     return _MODELS[key]

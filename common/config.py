@@ -96,6 +96,7 @@ class Settings:
     lora_rank: int
     lora_alpha: float
     lora_targets: str
+    lora_layers: int
     lora_train_a: bool
     initial_score_scale: float
     max_length: int
@@ -167,6 +168,7 @@ class Settings:
         require(self.canaries >= 0, "canaries must be >= 0 (0 = no empirical audit)")
         require(self.model_layers >= 0, "model-layers must be >= 0 (0 = all of the encoder's layers)")
         require(self.lora_rank >= 1, "lora-rank must be >= 1")
+        require(self.lora_layers >= 0, "lora-layers must be >= 0 (0 = every encoder layer)")
         require(self.initial_score_scale > 0, "initial-score-scale must be > 0")
         require(self.max_length >= 16, "max-length must be >= 16")
         require(self.noise_multiplier >= 0, "noise-multiplier must be >= 0")

@@ -50,15 +50,19 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, seen: Sequence[Seq
     return (scores >= target_scores).sum(dim=1) - 1
 
 
+def per_user_metrics(ranks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """HR@10, NDCG@10 and Recall@20 of each user with one held-out item (0-based ``ranks``)."""
+    ranks = ranks.double()
+    return {
+        "hr@10": (ranks < 10).double(),
+        "ndcg@10": torch.where(ranks < 10, 1.0 / torch.log2(ranks + 2), torch.zeros_like(ranks)),
+        "recall@20": (ranks < 20).double(),
+    }
+
+
 def metrics_from_ranks(ranks: torch.Tensor) -> dict[str, float]:
     """Mean HR@10, NDCG@10 and Recall@20 over users with one held-out item each."""
-    ranks = ranks.double()
-    ndcg = torch.where(ranks < 10, 1.0 / torch.log2(ranks + 2), torch.zeros_like(ranks))
-    return {
-        "hr@10": (ranks < 10).double().mean().item(),
-        "ndcg@10": ndcg.mean().item(),
-        "recall@20": (ranks < 20).double().mean().item(),
-    }
+    return {k: v.mean().item() for k, v in per_user_metrics(ranks).items()}
 
 
 def item_counts(items: Sequence[int], num_items: int) -> torch.Tensor:

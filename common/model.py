@@ -52,6 +52,14 @@ def resolve_model_path(name_or_path: str) -> Path:
     return path
 
 
+def check_model_settings(s) -> None:
+    """Fail early, with the setting's name, on a model folder or depth the run cannot build."""
+    depth = AutoConfig.from_pretrained(resolve_model_path(s.model), local_files_only=True).num_hidden_layers
+    if s.model_layers > depth:
+        raise ValueError(f"model-layers: {s.model_layers} is not in 1..{depth} (0 = all {depth})")
+    lora_config(s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_layers, s.model_layers or depth)
+
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -127,14 +135,30 @@ def fingerprint(encoder: nn.Module) -> str:
     return h.hexdigest()
 
 
-def lora_config(rank: int, alpha: float, targets: str) -> LoraConfig:
+def lora_config(rank: int, alpha: float, targets: str, top_layers: int = 0, num_layers: int = 0) -> LoraConfig:
+    """LoRA on ``targets`` in the top ``top_layers`` of ``num_layers`` encoder layers (0 = all).
+
+    Only the top layers: the gradient then stops there, so the lower layers run forward only,
+    and DP-SGD noise lands on fewer numbers."""
+    layers = None
+    if top_layers:
+        if not 0 < top_layers <= num_layers:
+            raise ValueError(f"lora-layers: {top_layers} is not in 1..{num_layers} (the encoder's layers)")
+        layers = list(range(num_layers - top_layers, num_layers))
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=0.0,
         target_modules=[t.strip() for t in targets.split(",") if t.strip()],
+        layers_to_transform=layers,
+        layers_pattern="layer" if layers else None,
         modules_to_save=["scorer"],
     )
+
+
+def adapter_config(s, encoder: nn.Module) -> LoraConfig:
+    """The run's LoRA config (``lora-rank``, ``lora-alpha``, ``lora-targets``, ``lora-layers``)."""
+    return lora_config(s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_layers, encoder.config.num_hidden_layers)
 
 
 def build_model(encoder: nn.Module, num_items: int, config: LoraConfig, seed: int = 0,

@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 from common.config import Settings, fedrec_home, partition_root
 from common.data import catalog_fingerprint, load_movielens, read_catalog, write_catalog
 from common.model import (adapter_state, build_model, fingerprint, is_trained, load_adapter_state, load_encoder,
-                          lora_config, resolve_model_path, set_item_bias)
+                          adapter_config, resolve_model_path, set_item_bias)
 from common.privacy import CLIENT_UNIT, UNIT
 from server.central_dp import ACCOUNTANT as CENTRAL_ACCOUNTANT
 from server.central_dp import ClientLevelDP
@@ -488,7 +488,7 @@ def main(grid: Grid, context: Context) -> None:
     catalog = load_catalog(s)
     encoder, _ = load_encoder(s.model, s.model_layers)
     base_sha = fingerprint(encoder)
-    model = build_model(encoder, len(catalog), lora_config(s.lora_rank, s.lora_alpha, s.lora_targets), seed=s.seed,
+    model = build_model(encoder, len(catalog), adapter_config(s, encoder), seed=s.seed,
                         init_scale=s.initial_score_scale)
     model.peft_config["default"].base_model_name_or_path = str(resolve_model_path(s.model))
     checks = {"base-sha256": base_sha, "catalog-sha256": catalog_fingerprint(catalog)}

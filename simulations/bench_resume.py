@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from simulations.localhost import process_tree, signal_all
 
-SMALL = ["max-users=30", "local-steps=2", "batch-size=8"]
+SMALL = ["model-layers=2", "max-users=30", "local-steps=2", "batch-size=8"]
 
 
 def simulate_cmd(run_dir: Path, clients: int, rounds: int, settings: list[str]) -> list[str]:

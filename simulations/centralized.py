@@ -27,7 +27,7 @@ from client.train import evaluate, train
 from common.config import Settings, defaults, parse_overrides
 from common.data import leave_last_out, load_movielens
 from common.metrics import item_counts
-from common.model import build_model, load_encoder, lora_config, refresh_item_embeddings, set_item_bias
+from common.model import build_model, load_encoder, adapter_config, refresh_item_embeddings, set_item_bias
 from common.privacy import statement
 from simulations.partition import popularity_reference, select_users
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_ex, valid, test = leave_last_out(users, catalog, s.history_len)
     popularity = popularity_reference(users, catalog, s.history_len)
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
-    model = build_model(encoder, len(catalog), lora_config(s.lora_rank, s.lora_alpha, s.lora_targets), seed=s.seed,
+    model = build_model(encoder, len(catalog), adapter_config(s, encoder), seed=s.seed,
                         init_scale=s.initial_score_scale)
     history = []
     if s.popularity_prior:  # the federated run's prior, from one histogram

@@ -48,7 +48,7 @@ def count_users(s) -> int:
 def simulate(args) -> int:
     from common.config import ConfigError, Settings, defaults, parse_overrides
     from common.data import DataError
-    from common.model import resolve_model_path
+    from common.model import check_model_settings
     from simulations.partition import materialize
     from simulations.scenarios import ENV as SCENARIO_ENV
     from simulations.scenarios import parse as parse_scenario
@@ -66,7 +66,7 @@ def simulate(args) -> int:
         overrides["run-dir"] = str(run_dir)
     try:
         s = Settings.from_run_config({**defaults(), **overrides})
-        resolve_model_path(s.model)  # a wrong model folder fails here, not in every client
+        check_model_settings(s)  # a wrong model folder or depth fails here, not in every client
         if args.clients is not None and args.clients < 1:
             raise ValueError(f"--clients {args.clients}: need at least 1")
         clients = args.clients or (count_users(s) if s.partition == "user" else DEFAULT_SILOS)

@@ -278,7 +278,7 @@ class LocalDeployment:
 
 def deploy(root: Path, sites: int, overrides: dict) -> dict:
     """Partition the data into ``sites`` folders, deploy, run once; the figures of that run."""
-    from common.model import adapter_state, build_model, load_encoder, lora_config
+    from common.model import adapter_state, build_model, load_encoder, adapter_config
     from simulations.partition import materialize
 
     s = Settings.from_run_config({**defaults(), **overrides, "partition-dir": str(root / "data")})
@@ -297,7 +297,7 @@ def deploy(root: Path, sites: int, overrides: dict) -> dict:
     rows = [json.loads(line) for line in (Path(overrides["run-dir"]) / "metrics.jsonl").read_text().splitlines()]
     elapsed = [r["elapsed-s"] for r in rows]
     encoder, _ = load_encoder(s.model, s.model_layers)
-    model = build_model(encoder, 1682, lora_config(s.lora_rank, s.lora_alpha, s.lora_targets))
+    model = build_model(encoder, 1682, adapter_config(s, encoder))
     adapter_bytes = sum(t.numel() * t.element_size() for t in adapter_state(model).values())
     return {"sites": sites, "rounds": len(rows), "wall-s": round(wall, 1),
             "round-s": [round(b - a, 1) for a, b in zip(elapsed, elapsed[1:])], "first-round-s": elapsed[0],

@@ -92,14 +92,19 @@ def assign(users: dict[str, list[Interaction]], catalog: Catalog, scheme: str, n
     return [sorted(s, key=ids.index) for s in silos]
 
 
-def popularity_reference(users: dict[str, list[Interaction]], catalog: Catalog, history_len: int) -> dict:
-    """Popularity baseline on the leave-last-out split: items ranked by training count."""
-    _, valid, test = leave_last_out(users, catalog, history_len)
+def popularity_model(users: dict[str, list[Interaction]], catalog: Catalog) -> torch.Tensor:
+    """Item scores of the popularity baseline: training-interaction counts (held-out items excluded)."""
     train_items = []
     for history in users.values():
         keep = history[:-2] if len(history) >= 3 else history
         train_items.extend(catalog.index[it.item_id] for it in keep)
-    scores = popularity_scores(train_items, len(catalog))
+    return popularity_scores(train_items, len(catalog))
+
+
+def popularity_reference(users: dict[str, list[Interaction]], catalog: Catalog, history_len: int) -> dict:
+    """Popularity baseline on the leave-last-out split: items ranked by training count."""
+    _, valid, test = leave_last_out(users, catalog, history_len)
+    scores = popularity_model(users, catalog)
 
     def evaluate(examples):
         s = scores.expand(len(examples), -1)

@@ -1,6 +1,6 @@
 """Soak: a long small simulation, watching the resident memory of the server and the clients.
 
-    python -m simulations.soak --rounds 50 --clients 3 --set max-users=30 local-steps=2 batch-size=8
+    python -m simulations.soak --rounds 50 --clients 3 --set model-layers=2 max-users=30 local-steps=2 batch-size=8
 
 Runs ``fedrec simulate`` in a subprocess (the ServerApp runs in that process; each simulated
 client in a Ray worker) and samples RSS when each round's metrics row appears: the server's
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--root", type=Path, default=Path(f"/tmp/fedrec-soak-{time.strftime('%Y%m%d-%H%M%S')}"))
-    parser.add_argument("--set", nargs="*", default=["max-users=30", "local-steps=2", "batch-size=8"])
+    parser.add_argument("--set", nargs="*", default=["model-layers=2", "max-users=30", "local-steps=2", "batch-size=8"])
     args = parser.parse_args(argv)
     run = args.root / "run"
     cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--rounds", str(args.rounds), "--clients",

@@ -8,7 +8,7 @@ import pytest
 
 from common.config import Settings, defaults
 from common.data import leave_last_out, load_movielens
-from common.model import build_model, load_encoder, lora_config, refresh_item_embeddings
+from common.model import build_model, load_encoder, adapter_config, refresh_item_embeddings
 from simulations.partition import select_users
 
 
@@ -34,6 +34,6 @@ def small_split(movielens, settings):
 def model_and_tokenizer(movielens, settings):
     catalog, _ = movielens
     encoder, tokenizer = load_encoder(settings.model, settings.model_layers)
-    model = build_model(encoder, len(catalog), lora_config(settings.lora_rank, settings.lora_alpha, settings.lora_targets))
+    model = build_model(encoder, len(catalog), adapter_config(settings, encoder))
     refresh_item_embeddings(model, tokenizer, catalog.texts())
     return model, tokenizer

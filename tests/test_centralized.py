@@ -12,7 +12,7 @@ from simulations.centralized import main
 @pytest.mark.parametrize("dp", [False, True])
 def test_centralized_reference_runs_and_accounts(dp, tmp_path):
     argv = ["--steps", "2", "--eval-every", "2", "--max-users", "12", "--out", str(tmp_path / "c.json"),
-            "--set", "batch-size=8", "noise-multiplier=0.8"] + (["--dp"] if dp else [])
+            "--set", "model-layers=2", "batch-size=8", "noise-multiplier=0.8"] + (["--dp"] if dp else [])
     figures = main(argv)
     assert 0 <= figures["test"]["ndcg@10"] <= figures["test"]["hr@10"] <= 1
     assert figures["users"] == 12 and (tmp_path / "c.json").is_file()

@@ -9,10 +9,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from peft import get_peft_model_state_dict
 
 import client.client_app as client_app
-from common.config import defaults
+from common.config import Settings, defaults
 from common.privacy import Budget, epsilon, load_history, write_budget
 from common.data import catalog_fingerprint, write_catalog, write_interactions
-from common.model import adapter_state, build_model, fingerprint, load_encoder, lora_config
+from common.model import adapter_state, build_model, adapter_config, fingerprint, load_encoder
 
 DECLARED_TRAIN_METRICS = {"num-examples", "train-loss", "epsilon", "delta", "steps", "sample-rate",
                           "noise-multiplier", "max-grad-norm", "epsilon-max", "declined", "client-id",
@@ -45,8 +45,7 @@ def server_message(catalog, run_config, server_round: int, kind: str = "train", 
     checks = {"base-sha256": fingerprint(encoder), "catalog-sha256": catalog_fingerprint(catalog),
               "server-round": server_round}
     if arrays is None:
-        model = build_model(encoder, len(catalog), lora_config(run_config["lora-rank"], run_config["lora-alpha"],
-                                                              run_config["lora-targets"]))
+        model = build_model(encoder, len(catalog), adapter_config(Settings.from_run_config(run_config), encoder))
         arrays = ArrayRecord(adapter_state(model))
     content = RecordDict({"arrays": arrays, "config": ConfigRecord(checks)})
     return Message(content=content, dst_node_id=7, message_type=kind)
@@ -61,7 +60,7 @@ def test_reply_holds_only_adapter_tensors_and_declared_metrics(node, settings):
 
     # Names and count equal the PEFT model's trainable parameters, nothing else.
     encoder, _ = load_encoder(settings.model, 2)
-    reference = build_model(encoder, len(catalog), lora_config(settings.lora_rank, settings.lora_alpha, settings.lora_targets))
+    reference = build_model(encoder, len(catalog), adapter_config(settings, encoder))
     trainable = {n for n, p in reference.named_parameters() if p.requires_grad}
     assert len(sent) == len(trainable) == len(get_peft_model_state_dict(reference))
     assert set(sent) == set(get_peft_model_state_dict(reference))

@@ -53,7 +53,7 @@ def test_deployment_with_tls_node_auth_and_no_text_leaving_the_sites(tmp_path):
     materialize(s, 3)
     sites = [tmp_path / "data" / f"client-{k}" for k in range(2)]
     canaries = [c for site in sites for c in plant_canaries(site)]
-    overrides = {"num-server-rounds": 2, "local-steps": 2, "batch-size": 8, "max-users": 45,
+    overrides = {"model-layers": 2, "num-server-rounds": 2, "local-steps": 2, "batch-size": 8, "max-users": 45,
                  "run-dir": str(tmp_path / "run")}
     started = []
     budgets = [(6.5, 1e-5), (7.5, 1e-6)]  # each site's own, through --node-config (budget.json says 8.0)

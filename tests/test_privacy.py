@@ -8,8 +8,10 @@ import pytest
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
+from peft import PeftModel
 
 from client.train import _collate, train
+from common.model import Recommender, adapter_config, build_model, load_encoder, refresh_item_embeddings
 from common.privacy import epsilon, load_history, save_history
 
 # Opacus' hooks compute per-sample gradients analytically; against autograd on the single
@@ -136,3 +138,34 @@ def test_accounted_sample_rate_is_the_sampled_one(model_and_tokenizer, small_spl
     assert result.steps == 16 and result.history == [(10.0, 1.0, 1), (1.0, 1 / 93, 16)]
     assert result.epsilon == epsilon([(10.0, 1.0, 1), (1.0, 1 / 93, 16)], s.delta, s.accountant)
     assert result.epsilon < epsilon([(10.0, 1.0, 1), (1.0, 1 / 92, 16)], s.delta, s.accountant)
+
+
+def test_lora_on_the_top_layers_only(movielens, small_split, settings, tmp_path):
+    """lora-layers = 1 on the 2-layer encoder: LoRA sits in layer 1 alone (the gradient stops
+    there); one DP step moves all of it and no base weight; the saved adapter folder opens
+    with PEFT onto the same tensors."""
+    catalog, _ = movielens
+    _, _, train_ex, _, _ = small_split
+    s = dataclasses.replace(settings, dp=True, local_steps=1, lora_layers=1)
+    encoder, tokenizer = load_encoder(s.model, s.model_layers)
+    model = build_model(encoder, len(catalog), adapter_config(s, encoder))
+    refresh_item_embeddings(model, tokenizer, catalog.texts())
+    lora = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert len(lora) == 2 * len(s.lora_targets.split(","))  # A and B, per target, one layer
+    assert all(".layer.1." in n for n in lora), lora
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, tokenizer, train_ex, s, history=[], seed=0)
+    after = {n: p.detach() for n, p in model.named_parameters()}
+    for name in lora:
+        assert not torch.equal(before[name], after[name]), f"{name} did not change"
+    base = [n for n in after if "lora_" not in n and "scorer" not in n]
+    assert any(".layer.0." in n for n in base)
+    for name in base:
+        assert torch.equal(before[name], after[name]), f"base weight {name} changed"
+
+    model.save_pretrained(tmp_path / "adapter")
+    fresh, _ = load_encoder(s.model, s.model_layers)
+    reopened = PeftModel.from_pretrained(Recommender(fresh, len(catalog)), str(tmp_path / "adapter"))
+    reopened_lora = {n: p for n, p in reopened.named_parameters() if "lora_" in n}
+    assert sorted(reopened_lora) == sorted(lora)
+    assert all(torch.equal(reopened_lora[n].detach(), after[n]) for n in lora)

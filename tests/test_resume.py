@@ -142,7 +142,7 @@ def test_deployment_resumes_after_the_superlink_and_serverapp_are_killed(tmp_pat
     materialize(s, 2)
     sites = [tmp_path / "data" / f"client-{k}" for k in range(2)]
     run = tmp_path / "run"
-    overrides = {"num-server-rounds": ROUNDS, "local-steps": 2, "batch-size": 8, "max-users": 30,
+    overrides = {"model-layers": 2, "num-server-rounds": ROUNDS, "local-steps": 2, "batch-size": 8, "max-users": 30,
                  "run-dir": str(run)}
     with LocalDeployment(tmp_path, sites) as d:
         d.wait_for_nodes(2)

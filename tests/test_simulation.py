@@ -29,7 +29,7 @@ def run_dir(tmp_path_factory):
     run = base / "run"
     env = {**os.environ, "FEDREC_HOME": str(base / "home")}
     cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--rounds", str(ROUNDS), "--clients", str(CLIENTS),
-           "--run-dir", str(run), "--set", "max-users=24", "batch-size=8", "max-length=64",
+           "--run-dir", str(run), "--set", "model-layers=2", "max-users=24", "batch-size=8", "max-length=64",
            "history-len=4", "noise-multiplier=1.0", "fraction-train=1.0", "local-steps=3", f"canaries={CANARIES}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -219,7 +219,7 @@ def test_clients_enforce_their_budgets_and_the_run_stops_cleanly(tmp_path):
     from common.privacy import Budget, write_budget
     from simulations.partition import materialize
 
-    overrides = {"max-users": 24, "batch-size": 8, "max-length": 64, "history-len": 4, "fraction-train": 1.0,
+    overrides = {"model-layers": 2, "max-users": 24, "batch-size": 8, "max-length": 64, "history-len": 4, "fraction-train": 1.0,
                  "local-steps": 3, "min-train-nodes": 3, "partition-dir": str(tmp_path / "parts")}
     s = Settings.from_run_config({**defaults(), **overrides})
     root = materialize(s, 3)
@@ -256,7 +256,7 @@ def test_central_dp_run_is_accounted_and_audited_as_its_own_guarantee(tmp_path):
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--rounds", "3", "--clients", "3", "--run-dir", str(run),
-           "--set", "max-users=24", "batch-size=8", "max-length=64", "history-len=4", "local-steps=2",
+           "--set", "model-layers=2", "max-users=24", "batch-size=8", "max-length=64", "history-len=4", "local-steps=2",
            "fraction-train=0.6", "central-dp=true", "popularity-prior=false", "central-noise-multiplier=1.5",
            "central-clipping-norm=5"]
     proc = subprocess.run(cmd, env={**os.environ, "FEDREC_HOME": str(tmp_path / "home"), "COLUMNS": "250"},
@@ -284,3 +284,22 @@ def test_central_dp_run_is_accounted_and_audited_as_its_own_guarantee(tmp_path):
     assert report["central"]["releases"] == 3 and "client-level" in report["central"]["unit"]
     assert "server" not in {c["node"] for c in report["clients"]}  # never mixed with the example-level ones
     assert "Client-level guarantee" in (run / "report.html").read_text()
+
+
+def test_significance_rescores_the_run_exactly_and_bootstraps_the_lift(run_dir, tmp_path):
+    """`python -m simulations.significance` re-scores the run's test users: its means equal what
+    the clients reported for the last round and what the partition's popularity reference says."""
+    run, _ = run_dir
+    out = tmp_path / "significance.json"
+    proc = subprocess.run([sys.executable, "-m", "simulations.significance", str(run), "--resamples", "500",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "95 % interval of the lift" in proc.stdout
+    figures = json.loads(out.read_text())
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert figures["users"] == last["eval-users"]
+    for k in ("hr@10", "ndcg@10", "recall@20"):
+        assert figures[k]["model"] == pytest.approx(last[k], abs=1e-9), k
+        assert figures[k]["popularity"] == pytest.approx(last[f"popularity-{k}"], abs=1e-12), k
+        assert figures[k]["lift-low"] <= figures[k]["lift"] <= figures[k]["lift-high"], k
