@@ -31,8 +31,8 @@ from client.train import sample_rate
 from client.train import train as train_local
 from common.config import Settings
 from common.data import catalog_fingerprint, leave_last_out, read_catalog, read_interactions
-from common.model import (adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
-                          adapter_config, refresh_item_embeddings)
+from common.model import (adapter_config, adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
+                          refresh_item_embeddings)
 from common.metrics import item_counts
 from common.privacy import (UNIT, Budget, client_id, epsilon, history_metrics, load_history, read_budget,
                             save_history, spend)

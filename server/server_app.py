@@ -43,8 +43,8 @@ from safetensors.torch import load_file
 
 from common.config import Settings, fedrec_home, partition_root
 from common.data import catalog_fingerprint, load_movielens, read_catalog, write_catalog
-from common.model import (adapter_state, build_model, fingerprint, is_trained, load_adapter_state, load_encoder,
-                          adapter_config, resolve_model_path, set_item_bias)
+from common.model import (adapter_config, adapter_state, build_model, fingerprint, is_trained, load_adapter_state,
+                          load_encoder, resolve_model_path, set_item_bias)
 from common.privacy import CLIENT_UNIT, UNIT
 from server.central_dp import ACCOUNTANT as CENTRAL_ACCOUNTANT
 from server.central_dp import ClientLevelDP

@@ -27,7 +27,7 @@ from client.train import evaluate, train
 from common.config import Settings, defaults, parse_overrides
 from common.data import leave_last_out, load_movielens
 from common.metrics import item_counts
-from common.model import build_model, load_encoder, adapter_config, refresh_item_embeddings, set_item_bias
+from common.model import adapter_config, build_model, load_encoder, refresh_item_embeddings, set_item_bias
 from common.privacy import statement
 from simulations.partition import popularity_reference, select_users
 

@@ -278,7 +278,7 @@ class LocalDeployment:
 
 def deploy(root: Path, sites: int, overrides: dict) -> dict:
     """Partition the data into ``sites`` folders, deploy, run once; the figures of that run."""
-    from common.model import adapter_state, build_model, load_encoder, adapter_config
+    from common.model import adapter_config, adapter_state, build_model, load_encoder
     from simulations.partition import materialize
 
     s = Settings.from_run_config({**defaults(), **overrides, "partition-dir": str(root / "data")})

@@ -8,7 +8,7 @@ import pytest
 
 from common.config import Settings, defaults
 from common.data import leave_last_out, load_movielens
-from common.model import build_model, load_encoder, adapter_config, refresh_item_embeddings
+from common.model import adapter_config, build_model, load_encoder, refresh_item_embeddings
 from simulations.partition import select_users
 
 
