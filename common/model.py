@@ -52,12 +52,18 @@ def resolve_model_path(name_or_path: str) -> Path:
     return path
 
 
+def kept_layers(config, num_layers: int) -> int:
+    """How many encoder layers ``model-layers`` = ``num_layers`` keeps (0 = all), checked."""
+    if not 0 <= num_layers <= config.num_hidden_layers:
+        raise ValueError(f"model-layers: {num_layers} is not in 1..{config.num_hidden_layers} "
+                         f"(0 = all {config.num_hidden_layers})")
+    return num_layers or config.num_hidden_layers
+
+
 def check_model_settings(s) -> None:
     """Fail early, with the setting's name, on a model folder or depth the run cannot build."""
-    depth = AutoConfig.from_pretrained(resolve_model_path(s.model), local_files_only=True).num_hidden_layers
-    if s.model_layers > depth:
-        raise ValueError(f"model-layers: {s.model_layers} is not in 1..{depth} (0 = all {depth})")
-    lora_config(s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_layers, s.model_layers or depth)
+    config = AutoConfig.from_pretrained(resolve_model_path(s.model), local_files_only=True)
+    lora_config(s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_layers, kept_layers(config, s.model_layers))
 
 
 def device() -> torch.device:
@@ -113,10 +119,7 @@ def load_encoder(model: str, num_layers: int = 0):
     path = resolve_model_path(model)
     overrides = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if num_layers:
-        if not 0 < num_layers <= config.num_hidden_layers:
-            raise ValueError(f"model-layers: {num_layers} is not in 1..{config.num_hidden_layers}")
-        overrides["num_hidden_layers"] = num_layers
+    overrides["num_hidden_layers"] = kept_layers(config, num_layers)
     encoder = AutoModel.from_pretrained(path, local_files_only=True, **overrides)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tokenizer.truncation_side = "left"  # keep the most recent history

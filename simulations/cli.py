@@ -29,7 +29,7 @@ console = Console()
 
 
 def fail(message: str) -> None:
-    console.print(f"[red]fedrec: {message}[/red]")
+    console.print(f"[red]fedrec: {message}[/red]", soft_wrap=True)  # one line, however long the paths
     sys.exit(2)
 
 

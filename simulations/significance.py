@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from common.data import Catalog, leave_last_out, read_catalog, read_interactions
+from common.data import Catalog, leave_last_out, read_interactions
 from common.metrics import METRICS, per_user_metrics, target_ranks
 from common.model import score_users
 from common.recommend import load_recommender
@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
         model, tokenizer, catalog, s = load_recommender(args.run_dir, adapter)
         if not s.partition_dir:
             raise ValueError(f"{args.run_dir}: not a simulation run (its config has no partition-dir)")
-        users = run_users(Path(s.partition_dir), read_catalog(Path(s.partition_dir) / "catalog.csv"))
+        users = run_users(Path(s.partition_dir), catalog)  # the run's catalog (its SHA-256 was checked)
     except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]significance: {e}[/red]")
+        console.print(f"[red]significance: {e}[/red]", soft_wrap=True)
         sys.exit(2)
     _, _, test = leave_last_out(users, catalog, s.history_len)
     targets = torch.tensor([ex.target for ex in test])
