@@ -1,23 +1,37 @@
 """fedrec ClientApp: DP-LoRA training and evaluation on this node's private data.
 
-Node config (``flower-supernode --node-config``):
+Node config (``flower-supernode --node-config``), all of it the site's own:
 
 * ``data-dir``  folder with this client's ``interactions.csv`` (see ``common/data.py``)
 * ``catalog``   the public ``catalog.csv`` (default: in ``data-dir``, else its parent)
-* ``state-dir`` where the privacy accountant persists (default: ``data-dir/state``)
-* ``epsilon-max``, ``delta``  this client's privacy budget (else ``data-dir/budget.json``);
-  the client declines any round that would take its ε past it, whatever the server asks
+* ``state-dir`` where the site's privacy accountant lives for the site's lifetime (default:
+  ``data-dir/state``). Nothing the server sends (run config, run id, run-dir) moves it, so every
+  run composes with all earlier ones; ``fedrec client reset-accountant`` is the only way to start
+  a new one, and it is logged there.
+* ``epsilon-max``, ``delta``, ``declared-examples``  this client's privacy budget and the size it
+  makes public (else ``data-dir/budget.json``); the client declines any request that would take
+  its ε past ``epsilon-max``, whatever the server asks
 
 In simulation, nodes have ``partition-id``/``num-partitions`` instead, and the client
-reads ``<partition-dir>/client-<id>``, written by ``simulations.partition``.
+reads ``<partition-dir>/client-<id>``, written by ``simulations.partition``. A simulated site is
+fresh for each simulated run (its state is ``client-<id>/state/<run-dir name>``): the simulator
+plays every site, and says so.
+
+Everything a reply carries is listed in ``common/releases.py``; ``check_reply`` refuses to send
+anything else. A failure sends the server only a category; the detail stays in
+``state-dir/errors.log``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import json
 import math
 import secrets
+import time
+import traceback
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,16 +40,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.secure_aggregation import secure_aggregation_mod
-from client.train import evaluate as evaluate_local
-from client.train import sample_rate
+from client.train import evaluation_sums
 from client.train import train as train_local
-from common.config import Settings
-from common.data import catalog_fingerprint, leave_last_out, read_catalog, read_interactions
+from common.config import ConfigError, Settings
+from common.data import DataError, catalog_fingerprint, leave_last_out, read_catalog, read_interactions
 from common.model import (adapter_config, adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
                           refresh_item_embeddings)
 from common.metrics import item_counts
-from common.privacy import (UNIT, Budget, client_id, epsilon, history_metrics, load_history, read_budget,
-                            save_history, spend)
+from common.privacy import (UNIT, Budget, BudgetError, client_id, epsilon, history_metrics, load_history,
+                            public_sample_rate, read_budget, save_history, spend)
+from common.releases import ERROR_CATEGORIES, EVAL_SENSITIVITY, check_reply
 
 app = ClientApp(mods=[secure_aggregation_mod])  # a no-op unless the round is a SecAgg+ round
 
@@ -57,10 +71,64 @@ def data_paths(context: Context, s: Settings) -> tuple[Path, Path, Path]:
         catalog = catalog if catalog.is_file() else data_dir.parent / "catalog.csv"
     if "state-dir" in node:
         state_dir = Path(str(node["state-dir"])).expanduser()
-    else:
-        run_key = Path(s.run_dir).name if s.run_dir else f"run-{context.run_id}"
-        state_dir = data_dir / "state" / run_key
+    elif "data-dir" in node:  # a site: one accountant for the data's lifetime
+        state_dir = data_dir / "state"
+    else:  # a simulated site, fresh for each simulated run
+        state_dir = data_dir / "state" / (Path(s.run_dir).name if s.run_dir else f"run-{context.run_id}")
     return data_dir, catalog, state_dir
+
+
+def is_simulated(context: Context) -> bool:
+    """A node the simulator plays (its data is the partitioner's, not private)."""
+    return "data-dir" not in context.node_config and "partition-id" in context.node_config
+
+
+class Mismatch(RuntimeError):
+    """The server's base model or catalog is not this site's."""
+
+
+def site_errors(handler):
+    """Whatever fails, the server learns only a category (common/releases.ERROR_CATEGORIES).
+
+    Exception texts may quote the site's private data (a bad row's values), and Flower sends a
+    failed ClientApp's exception text to the server. The full traceback goes to the site's own
+    ``errors.log`` instead."""
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as e:
+            category = ("data" if isinstance(e, (DataError, UnicodeDecodeError)) else
+                        "budget" if isinstance(e, BudgetError) else
+                        "mismatch" if isinstance(e, Mismatch) else
+                        "request" if isinstance(e, ConfigError) else "internal")
+            where = log_error(context, msg, category)
+            raise SiteError(f"site error ({category}): {ERROR_CATEGORIES[category]}; the details are in the "
+                            f"site's own log{where}") from None
+    return guarded
+
+
+class SiteError(RuntimeError):
+    """What a failed request tells the server: a category and no private value."""
+
+
+def log_error(context: Context, msg: Message, category: str) -> str:
+    """Append the current exception's traceback to the site's errors.log; '' or a hint where it is."""
+    node = context.node_config
+    if "state-dir" in node or "data-dir" in node:
+        folder = Path(str(node.get("state-dir") or Path(str(node["data-dir"])) / "state")).expanduser()
+    else:  # a simulated site whose partition may not even exist
+        from common.config import fedrec_home
+
+        folder = fedrec_home() / "site-errors"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "errors.log", "a") as f:
+            f.write(json.dumps({"at": time.time(), "category": category, "message-type": msg.metadata.message_type,
+                                "traceback": traceback.format_exc()}) + "\n")
+    except OSError:
+        return " (which could not be written)"
+    return " (errors.log in its state folder)"
 
 
 @lru_cache(maxsize=4)
@@ -106,22 +174,24 @@ def decline(msg: Message, reason: str, eps_now: float, budget: Budget, state_dir
     """A reply that carries no update: the client refused this round, and says why."""
     metrics = MetricRecord({"declined": 1, "epsilon": eps_now, "delta": budget.delta,
                             "epsilon-max": budget.epsilon_max, **identity(state_dir, history)})
-    return Message(RecordDict({"metrics": metrics, "decline": ConfigRecord({"reason": reason})}), reply_to=msg)
+    content = RecordDict({"metrics": metrics, "decline": ConfigRecord({"reason": reason})})
+    check_reply("decline", content)
+    return Message(content, reply_to=msg)
 
 
-def check_budget(s: Settings, budget: Budget, history, mechanism) -> str | None:
-    """Why this client must refuse to run ``mechanism`` (σ, q, steps), or None if it can."""
+def check_budget(s: Settings, budget: Budget, history, releases: list) -> str | None:
+    """Why this client must refuse to make ``releases`` (each (σ, q, steps)), or None if it can."""
     if not s.dp:
         if math.isfinite(budget.epsilon_max):
             return (f"budget: this run trains with dp = false, which this client's budget "
                     f"(ε ≤ {budget.epsilon_max:g} at δ = {budget.delta:g}, {budget.source}) does not allow")
         return None
-    affordable, after = spend(history, mechanism, budget, s.accountant)
+    affordable, after = spend(history, releases, budget, s.accountant)
     if affordable:
         return None
     return (f"budget: this round would take ε from {epsilon(history, budget.delta, s.accountant):.3f} to "
             f"{after:.3f}, over epsilon-max {budget.epsilon_max:g} at δ = {budget.delta:g} "
-            f"({UNIT}, Opacus {s.accountant.upper()} accountant; {budget.source})")
+            f"({UNIT}; Opacus {s.accountant.upper()} accountant; {budget.source})")
 
 
 def prepare(msg: Message, context: Context):
@@ -131,9 +201,9 @@ def prepare(msg: Message, context: Context):
     entry = load_model(s, len(catalog))
     config = msg.content["config"]
     if config.get("base-sha256") and config["base-sha256"] != entry["base-sha256"]:
-        raise RuntimeError("base model differs from the server's (base-sha256 mismatch)")
+        raise Mismatch("base model differs from the server's (base-sha256 mismatch)")
     if config.get("catalog-sha256") and config["catalog-sha256"] != catalog_fingerprint(catalog):
-        raise RuntimeError(f"{catalog_path}: catalog differs from the server's (catalog-sha256 mismatch)")
+        raise Mismatch(f"{catalog_path}: catalog differs from the server's (catalog-sha256 mismatch)")
     state = msg.content["arrays"].to_torch_state_dict()
     model, tokenizer = entry["model"], entry["tokenizer"]
     load_adapter_state(model, state)
@@ -146,69 +216,109 @@ def prepare(msg: Message, context: Context):
     return s, budget, state_dir, model, tokenizer, train, valid, test
 
 
+def secret_noise(n: int, std: float) -> torch.Tensor:
+    """N(0, std²) noise from the OS entropy pool, as in training: a seed anyone knows could be replayed."""
+    return std * torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(secrets.randbits(63)))
+
+
 @app.train()
+@site_errors
 def train(msg: Message, context: Context) -> Message:
+    """Two releases: the adapter after DP-SGD (σ, q, local-steps) and the noisy example count
+    FedAvg weighs it by (σ_n, 1, 1). Both are priced before any private data is used."""
     s, budget, state_dir, model, tokenizer, train_examples, _, _ = prepare(msg, context)
     server_round = int(msg.content["config"]["server-round"])
     history = load_history(state_dir)
-    mechanism = (s.noise_multiplier, sample_rate(len(train_examples), s.batch_size), s.local_steps)
-    if reason := check_budget(s, budget, history, mechanism):
+    q = public_sample_rate(s.batch_size, budget) if s.dp else 0.0
+    releases = [(s.noise_multiplier, q, s.local_steps), (s.count_noise_multiplier, 1.0, 1)]
+    if reason := check_budget(s, budget, history, releases):
         return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
     # A simulated client is its partition, whatever node id it got this run.
     node = int(context.node_config.get("partition-id", context.node_id))
     seed = s.seed * 1_000_003 + server_round * 7919 + node % 100_003
-    result = train_local(model, tokenizer, train_examples, s, history, seed)
+    result = train_local(model, tokenizer, train_examples, s, history, seed, q)
+    count = float(len(train_examples))
     if s.dp:
-        save_history(state_dir, result.history, s.accountant, s.delta)
-        history = result.history
+        # Clamping at 1 is post-processing: FedAvg needs a positive weight.
+        count = max(1.0, count + float(secret_noise(1, s.count_noise_multiplier)))
+        history = result.history + [(s.count_noise_multiplier, 1.0, 1)]
+        save_history(state_dir, history, s.accountant, s.delta)
     metrics = {
-        "num-examples": len(train_examples),
-        "train-loss": result.loss,
-        "epsilon": result.epsilon,
+        "num-examples": count,
+        "epsilon": epsilon(history, s.delta, s.accountant) if s.dp else math.inf,
         "delta": s.delta,
         "steps": result.steps,
         "sample-rate": result.sample_rate,
         "noise-multiplier": s.noise_multiplier if s.dp else 0.0,
         "max-grad-norm": s.max_grad_norm,
+        "count-noise-multiplier": s.count_noise_multiplier if s.dp else 0.0,
         "epsilon-max": budget.epsilon_max,
         "declined": 0,
         **identity(state_dir, history),
     }
     content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "metrics": MetricRecord(metrics)})
+    check_reply("train", content)
     return Message(content=content, reply_to=msg)
 
 
 @app.query("popularity")
+@site_errors
 def popularity(msg: Message, context: Context) -> Message:
     """A noisy histogram of this client's training targets, for the global popularity prior.
 
     Gaussian mechanism: adding or removing one training example changes one count by 1
-    (L2 sensitivity 1), and N(0, σ_h²) noise is added to every count. That is the sampled
-    Gaussian mechanism with q = 1 and one step, so it enters the same accountant history
-    as (σ_h, 1.0, 1) and its cost is part of the cumulative ε.
+    (L2 sensitivity 1), and N(0, σ_h²) noise is added to every count. It enters the same
+    accountant history as (σ_h, 1.0, 1) and its cost is part of the cumulative ε.
     """
     s, budget, data_dir, catalog_path, state_dir = settings_and_budget(context)
     catalog, train_examples, _, _ = load_data(data_dir, catalog_path, s.history_len)
     history = load_history(state_dir)
-    if reason := check_budget(s, budget, history, (s.prior_noise_multiplier, 1.0, 1)):
+    if reason := check_budget(s, budget, history, [(s.prior_noise_multiplier, 1.0, 1)]):
         return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
     counts = item_counts([ex.target for ex in train_examples], len(catalog))
     if s.dp:
-        generator = torch.Generator().manual_seed(secrets.randbits(63))  # secret noise, as in training
-        counts += s.prior_noise_multiplier * torch.randn(len(catalog), generator=generator)
+        counts += secret_noise(len(catalog), s.prior_noise_multiplier).float()
         history = history + [(s.prior_noise_multiplier, 1.0, 1)]
         save_history(state_dir, history, s.accountant, s.delta)
     metrics = {"epsilon": epsilon(history, s.delta, s.accountant) if s.dp else math.inf, "delta": s.delta,
                "noise-multiplier": s.prior_noise_multiplier if s.dp else 0.0, "sample-rate": 1.0, "steps": 1,
                "epsilon-max": budget.epsilon_max, "declined": 0, **identity(state_dir, history)}
     content = RecordDict({"arrays": ArrayRecord({"counts": counts}), "metrics": MetricRecord(metrics)})
+    check_reply("prior", content)
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
+@site_errors
 def evaluate(msg: Message, context: Context) -> Message:
-    s, _, _, model, tokenizer, _, valid, test = prepare(msg, context)
-    metrics = {"num-examples": len(test)}
-    metrics.update(evaluate_local(model, tokenizer, test, s.max_length))
-    metrics.update({f"val-{k}": v for k, v in evaluate_local(model, tokenizer, valid, s.max_length).items()})
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    """Noisy sums of HR@10, NDCG@10, Recall@20 and the user count, on test and validation users.
+
+    Gaussian mechanism on the 8 sums together: each user adds at most 1 to each, so removing
+    any part of one user's data moves the vector by at most √8 in L2; N(0, (σ_e·√8)²) goes on
+    each sum, accounted as (σ_e, 1.0, 1). The server divides noisy sums by noisy counts. A
+    simulated site also sends the exact means (its data is the simulator's, not private).
+    """
+    s, budget, state_dir, model, tokenizer, _, valid, test = prepare(msg, context)
+    history = load_history(state_dir)
+    if reason := check_budget(s, budget, history, [(s.eval_noise_multiplier, 1.0, 1)]):
+        return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
+    sums = {f"{prefix}{k}": v for prefix, examples in (("", test), ("val-", valid))
+            for k, v in evaluation_sums(model, tokenizer, examples, s.max_length).items()}
+    released = dict(sums)
+    if s.dp:
+        noise = secret_noise(len(sums), s.eval_noise_multiplier * EVAL_SENSITIVITY)
+        released = {k: v + float(e) for (k, v), e in zip(sums.items(), noise)}
+        history = history + [(s.eval_noise_multiplier, 1.0, 1)]
+        save_history(state_dir, history, s.accountant, s.delta)
+    metrics = {**released, "noise-multiplier": s.eval_noise_multiplier if s.dp else 0.0,
+               "epsilon": epsilon(history, s.delta, s.accountant) if s.dp else math.inf, "delta": s.delta,
+               "epsilon-max": budget.epsilon_max, "declined": 0, **identity(state_dir, history)}
+    if is_simulated(context):
+        for prefix in ("", "val-"):
+            n = sums[f"{prefix}count"]
+            metrics[f"exact-{prefix}count"] = n
+            metrics.update({f"exact-{prefix}{k[4:]}": v / max(n, 1) for k, v in sums.items()
+                            if k.startswith(f"{prefix}sum-")})
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    check_reply("evaluate", content)
+    return Message(content=content, reply_to=msg)

@@ -1,10 +1,13 @@
 """Local training of the adapter with Opacus DP-SGD, and local evaluation.
 
-One call of ``train`` runs ``local_steps`` DP-SGD steps: Poisson sampling with rate
-q = 1/⌈n_examples / batch_size⌉ (Opacus' DPDataLoader), per-example clipping to ``max_grad_norm``, Gaussian noise
-σ · max_grad_norm on the sum, Adam on the noisy mean. The round is appended to the
-client's stored history as (σ, q, steps) with the q the DataLoader really samples at, so
-the ε it returns is cumulative and exactly what ``fedrec audit`` recomputes.
+One call of ``train`` runs ``local_steps`` DP-SGD steps: Poisson sampling with a public rate
+q (``batch-size / declared-examples``, never the private example count; Opacus'
+``UniformWithReplacementSampler``), per-example clipping to ``max_grad_norm`` and Gaussian noise
+σ · max_grad_norm on the sum (Opacus' ``GradSampleModule`` and ``DPOptimizer``), then Adam on the
+noisy sum divided by the public expected batch size ``batch-size``. Neither q nor the divisor
+depends on the private n, as add/remove accounting requires. The round is appended to the
+client's stored history as (σ, q, steps), so the ε it returns is cumulative and exactly what
+``fedrec audit`` recomputes.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
 
 from common.data import Example
-from common.metrics import metrics_from_ranks, target_ranks
+from common.metrics import METRICS, metrics_from_ranks, per_user_metrics, target_ranks
 from common.model import device, is_trained, score_users
 from common.privacy import History, epsilon
 
@@ -48,13 +53,9 @@ def _collate(tokenizer, max_length, num_items):
     return collate
 
 
-def sample_rate(num_examples: int, batch_size: int) -> float:
-    """Opacus' Poisson rate for this data: q = 1 / ⌈n / batch⌉ (DPDataLoader's own formula)."""
-    return 1.0 / math.ceil(num_examples / min(batch_size, num_examples))
-
-
-def train(model, tokenizer, examples: list[Example], s, history: History, seed: int) -> TrainResult:
-    """``local_steps`` steps of DP-SGD with Adam (plain Adam when ``s.dp`` is false) on ``examples``."""
+def train(model, tokenizer, examples: list[Example], s, history: History, seed: int, q: float) -> TrainResult:
+    """``local_steps`` steps of DP-SGD with Adam at public Poisson rate ``q`` (plain Adam on
+    shuffled batches of ``batch-size`` when ``s.dp`` is false) on ``examples``."""
     if not examples:
         raise ValueError("no training examples")
     model.train()
@@ -82,8 +83,7 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
     if s.scale_learning_rate > 0:
         groups.append({"params": scale, "lr": s.scale_learning_rate})
     optimizer = torch.optim.Adam(groups)
-    batch_size = min(s.batch_size, len(examples))
-    # (text, target, seen) triples: Opacus' DPDataLoader inspects dataset[0] as a tuple of fields.
+    # (text, target, seen) triples, batched by our collate (Opacus' sampler yields index lists).
     dataset = [(ex.text, ex.target, ex.seen) for ex in examples]
     # Under DP the batch sampling and the noise must be secret: a generator seeded from the
     # run config would let anyone who knows the seed replay (and subtract) the noise. Both
@@ -93,25 +93,19 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
         torch.manual_seed(seed)  # the encoder's dropout too, so a non-private run replays exactly
     num_items = model.get_base_model().item_embeddings.shape[0]
     collate = _collate(tokenizer, s.max_length, num_items)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate)
-    engine = None
     module = model
     if s.dp:
-        with warnings.catch_warnings():  # secure_mode needs torchcsprng; see README, "Privacy"
-            warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            engine = PrivacyEngine(accountant=s.accountant)
-        engine.accountant.history = []
-        module, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
-            poisson_sampling=True, grad_sample_mode="hooks", noise_generator=generator,
-        )
-        # A Poisson batch can be empty (a noise-only step). Opacus' empty-batch stand-in needs
-        # tensor samples; ours are text, and our collate already returns 0-row tensors.
-        loader.collate_fn = collate
-    q = sample_rate(len(examples), s.batch_size)
-    if s.dp and not math.isclose(loader.sample_rate, q):  # the budget check priced q; never account another
-        raise RuntimeError(f"Opacus sample rate {loader.sample_rate} differs from the budgeted {q}")
+        # A Poisson batch can be empty (a noise-only step): our collate returns 0-row tensors.
+        sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=q, generator=generator,
+                                                steps=s.local_steps)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+        module = GradSampleModule(model, loss_reduction="mean")
+        # expected_batch_size = batch-size, public: the noisy sum is divided by it, not by q·n.
+        optimizer = DPOptimizer(optimizer, noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
+                                expected_batch_size=s.batch_size, loss_reduction="mean", generator=generator)
+    else:
+        loader = DataLoader(dataset, batch_size=min(s.batch_size, len(examples)), shuffle=True, generator=generator,
+                            collate_fn=collate)
     losses, steps = [], 0
     try:
         while steps < s.local_steps:
@@ -138,26 +132,31 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
                 if steps >= s.local_steps:
                     break
     finally:
-        if engine is not None:
+        if s.dp:
             module.to_standard_module()
     model.zero_grad(set_to_none=True)
-    if engine is not None:
-        # Opacus' own hook accounts each step at 1/int(1/q), which float rounding can make
-        # 1/(k−1) for q = 1/k (a slightly larger, conservative q than the one sampled). The
-        # history records the q the DPDataLoader samples at, after checking the hook saw the
-        # same number of noisy steps.
-        noisy_steps = sum(n for _, _, n in engine.accountant.history)
-        if noisy_steps != steps:
-            raise RuntimeError(f"Opacus accounted {noisy_steps} noisy steps, the loop ran {steps}")
+    if s.dp:
+        # Each loop step was one noisy DPOptimizer step at rate q: exactly what is accounted.
         history = list(history) + [(s.noise_multiplier, q, steps)]
         eps = epsilon(history, s.delta, s.accountant)
     else:
         eps = math.inf
-    return TrainResult(sum(losses) / max(len(losses), 1), steps, q, history, eps)
+    return TrainResult(sum(losses) / max(len(losses), 1), steps, q if s.dp else 0.0, history, eps)
 
 
 def evaluate(model, tokenizer, examples: list[Example], max_length: int) -> dict[str, float]:
     """Full-ranking HR@10, NDCG@10, Recall@20 over the whole catalog (item embeddings fresh)."""
+    return metrics_from_ranks(ranks(model, tokenizer, examples, max_length))
+
+
+def evaluation_sums(model, tokenizer, examples: list[Example], max_length: int) -> dict[str, float]:
+    """Σ over users of HR@10, NDCG@10 and Recall@20 (each in [0, 1]), and the user count."""
+    per_user = per_user_metrics(ranks(model, tokenizer, examples, max_length)) if examples else {}
+    sums = {f"sum-{k}": float(per_user[k].sum()) if examples else 0.0 for k in METRICS}
+    return {**sums, "count": float(len(examples))}
+
+
+def ranks(model, tokenizer, examples: list[Example], max_length: int) -> torch.Tensor:
     scores = score_users(model, tokenizer, [ex.text for ex in examples], max_length)
     targets = torch.tensor([ex.target for ex in examples])
-    return metrics_from_ranks(target_ranks(scores, targets, [ex.seen for ex in examples]))
+    return target_ranks(scores, targets, [ex.seen for ex in examples])

@@ -111,6 +111,8 @@ class Settings:
     local_steps: int
     popularity_prior: bool
     prior_noise_multiplier: float
+    count_noise_multiplier: float  # σ_n: the noisy example count each train reply releases (FedAvg's weight)
+    eval_noise_multiplier: float  # σ_e: the noisy evaluation sums each evaluate reply releases
     learning_rate: float
     server_learning_rate: float
     bias_learning_rate: float
@@ -175,11 +177,15 @@ class Settings:
         require(self.max_grad_norm > 0, "max-grad-norm must be > 0")
         require(0 < self.delta < 1, "delta must be in (0, 1)")
         require(self.client_epsilon_max > 0, "client-epsilon-max must be > 0")
-        require(self.accountant in ("rdp", "prv"), "accountant must be 'rdp' or 'prv'")
+        require(self.accountant in ("prv", "rdp"), "accountant must be 'prv' (tight, the default) or 'rdp'")
         require(self.batch_size >= 1, "batch-size must be >= 1")
         require(self.local_steps >= 1, "local-steps must be >= 1")
         require(self.prior_noise_multiplier > 0 or not (self.dp and self.popularity_prior),
                 "prior-noise-multiplier must be > 0 when dp and popularity-prior are on")
+        require(self.count_noise_multiplier > 0 or not self.dp,
+                "count-noise-multiplier must be > 0 when dp is on (the example count is a DP release)")
+        require(self.eval_noise_multiplier > 0 or not self.dp,
+                "eval-noise-multiplier must be > 0 when dp is on (evaluation metrics are a DP release)")
         require(self.learning_rate > 0, "learning-rate must be > 0")
         require(self.server_learning_rate > 0, "server-learning-rate must be > 0")
         require(self.bias_learning_rate >= 0, "bias-learning-rate must be >= 0 (0 = frozen)")

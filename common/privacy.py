@@ -5,14 +5,22 @@ example joins the batch independently with probability q, each per-example gradi
 clipped to L2 norm C, and N(0, σ²C²) noise is added to their sum (Opacus DP-SGD).
 
 Unit of privacy: one training example of one client (one user-history window → next
-item), add/remove adjacency, within that client's dataset. One rating appears in up to
-``history-len + 1`` examples, so per-rating or per-user guarantees follow only by group
-privacy and are *not* what is printed.
+item), add/remove adjacency, within that client's dataset. This is not a per-rating
+guarantee: a rating is the target of one example, appears in the history text of the next
+``history-len`` ones, and is masked out of the softmax of *every* later example of its user
+(``Example.seen``), so it changes the gradient of all of that user's later examples. The
+group one rating touches is therefore up to the user's whole example count (20 to 737 in
+MovieLens-100K), and per-rating or per-user statements follow only by group privacy over
+that many examples, which is vacuous: they are *not* what is printed.
 
-A client's accountant history is the list of (σ, q, steps) it has run. It is stored in
-the client's state directory and grows over the whole run (and across runs that share
-the state directory), so ε is cumulative, never per round. ε is computed by Opacus'
-accountant (RDP by default, or PRV) for a fixed δ.
+Every release a site makes is one entry of its accountant history, (σ, q, steps): DP-SGD
+rounds (q < 1, public q), and Gaussian releases with q = 1 and one step whose noise is
+σ times their L2 sensitivity (the popularity histogram, the noisy example count, the
+evaluation sums; ``common/releases.py`` lists them all). The history is stored in the
+site's own state directory for the site's lifetime and every run composes with it, so ε is
+cumulative, never per round or per run. ε is computed by Opacus' accountant for a fixed δ:
+PRV by default (a tight numerical accountant; its ε is the upper end of its error bound),
+or RDP over orders up to 1,024.
 """
 
 from __future__ import annotations
@@ -21,28 +29,43 @@ import json
 import math
 import os
 import secrets
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
 from opacus.accountants import create_accountant
 
 History = list[tuple[float, float, int]]  # (noise multiplier σ, sample rate q, steps)
 
-UNIT = "example-level (one training example of one client, add/remove adjacency)"
+UNIT = ("example-level (one training example of one client, add/remove adjacency; not per rating: a rating "
+        "is masked out of every later example of its user)")
 # The server's optional central DP (server/central_dp.py) protects a different unit.
 CLIENT_UNIT = "client-level (all the data of one client, add/remove adjacency)"
 
 
-def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
-    """ε(δ) of the composition of all steps in ``history`` (0 if nothing has run)."""
+ACCOUNTANTS = ("prv", "rdp")
+# Opacus' default RDP orders stop at 63, and for small q and many steps the best order is the
+# largest one (Opacus warns): the ε it then prints is looser than RDP itself gives.
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 100)) + [128, 192, 256, 384, 512, 768, 1024]
+
+
+def epsilon(history: History, delta: float, accountant: str = "prv") -> float:
+    """ε(δ) of the composition of all releases in ``history`` (0 if nothing has run)."""
     if not history:
         return 0.0
     acc = create_accountant(accountant)
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(acc.get_epsilon(delta=delta))
+    if accountant == "rdp":
+        return float(acc.get_epsilon(delta=delta, alphas=RDP_ORDERS))
+    with warnings.catch_warnings(), numpy.errstate(divide="ignore"):
+        # PRV sizes its grid with an RDP bound (Opacus warns about that bound's orders) and takes
+        # log(1 − q), −inf for the q = 1 releases; neither affects the ε it returns.
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(acc.get_epsilon(delta=delta))
 
 
-def independent_epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
+def independent_epsilon(history: History, delta: float, accountant: str = "prv") -> float:
     """ε(δ) of the same history computed by Google's ``dp-accounting``, not by Opacus.
 
     Like for like: its RDP accountant for histories Opacus accounted with RDP, its PLD
@@ -95,11 +118,17 @@ class Budget:
     It comes from the client's side only — ``--node-config "epsilon-max=… delta=…"`` or
     ``budget.json`` in its data directory — so nothing the server sends can raise it.
     ``epsilon_max = inf`` (JSON ``null``) is "no limit", which only a non-private run needs.
+
+    ``declared_examples`` is the size the site chooses to make public (``declared-examples``):
+    DP-SGD samples at q = batch-size / declared-examples, so q never depends on the private
+    example count (add/remove accounting needs q fixed in advance). A site with more examples
+    than it declares trains with larger batches than ``batch-size``; the guarantee holds either way.
     """
 
     epsilon_max: float
     delta: float
     source: str = ""
+    declared_examples: int | None = None
 
 
 BUDGET_FILE = "budget.json"
@@ -113,7 +142,7 @@ def read_budget(data_dir: Path, node_config: dict) -> Budget:
     """The node's budget: node config ``epsilon-max``/``delta`` if set, else ``budget.json``."""
     if "epsilon-max" in node_config:
         source = "node-config"
-        raw = {"epsilon-max": node_config["epsilon-max"], "delta": node_config.get("delta")}
+        raw = {k: node_config[k] for k in ("epsilon-max", "delta", "declared-examples") if k in node_config}
     else:
         path = Path(data_dir) / BUDGET_FILE
         source = str(path)
@@ -132,22 +161,39 @@ def read_budget(data_dir: Path, node_config: dict) -> Budget:
         raise BudgetError(f"{source}: epsilon-max must be a number > 0 (or null for no limit), got {eps!r}")
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
         raise BudgetError(f"{source}: delta must be a number in (0, 1), got {delta!r}")
-    return Budget(float(eps), float(delta), source)
+    declared = raw.get("declared-examples")
+    if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int) or declared < 1):
+        raise BudgetError(f"{source}: declared-examples must be a whole number >= 1 (the site size it makes "
+                          f"public), got {declared!r}")
+    return Budget(float(eps), float(delta), source, declared)
 
 
 def write_budget(data_dir: Path, budget: Budget) -> None:
     eps = None if math.isinf(budget.epsilon_max) else budget.epsilon_max
-    (Path(data_dir) / BUDGET_FILE).write_text(json.dumps({"epsilon-max": eps, "delta": budget.delta}) + "\n")
+    record = {"epsilon-max": eps, "delta": budget.delta}
+    if budget.declared_examples is not None:
+        record["declared-examples"] = budget.declared_examples
+    (Path(data_dir) / BUDGET_FILE).write_text(json.dumps(record) + "\n")
 
 
-def spend(history: History, mechanism: tuple[float, float, int], budget: Budget,
-          accountant: str = "rdp") -> tuple[bool, float]:
-    """Whether running ``mechanism`` (σ, q, steps) keeps ε(δ) within the budget, and the ε after it.
+def public_sample_rate(batch_size: int, budget: Budget) -> float:
+    """DP-SGD's Poisson rate from public numbers only: q = min(1, batch-size / declared-examples).
+
+    There is no default: any default would have to come from the private count."""
+    if budget.declared_examples is None:
+        raise BudgetError(f"{budget.source}: declared-examples is not set; DP-SGD's sampling rate "
+                          "q = batch-size / declared-examples must come from a size the site makes public")
+    return min(1.0, batch_size / budget.declared_examples)
+
+
+def spend(history: History, releases: list[tuple[float, float, int]], budget: Budget,
+          accountant: str = "prv") -> tuple[bool, float]:
+    """Whether making ``releases`` (each (σ, q, steps)) keeps ε(δ) within the budget, and the ε after them.
 
     The check runs before any private data is touched, on the same accountant that records
     the run, so a client never ends above ``epsilon_max``.
     """
-    after = epsilon(list(history) + [mechanism], budget.delta, accountant)
+    after = epsilon(list(history) + list(releases), budget.delta, accountant)
     return after <= budget.epsilon_max, after
 
 
@@ -175,3 +221,29 @@ def history_metrics(history: History) -> dict[str, list]:
 
 def statement(eps: float, delta: float, accountant: str) -> str:
     return f"(ε = {eps:.3f}, δ = {delta:g})-DP, {UNIT}, {accountant.upper()} accountant"
+
+
+ACCOUNTANT_LOG = "accountant-log.jsonl"
+
+
+def retire_accountant(state_dir: Path, reason: str) -> Path | None:
+    """Start a new accountant for this site: the one explicit, local way to do it, and logged.
+
+    The old ``accountant.json`` is kept beside it (``accountant-retired-<time>.json``) and
+    ``accountant-log.jsonl`` records when, why and at which ε. Nothing a server sends calls this.
+    """
+    import time
+
+    state_dir = Path(state_dir)
+    current = state_dir / "accountant.json"
+    retired = None
+    if current.is_file():
+        retired = state_dir / f"accountant-retired-{time.strftime('%Y%m%dT%H%M%S')}.json"
+        os.replace(current, retired)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    old = json.loads(retired.read_text()) if retired else {}
+    with open(state_dir / ACCOUNTANT_LOG, "a") as f:
+        f.write(json.dumps({"at": time.time(), "action": "new accountant", "reason": reason,
+                            "retired": str(retired) if retired else None, "retired-epsilon": old.get("epsilon"),
+                            "retired-delta": old.get("delta"), "retired-accountant": old.get("accountant")}) + "\n")
+    return retired

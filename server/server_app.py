@@ -45,12 +45,14 @@ from common.config import Settings, fedrec_home, partition_root
 from common.data import catalog_fingerprint, load_movielens, read_catalog, write_catalog
 from common.model import (adapter_config, adapter_state, build_model, fingerprint, is_trained, load_adapter_state,
                           load_encoder, resolve_model_path, set_item_bias)
+from common.metrics import METRICS
 from common.privacy import CLIENT_UNIT, UNIT
+from common.releases import EVAL_SENSITIVITY
 from server.central_dp import ACCOUNTANT as CENTRAL_ACCOUNTANT
 from server.central_dp import ClientLevelDP
 from server.ledger import Ledger, pseudonym
 from server.secure_aggregation import SecureGrid
-from server.validation import check_train_reply, update_norm
+from server.validation import check_evaluate_reply, check_prior_reply, check_train_reply, update_norm
 
 app = ServerApp()
 log = logging.getLogger("fedrec.server")
@@ -147,7 +149,8 @@ class RunRecorder(FedAvgM):
                 continue
             m = msg.content.metric_records.get("metrics", MetricRecord())
             if is_decline(msg):
-                mechanisms += unrecorded_releases(self.ledger, entry["node"], m, self.settings.accountant, False)
+                mechanisms += unrecorded_releases(self.recorded(entry["node"], mechanisms), entry["node"], m,
+                                                  self.settings.accountant, 0)
                 declined.append(node)
                 reason = str(msg.content["decline"]["reason"])
                 clients.append({"node": node, **json_metrics(m), "decline-reason": reason})
@@ -160,21 +163,28 @@ class RunRecorder(FedAvgM):
                 log.warning("round %s: dropped the reply of node %s: %s", server_round, node, reason)
                 clients.append({"node": node, "rejected": reason})
                 participants.append({**entry, "status": "rejected", "reason": reason})
+                # Dropped, but what the client spent on it is still spent: record its history.
+                mechanisms += unrecorded_releases(self.recorded(entry["node"], mechanisms), entry["node"], m,
+                                                  self.settings.accountant, 0)
                 continue
             accepted.append(msg)
-            mechanisms += unrecorded_releases(self.ledger, entry["node"], m, self.settings.accountant,
-                                              includes_this=m["noise-multiplier"] > 0)
+            dp = m["noise-multiplier"] > 0
+            mechanisms += unrecorded_releases(self.recorded(entry["node"], mechanisms), entry["node"], m,
+                                              self.settings.accountant, 2 if dp else 0)
             clients.append({"node": node, **json_metrics(m)})
-            participants.append({**entry, "status": "trained", "num_examples": int(m["num-examples"]),
+            participants.append({**entry, "status": "trained", "num_examples": round(m["num-examples"]),
                                  # SecAgg+ hides each client's update: its norm is unknown here.
                                  "update_norm": None if self.settings.secure_aggregation
                                  else update_norm(msg.content["arrays"].to_torch_state_dict(), sent),
                                  **ledger_privacy(m)})
-            if m["noise-multiplier"] > 0:
+            if dp:
                 mechanisms.append({**entry, "mechanism": "dp-sgd", "noise_multiplier": m["noise-multiplier"],
                                    "sample_rate": m["sample-rate"], "steps": int(m["steps"]),
                                    "max_grad_norm": m["max-grad-norm"], "delta": m["delta"],
                                    "accountant": self.settings.accountant})
+                mechanisms.append({**entry, "mechanism": "gaussian-count",
+                                   "noise_multiplier": m["count-noise-multiplier"], "sample_rate": 1.0, "steps": 1,
+                                   "max_grad_norm": 1.0, "delta": m["delta"], "accountant": self.settings.accountant})
         for node in sorted(set(self.sampled) - {self.replier(m) for m in replies}):
             reason = f"no reply within round-timeout = {self.settings.round_timeout:g} s"
             clients.append({"node": node, "error": reason})
@@ -218,7 +228,6 @@ class RunRecorder(FedAvgM):
             "declined": len(declined),
             "failures": sum("error" in c for c in clients),
             "rejected": sum("rejected" in c for c in clients),
-            "train-loss": metrics["train-loss"] if metrics else None,
             "epsilon-max": max(eps) if eps else None,
             "epsilon-median": statistics.median(eps) if eps else None,
             "delta": max((c["delta"] for c in ok), default=None) if self.settings.dp else None,
@@ -228,6 +237,11 @@ class RunRecorder(FedAvgM):
         if arrays is not None:
             self.save_adapter(server_round, arrays)
         return arrays, metrics
+
+    def recorded(self, node: str, pending: list[dict]) -> list[tuple]:
+        """Every release of ``node`` the server knows of: committed, then this round's so far (``pending``)."""
+        return self.ledger.releases(node) + [(m["noise_multiplier"], m["sample_rate"], m["steps"])
+                                             for m in pending if m["node"] == node]
 
     def replier(self, reply: Message) -> int:
         """The node a reply is about. An error the SuperLink writes itself (e.g. "Node Unavailable")
@@ -252,18 +266,43 @@ class RunRecorder(FedAvgM):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
-        replies = list(replies)
-        metrics = super().aggregate_evaluate(server_round, replies)
-        row = {"round": server_round, **self.row}
-        if metrics is not None:
-            # Weighted by each client's user count, the mean is exact over all evaluated users.
-            row.update({k: metrics[k] for k in metrics if k != "num-examples"})
-            row["eval-users"] = sum(int(m.content["metrics"]["num-examples"]) for m in replies if not m.has_error())
+        participants, mechanisms = self.ledger_rows
+        accepted = []
+        noise_std = self.settings.eval_noise_multiplier * EVAL_SENSITIVITY
+        for msg in replies:
+            node = self.replier(msg)
+            entry = {"node": client_name(self.pseudonym_key, msg, self.names, node), "phase": "evaluate"}
+            if msg.has_error():
+                participants.append({**entry, "status": "failed", "reason": short_reason(msg.error.reason)})
+                continue
+            m = msg.content.metric_records.get("metrics", MetricRecord())
+            if is_decline(msg):
+                mechanisms += unrecorded_releases(self.recorded(entry["node"], mechanisms), entry["node"], m,
+                                                  self.settings.accountant, 0)
+                participants.append({**entry, "status": "declined", "reason": str(msg.content["decline"]["reason"]),
+                                     **ledger_privacy(m)})
+                continue
+            if reason := check_evaluate_reply(msg.content, noise_std):
+                log.warning("round %s: dropped the evaluation of node %s: %s", server_round, node, reason)
+                participants.append({**entry, "status": "rejected", "reason": reason})
+                mechanisms += unrecorded_releases(self.recorded(entry["node"], mechanisms), entry["node"], m,
+                                                  self.settings.accountant, 0)
+                continue
+            dp = m["noise-multiplier"] > 0
+            mechanisms += unrecorded_releases(self.recorded(entry["node"], mechanisms), entry["node"], m,
+                                              self.settings.accountant, 1 if dp else 0)
+            if dp:
+                mechanisms.append({**entry, "mechanism": "gaussian-eval-sums", "noise_multiplier": m["noise-multiplier"],
+                                   "sample_rate": 1.0, "steps": 1, "max_grad_norm": EVAL_SENSITIVITY,
+                                   "delta": m["delta"], "accountant": self.settings.accountant})
+            participants.append({**entry, "status": "evaluated", **ledger_privacy(m)})
+            accepted.append(m)
+        self.ledger_rows = (participants, mechanisms)
+        row = {"round": server_round, **self.row, **evaluation_row(accepted, noise_std)}
         if self.reference_path and self.reference_path.is_file():
             popularity = json.loads(self.reference_path.read_text())["test"]
             row.update({f"popularity-{k}": v for k, v in popularity.items()})
         row["elapsed-s"] = round(time.time() - self.started, 2)
-        participants, mechanisms = self.ledger_rows
         numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "round"}
         # The ledger commit is the round's commit point: a metrics row (or adapter) past the
         # ledger's last round is the round in flight, and --resume discards it.
@@ -273,7 +312,38 @@ class RunRecorder(FedAvgM):
             os.fsync(f.fileno())
         self.ledger.commit_round(server_round, participants, mechanisms, numbers)
         self.row, self.ledger_rows = {}, ([], [])
-        return metrics
+        return MetricRecord({k: v for k, v in row.items() if k in METRICS})
+
+
+def evaluation_row(replies: list[MetricRecord], noise_std: float) -> dict:
+    """The round's metrics from the sites' evaluation releases.
+
+    DP estimate (any deployment): Σ noisy sums / Σ noisy counts per metric, clamped to [0, 1]
+    (post-processing). Exact (simulation only, where every site sends exact means): the
+    user-weighted mean. The row's plain keys (``ndcg@10``…) hold the exact figures when every
+    site sent them, else the DP estimates; ``metrics-source`` says which.
+    """
+    if not replies:
+        return {}
+    row = {"eval-sites": len(replies), "eval-noise-std-per-sum": noise_std}
+    for prefix in ("", "val-"):
+        count = sum(m[f"{prefix}count"] for m in replies)
+        row[f"dp-{prefix}eval-users"] = count
+        for k in METRICS:
+            row[f"dp-{prefix}{k}"] = min(1.0, max(0.0, sum(m[f"{prefix}sum-{k}"] for m in replies) / max(count, 1.0)))
+    exact = all(f"exact-{k}" in m for m in replies for k in METRICS)
+    if exact:
+        for prefix in ("", "val-"):
+            users = sum(m[f"exact-{prefix}count"] for m in replies)
+            row[f"{prefix}eval-users"] = int(users)
+            row.update({f"{prefix}{k}": sum(m[f"exact-{prefix}{k}"] * m[f"exact-{prefix}count"] for m in replies)
+                        / max(users, 1) for k in METRICS})
+        row["metrics-source"] = "exact (simulation: the simulator owns every site's data); dp-* are the DP releases"
+    else:
+        row.update({f"{prefix}{k}": row[f"dp-{prefix}{k}"] for prefix in ("", "val-") for k in METRICS})
+        row["eval-users"] = round(row["dp-eval-users"])
+        row["metrics-source"] = "dp (Gaussian sums released by the sites)"
+    return row
 
 
 def content_digest(arrays: ArrayRecord) -> str:
@@ -295,7 +365,8 @@ def client_name(key: str, msg: Message | None, names: dict[int, str], node: int 
     return names.get(node) or pseudonym(key, f"flower-node-{node}")
 
 
-def unrecorded_releases(ledger: Ledger, node: str, m: MetricRecord, accountant: str, includes_this: bool) -> list[dict]:
+def unrecorded_releases(recorded: list[tuple], node: str, m: MetricRecord, accountant: str,
+                        includes_this: int) -> list[dict]:
     """Mechanisms in a client's reported accountant history that the ledger has no record of.
 
     A release the server received but never committed (it crashed mid-round, or dropped the
@@ -308,13 +379,12 @@ def unrecorded_releases(ledger: Ledger, node: str, m: MetricRecord, accountant: 
         history = list(zip(m["history-noise-multiplier"], m["history-sample-rate"], m["history-steps"], strict=True))
     except (KeyError, TypeError, ValueError):
         return []
-    if includes_this:
-        history = history[:-1]
-    recorded = ledger.releases(node)
-    if [tuple(h) for h in history[:len(recorded)]] != recorded:
+    if includes_this:  # the last entries are this reply's own releases, recorded as what they are
+        history = history[:-includes_this]
+    if [tuple(h) for h in history[:len(recorded)]] != [tuple(r) for r in recorded]:
         log.warning("%s: its accountant history does not extend the ledger's record of it", node)
         return []
-    return [{"node": node, "phase": "unrecorded", "mechanism": "dp-sgd" if q < 1 else "gaussian-histogram",
+    return [{"node": node, "phase": "unrecorded", "mechanism": "dp-sgd" if q < 1 else "gaussian",
              "noise_multiplier": sigma, "sample_rate": q, "steps": int(steps), "max_grad_norm": None,
              "delta": m["delta"], "accountant": accountant} for sigma, q, steps in history[len(recorded):]]
 
@@ -344,13 +414,12 @@ def json_metrics(record: MetricRecord) -> dict:
 
 
 def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Training metrics across clients: example-weighted loss, and ε as a maximum, never a mean
-    (an average ε is no one's guarantee)."""
+    """Training metrics across clients: the (noisy) example total, and ε as a maximum, never a
+    mean (an average ε is no one's guarantee). No loss: the sites do not release one."""
     metrics = [r["metrics"] for r in replies]
     examples = sum(m[weight_key] for m in metrics)
     return MetricRecord({
         weight_key: examples,
-        "train-loss": sum(m["train-loss"] * m[weight_key] for m in metrics) / max(examples, 1),
         "epsilon-max": max(m["epsilon"] for m in metrics),
         "delta": max(m["delta"] for m in metrics),
     })
@@ -370,31 +439,38 @@ def popularity_prior(grid: Grid, model, checks: dict, s: Settings, run_dir: Path
     messages = [Message(RecordDict({"config": ConfigRecord(checks)}), dst_node_id=node,
                         message_type="query.popularity") for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=600))
-    ok = [r for r in replies if not r.has_error() and not is_decline(r)]
     declined = [r for r in replies if is_decline(r)]
-    record = {"asked": len(nodes), "answered": len(ok), "noise-multiplier": s.prior_noise_multiplier if s.dp else 0.0,
-              "errors": [r.error.reason for r in replies if r.has_error()],
-              "declined": [str(r.content["decline"]["reason"]) for r in declined],
-              "client-updates": [{"node": r.metadata.src_node_id, **json_metrics(r.content["metrics"])} for r in ok]}
-    (run_dir / "prior.json").write_text(json.dumps(record, indent=1))
-    participants, mechanisms = [], []
+    participants, mechanisms, ok, rejected = [], [], [], []
     for r in replies:
         entry = {"node": client_name(strategy.pseudonym_key, r, strategy.names), "phase": "prior"}
         if r.has_error():
-            participants.append({**entry, "status": "failed", "reason": r.error.reason})
+            participants.append({**entry, "status": "failed", "reason": short_reason(r.error.reason)})
             continue
-        m = r.content["metrics"]
-        mechanisms += unrecorded_releases(ledger, entry["node"], m, s.accountant,
-                                          includes_this=not is_decline(r) and m.get("noise-multiplier", 0) > 0)
+        m = r.content.metric_records.get("metrics", MetricRecord())
+        answered = not is_decline(r) and not (reason := check_prior_reply(r.content, num_items(model),
+                                                                          s.prior_noise_multiplier))
+        dp = answered and m["noise-multiplier"] > 0
+        mechanisms += unrecorded_releases(ledger.releases(entry["node"]), entry["node"], m, s.accountant, int(dp))
         if is_decline(r):
             participants.append({**entry, "status": "declined", "reason": str(r.content["decline"]["reason"]),
                                  **ledger_privacy(m)})
             continue
+        if not answered:
+            log.warning("popularity prior: dropped the histogram of node %s: %s", r.metadata.src_node_id, reason)
+            participants.append({**entry, "status": "rejected", "reason": reason})
+            rejected.append({"node": r.metadata.src_node_id, "rejected": reason})
+            continue
+        ok.append(r)
         participants.append({**entry, "status": "answered", **ledger_privacy(m)})
-        if m["noise-multiplier"] > 0:
+        if dp:
             mechanisms.append({**entry, "mechanism": "gaussian-histogram", "noise_multiplier": m["noise-multiplier"],
-                               "sample_rate": 1.0, "steps": 1, "max_grad_norm": None, "delta": m["delta"],
+                               "sample_rate": 1.0, "steps": 1, "max_grad_norm": 1.0, "delta": m["delta"],
                                "accountant": s.accountant})
+    record = {"asked": len(nodes), "answered": len(ok), "noise-multiplier": s.prior_noise_multiplier if s.dp else 0.0,
+              "errors": [short_reason(r.error.reason) for r in replies if r.has_error()],
+              "declined": [str(r.content["decline"]["reason"]) for r in declined], "rejected": rejected,
+              "client-updates": [{"node": r.metadata.src_node_id, **json_metrics(r.content["metrics"])} for r in ok]}
+    (run_dir / "prior.json").write_text(json.dumps(record, indent=1))
     if not ok:
         log.warning("popularity prior: no client answered; starting from a zero bias")
     else:
@@ -402,6 +478,10 @@ def popularity_prior(grid: Grid, model, checks: dict, s: Settings, run_dir: Path
     strategy.save_adapter(0, ArrayRecord(adapter_state(model)))
     ledger.commit_round(0, participants, mechanisms, {"answered": len(ok), "declined": len(declined)})
     return {r.metadata.src_node_id for r in declined}
+
+
+def num_items(model) -> int:
+    return model.get_base_model().item_embeddings.shape[0]
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600) -> list[int]:

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
             history = [(s.prior_noise_multiplier, 1.0, 1)]
         set_item_bias(model, counts)
 
+    # One dataset whose size is public (the whole of MovieLens' split): q from it.
+    q = min(1.0, s.batch_size / len(train_ex))
     console = Console()
     curve, started, done = [], time.time(), 0
     with Progress(console=console) as progress:
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         while done < args.steps:
             chunk = min(args.eval_every, args.steps - done)
             refresh_item_embeddings(model, tokenizer, catalog.texts())
-            result = train(model, tokenizer, train_ex, dataclasses.replace(s, local_steps=chunk), history, s.seed + done)
+            result = train(model, tokenizer, train_ex, dataclasses.replace(s, local_steps=chunk), history, s.seed + done, q)
             history = result.history
             done += chunk
             refresh_item_embeddings(model, tokenizer, catalog.texts())

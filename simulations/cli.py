@@ -321,7 +321,9 @@ def client_prepare_cmd(args) -> int:
     if args.epsilon_max is not None:
         if not (args.epsilon_max > 0 and 0 < args.delta < 1):
             fail(f"--epsilon-max {args.epsilon_max:g} --delta {args.delta:g}: need ε_max > 0 and 0 < δ < 1")
-        budget = Budget(args.epsilon_max, args.delta)
+        if args.declared_examples is not None and args.declared_examples < 1:
+            fail(f"--declared-examples {args.declared_examples}: must be >= 1")
+        budget = Budget(args.epsilon_max, args.delta, declared_examples=args.declared_examples)
     try:
         done = prepare(Path(args.export), Path(args.catalog), Path(args.out), parse_columns(args.columns),
                        drop_unknown=args.drop_unknown, replace=args.replace, budget=budget)
@@ -329,6 +331,16 @@ def client_prepare_cmd(args) -> int:
         fail(str(e))
     dropped = f", {done['dropped-unknown']} events of unknown items dropped" if done["dropped-unknown"] else ""
     console.print(f"Prepared {done['events']} events of {done['users']} users in {done['out']}{dropped}.")
+    return 0
+
+
+def client_reset_cmd(args) -> int:
+    from common.privacy import ACCOUNTANT_LOG, retire_accountant
+
+    retired = retire_accountant(Path(args.state_dir), args.reason)
+    console.print(f"A new accountant starts at ε = 0 in {args.state_dir}; "
+                  + (f"the old one is kept as {retired}" if retired else "there was none before")
+                  + f"; logged in {ACCOUNTANT_LOG}.")
     return 0
 
 
@@ -417,7 +429,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--replace", action="store_true", help="replace prepared data (the old file is kept as a backup)")
     c.add_argument("--epsilon-max", type=float, help="also write budget.json: this site's ε limit")
     c.add_argument("--delta", type=float, default=1e-5, help="δ of the budget (default 1e-5)")
+    c.add_argument("--declared-examples", type=int,
+                   help="with --epsilon-max: the size this site makes public (DP-SGD samples at batch-size / it)")
     c.set_defaults(func=client_prepare_cmd)
+    c = client_sub.add_parser("reset-accountant", help="start a new privacy accountant for this site (logged)")
+    c.add_argument("state_dir", help="the site's state folder (node-config state-dir, default DATA_DIR/state)")
+    c.add_argument("--reason", required=True, help="why: written to accountant-log.jsonl with the retired ε")
+    c.set_defaults(func=client_reset_cmd)
     c = client_sub.add_parser("validate", help="check a site's data folder and summarise it")
     c.add_argument("dir")
     c.add_argument("--catalog", help="default: DIR/catalog.csv, else DIR/../catalog.csv")

@@ -14,6 +14,8 @@ replies (their training, budget and ε are real; only what they send is altered)
     scale      the update is multiplied by 10 (a boosting attacker)
     sign-flip  the update is multiplied by −10: one such client in five outweighs the other four
                and FedAvg moves the model backwards
+    prior-nan  its popularity histogram (round 0) carries a NaN
+    prior-shape  its popularity histogram loses its last item
 
 The scenario travels to the simulated clients in the ``FEDREC_SCENARIO`` environment variable.
 """
@@ -29,7 +31,7 @@ from flwr.clientapp import ClientApp
 
 from client import client_app as real
 
-BEHAVIOURS = ("raise", "sleep", "nan", "shape", "extra", "huge", "scale", "sign-flip")
+BEHAVIOURS = ("raise", "sleep", "nan", "shape", "extra", "huge", "scale", "sign-flip", "prior-nan", "prior-shape")
 ENV = "FEDREC_SCENARIO"
 
 
@@ -48,7 +50,14 @@ def parse(items: list[str]) -> dict[int, str]:
 def misbehave(msg: Message, context, call_next) -> Message:
     scenario = parse(os.environ.get(ENV, "").split()) if os.environ.get(ENV) else {}
     behaviour = scenario.get(int(context.node_config.get("partition-id", -1)))
-    if msg.metadata.message_type != "train" or behaviour is None:
+    if msg.metadata.message_type == "query.popularity" and behaviour in ("prior-nan", "prior-shape"):
+        reply = call_next(msg, context)
+        counts = reply.content["arrays"].to_torch_state_dict()["counts"].clone()
+        if behaviour == "prior-nan":
+            counts[0] = float("nan")
+        reply.content["arrays"] = ArrayRecord({"counts": counts if behaviour == "prior-nan" else counts[:-1]})
+        return reply
+    if msg.metadata.message_type != "train" or behaviour is None or behaviour.startswith("prior-"):
         return call_next(msg, context)
     if behaviour == "raise":
         raise RuntimeError("scenario: this client crashes")

@@ -10,9 +10,8 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from client.client_app import check_budget
-from client.train import sample_rate
 from common.config import Settings, defaults
-from common.privacy import Budget, BudgetError, epsilon, read_budget, write_budget
+from common.privacy import Budget, BudgetError, epsilon, public_sample_rate, read_budget, write_budget
 
 
 @hsettings(max_examples=60, deadline=None)
@@ -38,13 +37,13 @@ def run_to_the_end(sigma, examples, batch, steps, rounds, prior, eps_max, accoun
     runs (and records) the mechanism it priced; the final ε is within ε_max whatever happens."""
     s = dataclasses.replace(Settings.from_run_config(defaults()), noise_multiplier=sigma, batch_size=batch,
                             local_steps=steps, accountant=accountant)
-    budget = Budget(eps_max, 1e-5)
+    budget = Budget(eps_max, 1e-5, declared_examples=examples)
     history = []
     requests = ([(s.prior_noise_multiplier, 1.0, 1)] if prior else []) + \
-        [(sigma, sample_rate(examples, batch), steps)] * rounds
+        [(sigma, public_sample_rate(batch, budget), steps)] * rounds
     ran = 0
     for mechanism in requests:
-        if check_budget(s, budget, history, mechanism) is None:
+        if check_budget(s, budget, history, [mechanism]) is None:
             if history and history[-1][:2] == mechanism[:2]:  # as Opacus' accountant records repeats
                 history[-1] = (*mechanism[:2], history[-1][2] + mechanism[2])
             else:
@@ -52,13 +51,18 @@ def run_to_the_end(sigma, examples, batch, steps, rounds, prior, eps_max, accoun
             ran += 1
     assert epsilon(history, budget.delta, accountant) <= eps_max
     if ran < len(requests):  # it stopped because the next mechanism would have crossed ε_max
-        assert check_budget(s, budget, history, requests[ran]) is not None
+        assert check_budget(s, budget, history, [requests[ran]]) is not None
 
 
 def test_budget_file_and_node_config(tmp_path):
     write_budget(tmp_path, Budget(3.0, 1e-6))
     assert read_budget(tmp_path, {}) == Budget(3.0, 1e-6, str(tmp_path / "budget.json"))
     assert read_budget(tmp_path, {"epsilon-max": 1.5, "delta": 1e-7}) == Budget(1.5, 1e-7, "node-config")
+    write_budget(tmp_path, Budget(2.0, 1e-5, declared_examples=5000))
+    assert read_budget(tmp_path, {}).declared_examples == 5000
+    assert public_sample_rate(64, read_budget(tmp_path, {})) == 64 / 5000
+    with pytest.raises(BudgetError, match="declared-examples is not set"):
+        public_sample_rate(64, Budget(2.0, 1e-5, "node-config"))
     write_budget(tmp_path, Budget(math.inf, 1e-5))
     assert json.loads((tmp_path / "budget.json").read_text())["epsilon-max"] is None
     assert read_budget(tmp_path, {}).epsilon_max == math.inf
@@ -70,6 +74,8 @@ def test_budget_file_and_node_config(tmp_path):
     ('{"epsilon-max": 8}', r"delta must be a number in \(0, 1\)"),
     ('{"epsilon-max": 8, "delta": 1}', r"delta must be a number in \(0, 1\)"),
     ("[8, 1e-5]", "expected an object"),
+    ('{"epsilon-max": 8, "delta": 1e-5, "declared-examples": 0}', "declared-examples must be a whole number"),
+    ('{"epsilon-max": 8, "delta": 1e-5, "declared-examples": 12.5}', "declared-examples must be a whole number"),
     ("{epsilon-max: 8}", "not valid JSON"),
 ])
 def test_bad_budget_file_names_the_file_and_the_field(tmp_path, content, message):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from client.train import sample_rate
 from common.privacy import epsilon
 from simulations.centralized import main
 
@@ -17,7 +16,7 @@ def test_centralized_reference_runs_and_accounts(dp, tmp_path):
     assert 0 <= figures["test"]["ndcg@10"] <= figures["test"]["hr@10"] <= 1
     assert figures["users"] == 12 and (tmp_path / "c.json").is_file()
     if dp:
-        history = [(10.0, 1.0, 1), (0.8, sample_rate(figures["train-examples"], 8), 2)]
-        assert figures["epsilon"] == pytest.approx(epsilon(history, 1e-5, "rdp"), rel=1e-12)
+        history = [(10.0, 1.0, 1), (0.8, 8 / figures["train-examples"], 2)]
+        assert figures["epsilon"] == pytest.approx(epsilon(history, 1e-5, "prv"), rel=1e-12)
     else:
         assert figures["epsilon"] is None

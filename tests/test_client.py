@@ -11,12 +11,11 @@ from peft import get_peft_model_state_dict
 import client.client_app as client_app
 from common.config import Settings, defaults
 from common.privacy import Budget, epsilon, load_history, write_budget
+from common.releases import EVAL_SENSITIVITY, REPLIES
 from common.data import catalog_fingerprint, write_catalog, write_interactions
 from common.model import adapter_state, build_model, adapter_config, fingerprint, load_encoder
 
-DECLARED_TRAIN_METRICS = {"num-examples", "train-loss", "epsilon", "delta", "steps", "sample-rate",
-                          "noise-multiplier", "max-grad-norm", "epsilon-max", "declined", "client-id",
-                          "history-noise-multiplier", "history-sample-rate", "history-steps"}
+DECLARED_TRAIN_METRICS = {k.removeprefix("metrics.") for k in REPLIES["train"] if k.startswith("metrics.")}
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +31,7 @@ def node(tmp_path, small_split):
     data_dir = tmp_path / "site"
     write_catalog(catalog, data_dir / "catalog.csv")
     write_interactions([it for u in list(users)[:3] for it in users[u]], data_dir)
-    write_budget(data_dir, Budget(8.0, 1e-5))
+    write_budget(data_dir, Budget(8.0, 1e-5, declared_examples=64))
     run_config = {**defaults(), "model-layers": 2, "batch-size": 8, "local-steps": 2, "max-length": 64,
                   "history-len": 4, "run-dir": str(tmp_path / "run")}
     context = Context(run_id=1, node_id=7, node_config={"data-dir": str(data_dir)}, state=RecordDict(),
@@ -71,9 +70,13 @@ def test_reply_holds_only_adapter_tensors_and_declared_metrics(node, settings):
     metrics = reply.content["metrics"]
     assert set(metrics.keys()) == DECLARED_TRAIN_METRICS
     assert all(isinstance(v, (int, float)) or all(isinstance(x, (int, float)) for x in v) for v in metrics.values())
-    # The accountant history it reports is the one it keeps: this round's DP-SGD release.
-    assert metrics["history-steps"] == [metrics["steps"]]
-    assert metrics["history-noise-multiplier"] == [metrics["noise-multiplier"]]
+    # The accountant history it reports is the one it keeps: this round's DP-SGD release at the
+    # public q = batch-size / declared-examples, then the noisy example count.
+    assert metrics["sample-rate"] == 8 / 64
+    assert metrics["history-steps"] == [metrics["steps"], 1]
+    assert metrics["history-noise-multiplier"] == [metrics["noise-multiplier"], metrics["count-noise-multiplier"]]
+    assert metrics["history-sample-rate"] == [8 / 64, 1.0]
+    assert metrics["num-examples"] != int(metrics["num-examples"])  # the count is noisy
     # No text anywhere in the reply: no title of the client's history, no history text.
     blob = b"".join(t.numpy().tobytes() for t in sent.values()) + repr(dict(metrics)).encode()
     history = users[next(iter(users))]
@@ -93,24 +96,31 @@ def test_model_loaded_once_per_process_and_epsilon_grows(node):
         eps.append(reply.content["metrics"]["epsilon"])
     assert client_app.MODEL_LOADS - loads_before <= 1  # at most the first call loaded it
     assert eps[1] > eps[0] > 0
-    assert (data_dir / "state" / "run" / "accountant.json").is_file()
+    assert (data_dir / "state" / "accountant.json").is_file()
 
 
-def test_evaluate_reports_full_ranking_metrics(node):
-    catalog, _, _, context = node
-    reply = client_app.app(server_message(catalog, context.run_config, 1, kind="evaluate"), context)
-    assert not reply.has_error(), reply.error
-    m = reply.content["metrics"]
-    assert m["num-examples"] == 3
-    for k in ("hr@10", "ndcg@10", "recall@20", "val-hr@10"):
-        assert 0.0 <= m[k] <= 1.0
+def test_evaluate_is_a_charged_dp_release(node):
+    """A deployed site sends only noisy sums (no exact figure) and charges them, each time asked."""
+    catalog, _, data_dir, context = node
+    expected = {k for k, f in REPLIES["evaluate"].items() if f.status != "simulation"}
+    eps = []
+    for _ in range(2):
+        reply = client_app.app(server_message(catalog, context.run_config, 1, kind="evaluate"), context)
+        assert not reply.has_error(), reply.error
+        m = reply.content["metrics"]
+        assert {f"metrics.{k}" for k in m.keys()} == expected
+        eps.append(m["epsilon"])
+    sigma = context.run_config["eval-noise-multiplier"]
+    assert load_history(data_dir / "state") == [(sigma, 1.0, 1), (sigma, 1.0, 1)]
+    assert 0 < eps[0] < eps[1] == pytest.approx(epsilon(load_history(data_dir / "state"), 1e-5, "prv"))
+    assert m["count"] != 3 and abs(m["count"] - 3) < 6 * sigma * EVAL_SENSITIVITY
 
 
 def test_base_model_mismatch_is_refused(node):
     catalog, _, _, context = node
     msg = server_message(catalog, context.run_config, 1)
     msg.content["config"]["base-sha256"] = "0" * 64
-    with pytest.raises(RuntimeError, match="base-sha256 mismatch"):
+    with pytest.raises(client_app.SiteError, match=r"site error \(mismatch\)"):
         client_app.app(msg, context)
 
 
@@ -125,18 +135,18 @@ def test_popularity_query_sends_noisy_counts_and_charges_the_accountant(node):
     # Noise really was added: every count is off the integer grid, and the total is within 6σ√n.
     assert (sent["counts"] != sent["counts"].round()).all()
     assert abs(sent["counts"].sum().item() - true_total) < 6 * sigma * len(catalog) ** 0.5
-    history = load_history(data_dir / "state" / "run")
+    history = load_history(data_dir / "state")
     assert history[-1] == (sigma, 1.0, 1)
-    assert reply.content["metrics"]["epsilon"] == pytest.approx(epsilon(history, 1e-5, "rdp"))
+    assert reply.content["metrics"]["epsilon"] == pytest.approx(epsilon(history, 1e-5, "prv"))
 
 
 @pytest.mark.parametrize("where", ["budget.json", "node-config"])
 def test_a_round_over_budget_is_declined_before_any_training(node, where):
     catalog, _, data_dir, context = node
     if where == "budget.json":
-        write_budget(data_dir, Budget(0.5, 1e-5))
+        write_budget(data_dir, Budget(0.5, 1e-5, declared_examples=64))
     else:  # the node's own config wins over the file
-        context.node_config.update({"epsilon-max": 0.5, "delta": 1e-6})
+        context.node_config.update({"epsilon-max": 0.5, "delta": 1e-6, "declared-examples": 64})
     reply = client_app.app(server_message(catalog, context.run_config, 1), context)
     assert not reply.has_error(), reply.error
     assert "arrays" not in reply.content  # no update at all
@@ -145,17 +155,17 @@ def test_a_round_over_budget_is_declined_before_any_training(node, where):
     m = reply.content["metrics"]
     assert m["declined"] == 1 and m["epsilon"] == 0.0 and m["epsilon-max"] == 0.5
     assert m["delta"] == (1e-5 if where == "budget.json" else 1e-6)
-    assert not (data_dir / "state" / "run" / "accountant.json").exists()  # nothing was spent
+    assert not (data_dir / "state" / "accountant.json").exists()  # nothing was spent
 
 
 def test_a_client_uses_its_own_delta_not_the_servers(node):
     catalog, _, data_dir, context = node
-    write_budget(data_dir, Budget(8.0, 1e-7))
+    write_budget(data_dir, Budget(8.0, 1e-7, declared_examples=64))
     context.run_config["delta"] = 0.5  # what a server might ask for; the client ignores it
     reply = client_app.app(server_message(catalog, context.run_config, 1), context)
     m = reply.content["metrics"]
     assert m["delta"] == 1e-7
-    assert m["epsilon"] == pytest.approx(epsilon(load_history(data_dir / "state" / "run"), 1e-7, "rdp"))
+    assert m["epsilon"] == pytest.approx(epsilon(load_history(data_dir / "state"), 1e-7, "prv"))
 
 
 def test_a_client_with_a_budget_refuses_a_run_without_dp(node):
@@ -168,8 +178,11 @@ def test_a_client_with_a_budget_refuses_a_run_without_dp(node):
 def test_missing_budget_names_the_file_and_the_fix(node):
     catalog, _, data_dir, context = node
     (data_dir / "budget.json").unlink()
-    with pytest.raises(ValueError, match=r"site/budget.json: no privacy budget.*epsilon-max"):
+    with pytest.raises(client_app.SiteError, match=r"site error \(budget\)") as raised:
         client_app.app(server_message(catalog, context.run_config, 1), context)
+    assert "budget.json" not in str(raised.value)  # the server learns the category only
+    log = (data_dir / "state" / "errors.log").read_text()
+    assert "site/budget.json: no privacy budget" in log and "epsilon-max" in log
 
 
 RESTART_SCRIPT = """
@@ -195,7 +208,7 @@ def test_a_restarted_client_continues_its_epsilon(node):
     import subprocess
     import sys
 
-    from opacus.accountants import RDPAccountant
+    from opacus.accountants import PRVAccountant
 
     from common.config import PROJECT_DIR
 
@@ -206,8 +219,9 @@ def test_a_restarted_client_continues_its_epsilon(node):
                                str(server_round)], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         outputs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    fresh = RDPAccountant()
+    fresh = PRVAccountant()
     for out in outputs:
         fresh.history.append((context.run_config["noise-multiplier"], out["sample-rate"], out["steps"]))
+        fresh.history.append((context.run_config["count-noise-multiplier"], 1.0, 1))
     assert outputs[1]["epsilon"] > outputs[0]["epsilon"] > 0
     assert outputs[1]["epsilon"] == pytest.approx(fresh.get_epsilon(1e-5), rel=1e-9)

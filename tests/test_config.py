@@ -14,7 +14,7 @@ def test_defaults_are_valid_and_private():
     ({"dp": 1}, "dp must be true or false"),
     ({"delta": 1.5}, r"delta must be in \(0, 1\)"),
     ({"partition": "random"}, "partition must be 'user' or 'silo'"),
-    ({"accountant": "gdp"}, "accountant must be 'rdp' or 'prv'"),
+    ({"accountant": "gdp"}, "accountant must be 'prv' \\(tight, the default\\) or 'rdp'"),
     ({"noise-multiplier": 0.0}, "set dp=false"),
     ({"local-steps": 0}, "local-steps must be >= 1"),
 ])

@@ -18,11 +18,12 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
 from common.model import adapter_state
-from server.validation import check_train_reply
+from server.validation import check_evaluate_reply, check_prior_reply, check_train_reply
 
-METRICS = {"num-examples": 100, "train-loss": 5.0, "epsilon": 1.0, "delta": 1e-5, "steps": 3, "sample-rate": 0.1,
-           "noise-multiplier": 1.0, "max-grad-norm": 1.0, "epsilon-max": 8.0, "declined": 0, "client-id": 12345,
-           "history-noise-multiplier": [10.0, 1.0], "history-sample-rate": [1.0, 0.1], "history-steps": [1, 3]}
+METRICS = {"num-examples": 100.3, "epsilon": 1.0, "delta": 1e-5, "steps": 3, "sample-rate": 0.1,
+           "noise-multiplier": 1.0, "max-grad-norm": 1.0, "count-noise-multiplier": 20.0, "epsilon-max": 8.0,
+           "declined": 0, "client-id": 12345, "history-noise-multiplier": [10.0, 1.0, 20.0],
+           "history-sample-rate": [1.0, 0.1, 1.0], "history-steps": [1, 3, 1]}
 
 
 def reply(arrays: dict, metrics: dict = METRICS, extra: dict | None = None) -> RecordDict:
@@ -63,11 +64,12 @@ def test_corrupted_adapters_are_refused(model_and_tokenizer, how, reason):
 
 
 @pytest.mark.parametrize("metrics,extra,reason", [
-    ({k: v for k, v in METRICS.items() if k != "train-loss"}, None, "metric 'train-loss' missing"),
-    ({**METRICS, "num-examples": 2.5}, None, "metric 'num-examples' must be an integer"),
-    ({**METRICS, "train-loss": float("nan")}, None, "metric 'train-loss' is nan"),
-    ({**METRICS, "num-examples": 0}, None, "num-examples is 0"),
-    ({**METRICS, "user-text-length": 12}, None, "undeclared metric(s) ['user-text-length']"),
+    ({k: v for k, v in METRICS.items() if k != "max-grad-norm"}, None, "metric 'max-grad-norm' missing"),
+    ({**METRICS, "steps": 2.5}, None, "metric 'steps' must be an integer"),
+    ({**METRICS, "num-examples": float("nan")}, None, "metric 'num-examples' is nan"),
+    ({**METRICS, "num-examples": 0.5}, None, "num-examples is 0.5"),
+    ({**METRICS, "train-loss": 5.0}, None, "undeclared field(s) ['metrics.train-loss']"),
+    ({**METRICS, "user-text-length": 12}, None, "undeclared field(s) ['metrics.user-text-length']"),
     ({**METRICS, "history-steps": [1.5, 3.0]}, None, "metric 'history-steps' must be a list of finite ints"),
     ({**METRICS, "history-steps": [3]}, None, "the accountant history lists differ in length"),
     (METRICS, {"leak": ConfigRecord({"text": "hello"})}, "unexpected records"),
@@ -88,7 +90,7 @@ def simulate(tmp_path, clients, scenario, *settings, sleep=0):
 
 
 def test_faulty_clients_are_dropped_with_their_reasons_and_the_round_completes(tmp_path):
-    proc = simulate(tmp_path, 8, ["0:raise", "1:sleep", "2:nan", "3:shape", "4:extra", "5:huge"],
+    proc = simulate(tmp_path, 8, ["0:raise", "1:sleep", "2:nan", "3:shape", "4:extra", "5:huge", "6:prior-nan"],
                     "round-timeout=100", sleep=130)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "run"
@@ -109,6 +111,14 @@ def test_faulty_clients_are_dropped_with_their_reasons_and_the_round_completes(t
     assert set(before) == set(after) and all(torch.isfinite(t).all() for t in after.values())
     change = sum(float(((after[k] - before[k]) ** 2).sum()) for k in before) ** 0.5
     assert 0 < change <= 100.0  # the huge update (norm ~5,000) was not averaged in
+    # Partition 6's histogram (NaN) was dropped with its reason; the prior is the other seven's.
+    prior = json.loads((run / "prior.json").read_text())
+    assert prior["answered"] == 7 and len(prior["rejected"]) == 1
+    assert "counts: 1 non-finite value(s)" in prior["rejected"][0]["rejected"]
+    with sqlite3.connect(run / "ledger.sqlite") as db:
+        assert sorted(r[0] for r in db.execute("SELECT status FROM participants WHERE phase = 'prior'")) == \
+            ["answered"] * 7 + ["rejected"]
+    assert all(torch.isfinite(t).all() for t in before.values())
 
 
 def test_too_few_usable_replies_stop_the_run_cleanly(tmp_path):
@@ -120,3 +130,36 @@ def test_too_few_usable_replies_stop_the_run_cleanly(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "non-finite" in summary["stopped"] and "crashes" in summary["stopped"]
     assert not (tmp_path / "run" / "adapters" / "round-001").exists()  # round 0's adapter stands
+
+
+PRIOR_METRICS = {"epsilon": 0.5, "delta": 1e-5, "noise-multiplier": 10.0, "sample-rate": 1.0, "steps": 1,
+                 "epsilon-max": 8.0, "declined": 0, "client-id": 7, "history-noise-multiplier": [10.0],
+                 "history-sample-rate": [1.0], "history-steps": [1]}
+
+
+@pytest.mark.parametrize("counts,reason", [
+    (torch.full((5,), float("nan")), "counts: 5 non-finite value(s)"),
+    (torch.zeros(4), "counts: shape (4,), expected (5,)"),
+    (torch.tensor([0.0, 1e9, 0.0, 0.0, 0.0]), "outside [-101, 1e+07]"),
+    (torch.tensor([0.0, -500.0, 0.0, 0.0, 0.0]), "outside [-101, 1e+07]"),
+    (torch.zeros(5, dtype=torch.int64), "expected a float type"),
+])
+def test_bad_histograms_are_refused(counts, reason):
+    good = RecordDict({"arrays": ArrayRecord({"counts": torch.randn(5) * 10}), "metrics": MetricRecord(PRIOR_METRICS)})
+    assert check_prior_reply(good, 5, 10.0) is None
+    found = check_prior_reply(RecordDict({"arrays": ArrayRecord({"counts": counts}),
+                                          "metrics": MetricRecord(PRIOR_METRICS)}), 5, 10.0)
+    assert found is not None and reason in found, found
+
+
+def test_evaluation_replies_are_bounded():
+    sums = {f"{p}{k}": 3.0 for p in ("", "val-") for k in ("sum-hr@10", "sum-ndcg@10", "sum-recall@20", "count")}
+    metrics = {**{k: v for k, v in PRIOR_METRICS.items() if k not in ("sample-rate", "steps")}, **sums}
+    assert check_evaluate_reply(RecordDict({"metrics": MetricRecord(metrics)}), 56.0) is None
+    exact = {**metrics, **{f"exact-{p}{k}": 0.5 for p in ("", "val-") for k in ("hr@10", "ndcg@10", "recall@20")},
+             "exact-count": 3.0, "exact-val-count": 3.0}
+    assert check_evaluate_reply(RecordDict({"metrics": MetricRecord(exact)}), 56.0) is None
+    for bad, reason in [({**exact, "exact-hr@10": 1.5}, "outside [0, 1]"), ({**metrics, "sum-hr@10": 1e12}, "outside"),
+                        ({**metrics, "count": float("inf")}, "is inf"), ({**metrics, "loss": 1.0}, "undeclared")]:
+        found = check_evaluate_reply(RecordDict({"metrics": MetricRecord(bad)}), 56.0)
+        assert found is not None and reason in found, (bad, found)

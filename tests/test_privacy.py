@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant
 from peft import PeftModel
 
 from client.train import _collate, train
@@ -69,7 +69,7 @@ def test_dp_step_changes_every_lora_tensor_and_no_base_weight(model_and_tokenize
     _, _, train_ex, _, _ = small_split
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     s = dataclasses.replace(settings, dp=True, local_steps=1, lora_train_a=train_a)
-    result = train(model, tokenizer, train_ex, s, history=[], seed=0)
+    result = train(model, tokenizer, train_ex, s, history=[], seed=0, q=s.batch_size / len(train_ex))
     assert result.steps == 1 and result.epsilon > 0
     after = dict(model.named_parameters())
     layers_times_targets = 2 * len(settings.lora_targets.split(","))
@@ -94,16 +94,17 @@ def test_epsilon_is_cumulative_and_matches_a_fresh_accountant(model_and_tokenize
     s = dataclasses.replace(settings, dp=True, local_steps=3, noise_multiplier=1.1)
     state = tmp_path / "state"
 
-    round1 = train(model, tokenizer, train_ex, s, load_history(state), seed=1)
+    round1 = train(model, tokenizer, train_ex, s, load_history(state), seed=1, q=0.01)
     save_history(state, round1.history, s.accountant, s.delta)
-    round2 = train(model, tokenizer, train_ex, s, load_history(state), seed=2)
+    round2 = train(model, tokenizer, train_ex, s, load_history(state), seed=2, q=0.01)
     save_history(state, round2.history, s.accountant, s.delta)
 
     assert round2.epsilon > round1.epsilon > 0
-    fresh = RDPAccountant()
+    assert round1.sample_rate == round2.sample_rate == 0.01
+    fresh = PRVAccountant()
     for _ in range(round1.steps + round2.steps):
-        fresh.step(noise_multiplier=s.noise_multiplier, sample_rate=round1.sample_rate)
-    assert abs(fresh.get_epsilon(s.delta) - round2.epsilon) <= 1e-9 * round2.epsilon
+        fresh.step(noise_multiplier=s.noise_multiplier, sample_rate=0.01)
+    assert abs(fresh.get_epsilon(s.delta) - round2.epsilon) <= 1e-6 * round2.epsilon
     # and the persisted history alone reproduces it (what a restarted client would load)
     assert epsilon(load_history(state), s.delta, s.accountant) == round2.epsilon
 
@@ -120,24 +121,24 @@ def test_dp_noise_is_not_replayable_from_the_run_seed(model_and_tokenizer, small
             for n, p in model.named_parameters():
                 if n in start:
                     p.copy_(start[n])
-        train(model, tokenizer, train_ex, s, history=[], seed=123)
+        train(model, tokenizer, train_ex, s, history=[], seed=123, q=s.batch_size / len(train_ex))
         outcomes.append({n: p.detach().clone() for n, p in model.named_parameters() if n in start})
     assert any(not torch.equal(outcomes[0][n], outcomes[1][n]) for n in start)
 
 
-def test_accounted_sample_rate_is_the_sampled_one(model_and_tokenizer, small_split, settings):
-    """93 examples, batch 1: the DataLoader samples at q = 1/93, but Opacus' own hook would
-    account 1/int(1/q) = 1/92 (float rounding). The history, the reported q and ε all use 1/93.
-    A Poisson batch at q = 1/93 is empty with probability (92/93)^93 ≈ 0.37, so 16 steps meet
-    an empty one (noise only) with probability 1 − 0.63^16 > 0.999: they must not crash."""
+def test_the_sample_rate_is_public_whatever_the_data_size(model_and_tokenizer, small_split, settings):
+    """q comes from the caller (batch-size / declared-examples), never from len(examples): two
+    sites of 93 and 40 examples sampled at the same q account the same (σ, q, steps). At q =
+    1/93 a Poisson batch of 93 is empty with probability (92/93)^93 ≈ 0.37, so 16 steps meet an
+    empty one (noise only) with probability > 0.999: they must not crash."""
     model, tokenizer = model_and_tokenizer
     _, _, train_ex, _, _ = small_split
     s = dataclasses.replace(settings, dp=True, local_steps=16, batch_size=1, noise_multiplier=1.0)
-    result = train(model, tokenizer, train_ex[:93], s, history=[(10.0, 1.0, 1)], seed=0)
-    assert int(1 / result.sample_rate) == 92 and result.sample_rate == 1 / 93
-    assert result.steps == 16 and result.history == [(10.0, 1.0, 1), (1.0, 1 / 93, 16)]
-    assert result.epsilon == epsilon([(10.0, 1.0, 1), (1.0, 1 / 93, 16)], s.delta, s.accountant)
-    assert result.epsilon < epsilon([(10.0, 1.0, 1), (1.0, 1 / 92, 16)], s.delta, s.accountant)
+    results = [train(model, tokenizer, train_ex[:n], s, history=[(10.0, 1.0, 1)], seed=0, q=1 / 93) for n in (93, 40)]
+    for result in results:
+        assert result.sample_rate == 1 / 93 and result.steps == 16
+        assert result.history == [(10.0, 1.0, 1), (1.0, 1 / 93, 16)]
+        assert result.epsilon == epsilon([(10.0, 1.0, 1), (1.0, 1 / 93, 16)], s.delta, s.accountant)
 
 
 def test_lora_on_the_top_layers_only(movielens, small_split, settings, tmp_path):
@@ -154,7 +155,7 @@ def test_lora_on_the_top_layers_only(movielens, small_split, settings, tmp_path)
     assert len(lora) == 2 * len(s.lora_targets.split(","))  # A and B, per target, one layer
     assert all(".layer.1." in n for n in lora), lora
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train(model, tokenizer, train_ex, s, history=[], seed=0)
+    train(model, tokenizer, train_ex, s, history=[], seed=0, q=s.batch_size / len(train_ex))
     after = {n: p.detach() for n, p in model.named_parameters()}
     for name in lora:
         assert not torch.equal(before[name], after[name]), f"{name} did not change"
