@@ -46,7 +46,7 @@ from common.config import ConfigError, Settings
 from common.data import DataError, catalog_fingerprint, leave_last_out, read_catalog, read_interactions
 from common.model import (adapter_config, adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
                           refresh_item_embeddings)
-from common.metrics import item_counts
+from common.metrics import METRICS, item_counts
 from common.privacy import (UNIT, Budget, BudgetError, client_id, epsilon, history_metrics, load_history,
                             public_sample_rate, read_budget, save_history, spend)
 from common.releases import ERROR_CATEGORIES, EVAL_SENSITIVITY, check_reply
@@ -317,8 +317,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         for prefix in ("", "val-"):
             n = sums[f"{prefix}count"]
             metrics[f"exact-{prefix}count"] = n
-            metrics.update({f"exact-{prefix}{k[4:]}": v / max(n, 1) for k, v in sums.items()
-                            if k.startswith(f"{prefix}sum-")})
+            metrics.update({f"exact-{prefix}{k}": sums[f"{prefix}sum-{k}"] / max(n, 1) for k in METRICS})
     content = RecordDict({"metrics": MetricRecord(metrics)})
     check_reply("evaluate", content)
     return Message(content=content, reply_to=msg)

@@ -1,7 +1,8 @@
 """The privacy ledger: an append-only SQLite record of every round of a run.
 
 ``RUN_DIR/ledger.sqlite`` holds, per round, who took part (pseudonymous node ids), every
-privacy mechanism a client ran with its parameters, the ε each client reported, the norm
+privacy mechanism a client ran with its parameters, the ε each client reported and how many
+releases of its history that ε covers (``releases``), the norm
 of each client's update, declines and failures with their reasons, and the round's
 evaluation metrics. A round is written in one transaction when it commits, so a crash
 loses at most the round in flight. Rows are never updated or deleted (triggers refuse it).
@@ -25,7 +26,7 @@ CREATE TABLE IF NOT EXISTS rounds (
 CREATE TABLE IF NOT EXISTS participants (
     round INTEGER NOT NULL, node TEXT NOT NULL, phase TEXT NOT NULL, status TEXT NOT NULL,
     reason TEXT, num_examples INTEGER, epsilon REAL, delta REAL, epsilon_max REAL,
-    update_norm REAL, PRIMARY KEY (round, node, phase));
+    update_norm REAL, releases INTEGER, PRIMARY KEY (round, node, phase));
 CREATE TABLE IF NOT EXISTS mechanisms (
     round INTEGER NOT NULL, node TEXT NOT NULL, phase TEXT NOT NULL, mechanism TEXT NOT NULL,
     noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, steps INTEGER NOT NULL,
@@ -85,9 +86,9 @@ class Ledger:
             for p in participants:
                 self.db.execute(
                     "INSERT INTO participants VALUES (:round, :node, :phase, :status, :reason, :num_examples,"
-                    " :epsilon, :delta, :epsilon_max, :update_norm)",
+                    " :epsilon, :delta, :epsilon_max, :update_norm, :releases)",
                     {"round": server_round, "reason": None, "num_examples": None, "epsilon": None, "delta": None,
-                     "epsilon_max": None, "update_norm": None, **p})
+                     "epsilon_max": None, "update_norm": None, "releases": None, **p})
             for m in mechanisms:
                 self.db.execute(
                     "INSERT INTO mechanisms VALUES (:round, :node, :phase, :mechanism, :noise_multiplier,"

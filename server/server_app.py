@@ -267,7 +267,7 @@ class RunRecorder(FedAvgM):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
         participants, mechanisms = self.ledger_rows
-        accepted = []
+        accepted, evaluations = [], []
         noise_std = self.settings.eval_noise_multiplier * EVAL_SENSITIVITY
         for msg in replies:
             node = self.replier(msg)
@@ -296,14 +296,18 @@ class RunRecorder(FedAvgM):
                                    "sample_rate": 1.0, "steps": 1, "max_grad_norm": EVAL_SENSITIVITY,
                                    "delta": m["delta"], "accountant": self.settings.accountant})
             participants.append({**entry, "status": "evaluated", **ledger_privacy(m)})
+            evaluations.append({"node": node, "epsilon": m["epsilon"] if math.isfinite(m["epsilon"]) else None,
+                                "delta": m["delta"]})
             accepted.append(m)
         self.ledger_rows = (participants, mechanisms)
-        row = {"round": server_round, **self.row, **evaluation_row(accepted, noise_std)}
+        row = {"round": server_round, **self.row, **evaluation_row(accepted, noise_std),
+               "client-evaluations": evaluations}
         if self.reference_path and self.reference_path.is_file():
             popularity = json.loads(self.reference_path.read_text())["test"]
             row.update({f"popularity-{k}": v for k, v in popularity.items()})
         row["elapsed-s"] = round(time.time() - self.started, 2)
-        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "round"}
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k != "round"}
         # The ledger commit is the round's commit point: a metrics row (or adapter) past the
         # ledger's last round is the round in flight, and --resume discards it.
         with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -401,8 +405,12 @@ def is_decline(msg: Message) -> bool:
 
 
 def ledger_privacy(m: MetricRecord) -> dict:
+    """What a reply says of the client's privacy: its ε, δ, budget, and how many releases of its
+    accountant history that ε covers (so the audit recomputes exactly that prefix)."""
+    steps = m.get("history-steps")
     return {"epsilon": m["epsilon"] if math.isfinite(m["epsilon"]) else None, "delta": m["delta"],
-            "epsilon_max": m["epsilon-max"] if math.isfinite(m["epsilon-max"]) else None}
+            "epsilon_max": m["epsilon-max"] if math.isfinite(m["epsilon-max"]) else None,
+            "releases": len(steps) if isinstance(steps, list) else None}
 
 
 def json_metrics(record: MetricRecord) -> dict:
@@ -649,7 +657,7 @@ def main(grid: Grid, context: Context) -> None:
         ledger.close()
     metrics_file = run_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
-    summary = {k: v for k, v in rows[-1].items() if k != "client-updates"} if rows else {}
+    summary = {k: v for k, v in rows[-1].items() if k not in ("client-updates", "client-evaluations")} if rows else {}
     summary.update({"rounds": len(rows), "run-dir": str(run_dir), "nodes": num_nodes})
     if stopped:
         summary["stopped"] = stopped

@@ -213,7 +213,8 @@ def final_epsilons(run_dir: Path, rows: list[dict]) -> dict:
     if prior.is_file():
         final.update({c["node"]: c["epsilon"] for c in json.loads(prior.read_text())["client-updates"]})
     for row in rows:
-        final.update({c["node"]: c["epsilon"] for c in row["client-updates"] if c.get("epsilon") is not None})
+        for key in ("client-updates", "client-evaluations"):
+            final.update({c["node"]: c["epsilon"] for c in row.get(key, []) if c.get("epsilon") is not None})
     return final
 
 
@@ -224,7 +225,12 @@ def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path)
     for name in ("HR@10", "NDCG@10", "Recall@20"):
         table.add_column(name, justify="right")
     keys = ("hr@10", "ndcg@10", "recall@20")
-    table.add_row("federated global adapter", *(f"{last.get(k, float('nan')):.4f}" for k in keys))
+    exact = last.get("metrics-source", "").startswith("exact")
+    table.add_row("federated global adapter" + (" (exact: simulated sites)" if exact else " (sites' DP releases)"),
+                  *(f"{last.get(k, float('nan')):.4f}" for k in keys))
+    if exact:
+        table.add_row(f"  the same from the sites' DP releases (noise σ = {last['eval-noise-std-per-sum']:.0f} per "
+                      "site sum)", *(f"{last.get('dp-' + k, float('nan')):.4f}" for k in keys))
     if "popularity-hr@10" in last:
         table.add_row("popularity", *(f"{last['popularity-' + k]:.4f}" for k in keys))
     console.print(table)
@@ -233,13 +239,18 @@ def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path)
         from common.privacy import UNIT
 
         values = list(final.values())
+        released = ([f"the popularity histogram (Gaussian, σ_h = {s.prior_noise_multiplier:g})"]
+                    if s.popularity_prior else []) + [
+            f"every adapter (DP-SGD: Poisson rate q = batch-size / declared-examples, σ = {s.noise_multiplier:g}, "
+            f"C = {s.max_grad_norm:g})",
+            f"every example count (Gaussian, σ_n = {s.count_noise_multiplier:g})",
+            f"every evaluation (Gaussian on 8 sums, sensitivity √8, σ_e = {s.eval_noise_multiplier:g})"]
         console.print(
             f"Privacy: client ε max {max(values):.3f}, median {statistics.median(values):.3f} over all {len(values)} "
-            f"clients at δ = {s.delta:g} (cumulative over the run: "
-            + (f"popularity histogram σ_h = {s.prior_noise_multiplier:g} and " if s.popularity_prior else "")
-            + f"DP-SGD with Poisson sampling, σ = {s.noise_multiplier:g}, "
-            f"C = {s.max_grad_norm:g}; {UNIT}; Opacus {s.accountant.upper()} accountant). Metrics and example counts "
-            "sent to the server are not covered.")
+            f"clients at δ = {s.delta:g}, {UNIT}, Opacus {s.accountant.upper()} accountant. It covers everything "
+            f"the sites released, composed: {'; '.join(released)}; the rest of every reply is public "
+            "(common/releases.py). Each simulated site is fresh for this run (a deployed site's accountant spans "
+            "all its runs). Simulated sites also sent exact metrics: their data is the simulator's, not private.")
     else:
         console.print("[yellow]Example-level privacy: none — clients trained without DP-SGD (dp = false).[/yellow]")
     if s.central_dp and last.get("central-epsilon") is not None:

@@ -48,7 +48,10 @@ def test_run_directory_layout(run_dir):
     assert config["run-config"]["num-server-rounds"] == ROUNDS and config["run-config"]["dp"] is True
     assert len(config["base-sha256"]) == 64
     # The summary table and the privacy statement were printed.
-    assert "popularity" in stdout and "δ = 1e-05" in stdout and "RDP accountant" in stdout
+    statement = " ".join(stdout.split())
+    assert "popularity" in stdout and "δ = 1e-05" in statement and "PRV accountant" in statement
+    for covered in ("popularity histogram", "every adapter", "every example count", "every evaluation"):
+        assert covered in statement, covered
 
 
 def test_metrics_every_round_from_all_clients(run_dir):
@@ -57,9 +60,12 @@ def test_metrics_every_round_from_all_clients(run_dir):
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
     for r in rows:
         assert r["clients"] == CLIENTS and r["failures"] == 0
-        assert r["eval-users"] == 24
-        for k in ("hr@10", "ndcg@10", "recall@20", "popularity-hr@10", "popularity-ndcg@10", "popularity-recall@20"):
+        assert r["eval-users"] == 24 and r["metrics-source"].startswith("exact")
+        for k in ("hr@10", "ndcg@10", "recall@20", "popularity-hr@10", "popularity-ndcg@10", "popularity-recall@20",
+                  "dp-hr@10", "dp-ndcg@10", "dp-recall@20"):
             assert 0.0 <= r[k] <= 1.0, k
+        # The DP estimate is not the exact figure: noise σ_e·√8 went on every site's sums.
+        assert r["dp-eval-users"] != 24
         assert r["hr@10"] <= r["recall@20"]
         assert sum(c["num-examples"] for c in r["client-updates"]) > 0
 
@@ -81,11 +87,15 @@ def test_epsilon_reported_is_cumulative_and_recomputable(run_dir):
     prior_eps = {c["node"]: c["epsilon"] for c in prior["client-updates"]}
     for node, updates in by_node.items():
         assert updates[0]["epsilon"] > prior_eps[node] > 0
-        # Recompute from the reported mechanisms: the prior's Gaussian histogram (q = 1,
-        # one release), then each round's DP-SGD steps.
+        # Recompute from the reported mechanisms: the prior's Gaussian histogram (q = 1, one
+        # release), then per round DP-SGD, the noisy count, and (after training) the evaluation.
         history = [(prior["noise-multiplier"], 1.0, 1)]
-        history += [(u["noise-multiplier"], u["sample-rate"], int(u["steps"])) for u in updates]
-        assert epsilon(history, 1e-5, "rdp") == pytest.approx(updates[-1]["epsilon"], rel=1e-9)
+        for u in updates:
+            history += [(u["noise-multiplier"], u["sample-rate"], int(u["steps"])), (u["count-noise-multiplier"], 1.0, 1)]
+            assert epsilon(history, 1e-5, "prv") == pytest.approx(u["epsilon"], rel=1e-9)
+            history.append((20.0, 1.0, 1))
+        # q is public: the same for every site (batch-size / the split's mean size), whatever its size.
+        assert len({u["sample-rate"] for u in updates}) == 1
 
 
 def test_global_adapter_opens_with_peft_and_recommends(run_dir):
@@ -133,7 +143,8 @@ def test_ledger_holds_every_round_and_is_append_only(run_dir):
     assert all(n > 0 and eps > 0 and delta == 1e-5 and norm > 0 for _, node, n, eps, delta, norm in trained)
     assert all(node.startswith("node-") for _, node, *_ in trained)  # pseudonyms, not Flower node ids
     mechs = db.execute("SELECT mechanism, noise_multiplier, sample_rate, steps FROM mechanisms").fetchall()
-    assert sorted({m[0] for m in mechs}) == ["dp-sgd", "gaussian-histogram"]
+    assert sorted({m[0] for m in mechs}) == ["dp-sgd", "gaussian-count", "gaussian-eval-sums", "gaussian-histogram"]
+    assert sum(m[0] == "gaussian-eval-sums" for m in mechs) == sum(m[0] == "gaussian-count" for m in mechs)
     assert sum(m[0] == "dp-sgd" for m in mechs) == ROUNDS * CLIENTS
     assert all(m[3] == 3 and 0 < m[2] < 1 for m in mechs if m[0] == "dp-sgd")
     ndcg = db.execute("SELECT round, value FROM metrics WHERE name = 'ndcg@10' ORDER BY round").fetchall()
@@ -160,7 +171,10 @@ def test_audit_recomputes_every_epsilon_and_passes(run_dir):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     reported = sorted(c["epsilon"] for c in rows[-1]["client-updates"])
     recomputed = sorted(c["final-epsilon"] for c in report["clients"])
-    assert recomputed == pytest.approx(reported, rel=1e-6)  # dp-accounting vs Opacus, same history
+    evaluated = sorted(c["epsilon"] for c in rows[-1]["client-evaluations"])  # the last release of each site
+    assert recomputed == pytest.approx(evaluated, rel=1e-6) and evaluated > reported
+    for c in report["clients"]:  # the other family's figure, shown as a band around the replay
+        assert c["band"][0] <= c["final-epsilon"] <= c["band"][1] and c["band"][1] / c["band"][0] < 1.1
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "Unit of privacy" in html and "Not covered" in html
 
@@ -213,21 +227,19 @@ def test_clients_enforce_their_budgets_and_the_run_stops_cleanly(tmp_path):
     the run cannot sample round 3 and stops, saying why; the audit still passes."""
     import sqlite3
 
-    from client.train import sample_rate
     from common.config import defaults
-    from common.data import leave_last_out, read_interactions
-    from common.privacy import Budget, write_budget
+    from common.privacy import Budget, read_budget, write_budget
     from simulations.partition import materialize
 
     overrides = {"model-layers": 2, "max-users": 24, "batch-size": 8, "max-length": 64, "history-len": 4, "fraction-train": 1.0,
                  "local-steps": 3, "min-train-nodes": 3, "partition-dir": str(tmp_path / "parts")}
     s = Settings.from_run_config({**defaults(), **overrides})
     root = materialize(s, 3)
-    catalog = read_catalog(root / "catalog.csv")
-    train, _, _ = leave_last_out(read_interactions(root / "client-0", catalog), catalog, s.history_len)
-    one_round = [(s.prior_noise_multiplier, 1.0, 1), (s.noise_multiplier, sample_rate(len(train), s.batch_size), 3)]
-    budget = epsilon(one_round, 1e-5, "rdp") * (1 + 1e-9)
-    write_budget(root / "client-0", Budget(budget, 1e-5))
+    declared = read_budget(root / "client-0", {}).declared_examples
+    one_round = [(s.prior_noise_multiplier, 1.0, 1), (s.noise_multiplier, s.batch_size / declared, 3),
+                 (s.count_noise_multiplier, 1.0, 1), (s.eval_noise_multiplier, 1.0, 1)]
+    budget = epsilon(one_round, 1e-5, "prv") * (1 + 1e-9)
+    write_budget(root / "client-0", Budget(budget, 1e-5, declared_examples=declared))
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--rounds", "3", "--clients", "3", "--run-dir", str(run),
