@@ -139,22 +139,27 @@ class BudgetError(ValueError):
 
 
 def read_budget(data_dir: Path, node_config: dict) -> Budget:
-    """The node's budget: node config ``epsilon-max``/``delta`` if set, else ``budget.json``."""
-    if "epsilon-max" in node_config:
-        source = "node-config"
-        raw = {k: node_config[k] for k in ("epsilon-max", "delta", "declared-examples") if k in node_config}
-    else:
-        path = Path(data_dir) / BUDGET_FILE
-        source = str(path)
-        if not path.is_file():
-            raise BudgetError(f"{path}: no privacy budget. Write {{\"epsilon-max\": 8.0, \"delta\": 1e-5}} "
-                              "there or start the node with --node-config \"epsilon-max=8.0 delta=1e-5\"")
+    """The node's budget: ``budget.json`` in its data folder, with any of ``epsilon-max``, ``delta``
+    and ``declared-examples`` set in its node config taking precedence."""
+    raw, sources = {}, []
+    path = Path(data_dir) / BUDGET_FILE
+    if path.is_file():
         try:
             raw = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BudgetError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(raw, dict):
             raise BudgetError(f"{path}: expected an object with epsilon-max and delta")
+        sources.append(str(path))
+    node = {k: node_config[k] for k in ("epsilon-max", "delta", "declared-examples") if k in node_config}
+    if node:
+        raw = {**raw, **node}
+        sources.append("node-config")
+    source = " and ".join(sources)
+    if "epsilon-max" not in raw:
+        raise BudgetError(f"{path}: no privacy budget. Write {{\"epsilon-max\": 8.0, \"delta\": 1e-5, "
+                          "\"declared-examples\": 5000}} there or start the node with --node-config "
+                          "\"epsilon-max=8.0 delta=1e-5 declared-examples=5000\"")
     eps, delta = raw.get("epsilon-max"), raw.get("delta")
     eps = math.inf if eps is None else eps
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:

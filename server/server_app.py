@@ -26,6 +26,7 @@ import json
 import math
 import logging
 import os
+import re
 import secrets
 import shutil
 import statistics
@@ -394,10 +395,12 @@ def unrecorded_releases(recorded: list[tuple], node: str, m: MetricRecord, accou
 
 
 def short_reason(reason: str) -> str:
-    """A client error in one line: Flower wraps the exception's message in a traceback."""
+    """A client error in one line: Flower wraps the exception's message in a traceback, or (a
+    deployed ClientApp) in ``<class '…'>:<'message'>``."""
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
     last = lines[-1] if lines else "(no reason given)"
-    return last.split("Message: ", 1)[-1].removesuffix("'>").strip()
+    last = re.sub(r"^<class '[^']*'>:<'", "", last.split("Message: ", 1)[-1])
+    return last.removesuffix("'>").strip()
 
 
 def is_decline(msg: Message) -> bool:

@@ -57,7 +57,11 @@ def run_to_the_end(sigma, examples, batch, steps, rounds, prior, eps_max, accoun
 def test_budget_file_and_node_config(tmp_path):
     write_budget(tmp_path, Budget(3.0, 1e-6))
     assert read_budget(tmp_path, {}) == Budget(3.0, 1e-6, str(tmp_path / "budget.json"))
-    assert read_budget(tmp_path, {"epsilon-max": 1.5, "delta": 1e-7}) == Budget(1.5, 1e-7, "node-config")
+    # The node config wins over the file, key by key.
+    assert read_budget(tmp_path, {"epsilon-max": 1.5, "delta": 1e-7}) == Budget(
+        1.5, 1e-7, f"{tmp_path / 'budget.json'} and node-config")
+    assert read_budget(tmp_path / "none", {"epsilon-max": 1.5, "delta": 1e-7, "declared-examples": 9}) == Budget(
+        1.5, 1e-7, "node-config", 9)
     write_budget(tmp_path, Budget(2.0, 1e-5, declared_examples=5000))
     assert read_budget(tmp_path, {}).declared_examples == 5000
     assert public_sample_rate(64, read_budget(tmp_path, {})) == 64 / 5000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
@@ -225,3 +226,69 @@ def test_a_restarted_client_continues_its_epsilon(node):
         fresh.history.append((context.run_config["count-noise-multiplier"], 1.0, 1))
     assert outputs[1]["epsilon"] > outputs[0]["epsilon"] > 0
     assert outputs[1]["epsilon"] == pytest.approx(fresh.get_epsilon(1e-5), rel=1e-9)
+
+
+def fields(reply: Message) -> set[str]:
+    from common.releases import fields_of
+
+    return fields_of(reply.content)
+
+
+def test_every_reply_kind_carries_exactly_its_listed_fields(node, monkeypatch):
+    """The real ClientApp's train, prior, evaluate, decline and error replies against
+    common/releases.py; a field that is not listed never leaves the site."""
+    catalog, _, data_dir, context = node
+    assert all(f.status in ("dp", "public", "simulation") and f.why for kind in REPLIES.values() for f in kind.values())
+    train = client_app.app(server_message(catalog, context.run_config, 1), context)
+    assert fields(train) == set(REPLIES["train"])
+    prior = client_app.app(Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=7,
+                                   message_type="query.popularity"), context)
+    assert fields(prior) == set(REPLIES["prior"])
+    evaluation = client_app.app(server_message(catalog, context.run_config, 1, kind="evaluate"), context)
+    assert fields(evaluation) == {k for k, f in REPLIES["evaluate"].items() if f.status != "simulation"}
+    write_budget(data_dir, Budget(0.01, 1e-5, declared_examples=64))
+    declined = client_app.app(server_message(catalog, context.run_config, 2), context)
+    assert fields(declined) == set(REPLIES["decline"])
+    # A reply that would carry an unlisted field is refused at the site (fail closed) ...
+    write_budget(data_dir, Budget(100.0, 1e-5, declared_examples=64))
+    real_identity = client_app.identity
+    monkeypatch.setattr(client_app, "identity", lambda *a: {**real_identity(*a), "user-count": 3})
+    with pytest.raises(client_app.SiteError, match=r"site error \(internal\)"):
+        client_app.app(server_message(catalog, context.run_config, 3), context)
+    assert "user-count" in (data_dir / "state" / "errors.log").read_text()
+    # ... and a server would drop it too.
+    from server.validation import check_train_reply
+
+    train.content["metrics"]["user-count"] = 3
+    sent = server_message(catalog, context.run_config, 1).content["arrays"].to_torch_state_dict()
+    assert "undeclared field(s) ['metrics.user-count']" in check_train_reply(train.content, sent, 100.0)
+
+
+def test_a_crafted_adapter_buys_only_charged_noisy_evaluations(node):
+    """A server crafts the item bias so that a chosen half of the catalog ranks first, and asks
+    for evaluations again and again: every answer is a charged Gaussian release (no exact
+    figure, ε grows each time) and the site declines once its budget cannot pay for another."""
+    catalog, _, data_dir, context = node
+    sigma = context.run_config["eval-noise-multiplier"]
+    one = epsilon([(sigma, 1.0, 1)], 1e-5, "prv")
+    write_budget(data_dir, Budget(epsilon([(sigma, 1.0, 1)] * 3, 1e-5, "prv") * (1 + 1e-9), 1e-5,
+                                  declared_examples=64))
+    message = server_message(catalog, context.run_config, 1, kind="evaluate")
+    state = message.content["arrays"].to_torch_state_dict()
+    (bias,) = [k for k in state if k.endswith("scorer.bias")]
+    state[bias] = torch.where(torch.arange(len(catalog)) % 2 == 0, 100.0, -100.0)
+    crafted = ArrayRecord(state)
+    answers = []
+    for _ in range(4):
+        reply = client_app.app(server_message(catalog, context.run_config, 1, kind="evaluate", arrays=crafted),
+                               context)
+        assert not reply.has_error(), reply.error
+        answers.append(reply.content)
+    charged = [a["metrics"] for a in answers[:3]]
+    assert all(not any(k.startswith("exact-") for k in m) for m in charged)
+    assert [round(m["epsilon"] / one, 6) for m in charged][0] == 1.0
+    assert charged[0]["epsilon"] < charged[1]["epsilon"] < charged[2]["epsilon"]
+    assert "decline" in answers[3] and "over epsilon-max" in str(answers[3]["decline"]["reason"])
+    assert load_history(data_dir / "state") == [(sigma, 1.0, 1)] * 3  # the refusal spent nothing
+    # The three answers about the same users and the same adapter differ: fresh noise each time.
+    assert len({m["sum-hr@10"] for m in charged}) == 3

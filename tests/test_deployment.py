@@ -33,9 +33,9 @@ def plant_canaries(data_dir: Path) -> list[str]:
     return canaries
 
 
-def server_side_files(root: Path) -> list[Path]:
+def server_side_files(root: Path, run: str = "run") -> list[Path]:
     """Everything the server side holds: run directory, SuperLink database and logs, CLI output."""
-    files = [p for p in (root / "run").rglob("*") if p.is_file()]
+    files = [p for p in (root / run).rglob("*") if p.is_file()]
     files += [p for p in root.glob("superlink.db*") if p.is_file()]
     files += [root / "logs" / name for name in ("superlink.log", "flwr-run.log")]
     return files
@@ -48,54 +48,101 @@ def exited(proc, timeout: float = 90) -> int | None:
     return proc.poll()
 
 
-def test_deployment_with_tls_node_auth_and_no_text_leaving_the_sites(tmp_path):
+def break_a_row(data_dir: Path) -> str:
+    """Make one row of this site's data malformed, with a canary in the bad field."""
+    path = data_dir / "interactions.csv"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    canary = f"{CANARY}{secrets.token_hex(6)}"
+    fields = lines[5].split(",")
+    fields[2] = canary  # the rating: not a number
+    lines[5] = ",".join(fields)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return canary
+
+
+def first_run_history(s: Settings, declared: int) -> list:
+    """What one 1-round run releases at a site: prior, DP-SGD, noisy count, evaluation."""
+    return [(s.prior_noise_multiplier, 1.0, 1), (s.noise_multiplier, s.batch_size / declared, s.local_steps),
+            (s.count_noise_multiplier, 1.0, 1), (s.eval_noise_multiplier, 1.0, 1)]
+
+
+def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leaving_the_sites(tmp_path):
+    """Three runs with different run directories against the same SuperNodes: each site's
+    accountant belongs to the site and composes them all; site 0 can afford exactly two, and
+    declines the third. A third site's data has a malformed row with a canary: the server
+    learns only an error category. TLS and SuperNode authentication are on throughout."""
+    from common.privacy import epsilon, load_history, read_budget
+
     s = Settings.from_run_config({**defaults(), "max-users": 45, "partition-dir": str(tmp_path / "data")})
     materialize(s, 3)
-    sites = [tmp_path / "data" / f"client-{k}" for k in range(2)]
-    canaries = [c for site in sites for c in plant_canaries(site)]
-    overrides = {"model-layers": 2, "num-server-rounds": 2, "local-steps": 2, "batch-size": 8, "max-users": 45,
-                 "run-dir": str(tmp_path / "run")}
+    sites = [tmp_path / "data" / f"client-{k}" for k in range(3)]
+    canaries = [c for site in sites[:2] for c in plant_canaries(site)]
+    bad_row = break_a_row(sites[2])
+    overrides = {"model-layers": 2, "num-server-rounds": 1, "local-steps": 2, "batch-size": 8, "max-users": 45}
+    run_s = Settings.from_run_config({**defaults(), **overrides})
+    two_runs = first_run_history(run_s, read_budget(sites[0], {}).declared_examples) * 2
+    site0_budget = epsilon(two_runs, 1e-5, run_s.accountant) * (1 + 1e-9)
+    budgets = [(site0_budget, 1e-5), (7.5, 1e-6), (8.0, 1e-5)]  # each site's own, through --node-config
     started = []
-    budgets = [(6.5, 1e-5), (7.5, 1e-6)]  # each site's own, through --node-config (budget.json says 8.0)
     with LocalDeployment(tmp_path, sites, budgets=budgets) as d:
         started = list(d.processes)
-        d.wait_for_nodes(2)
+        d.wait_for_nodes(3)
         # A site whose key was never registered is refused by the SuperLink.
         rogue_key = d.certs / "nodes" / "rogue"
         from common.credentials import make_node_key
         make_node_key(d.certs / "nodes", "rogue")
-        rogue = d.start_supernode("rogue", tmp_path / "data" / "client-2", key=rogue_key.name, max_retries=1)
+        rogue = d.start_supernode("rogue", sites[2], key=rogue_key.name, max_retries=1)
         # A site without the CA cannot verify the SuperLink's certificate.
         no_ca = d.start_supernode("no-ca", sites[0], key="site-0", ca=False, max_retries=1)
         assert exited(rogue) not in (None, 0)
         assert exited(no_ca) not in (None, 0)
         assert "No SuperNode found with the given public key" in d.log("superlink")
         assert "CERTIFICATE_VERIFY_FAILED" in d.log("no-ca")
-        assert d.online_nodes() == 2
+        assert d.online_nodes() == 3
 
-        d.run(overrides, timeout=1200)
+        for k in (1, 2, 3):  # run 3 needs all three sites: it stops once site 0 declines
+            d.run({**overrides, "run-dir": str(tmp_path / f"run{k}"), "min-train-nodes": 3 if k == 3 else 2},
+                  timeout=1200)
         started = list(d.processes)
 
     # Every process the deployment started, and everything they started, is gone.
     time.sleep(1)
     assert not [p.pid for p in started if psutil.pid_exists(p.pid) and psutil.Process(p.pid).status() != "zombie"]
 
-    run = tmp_path / "run"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["clients"] == 2 and r["failures"] == 0 for r in rows)
-    assert 0 < rows[0]["epsilon-max"] < rows[1]["epsilon-max"] < 6.5  # cumulative, within budget
+    rows = {k: [json.loads(line) for line in (tmp_path / f"run{k}" / "metrics.jsonl").read_text().splitlines()]
+            for k in (1, 2)}
+    for k in (1, 2):
+        assert [(r["round"], r["clients"], r["failures"]) for r in rows[k]] == [(1, 2, 1)]
+        assert rows[k][0]["metrics-source"].startswith("dp")  # deployed sites send no exact figure
+        assert 0.0 <= rows[k][0]["ndcg@10"] <= 1.0 and "exact-ndcg@10" not in json.dumps(rows[k])
     # Each site accounted at its own δ and held its own ε_max, from its --node-config.
-    assert sorted((c["epsilon-max"], c["delta"]) for c in rows[-1]["client-updates"]) == sorted(budgets)
-    assert rows[-1]["eval-users"] > 0 and 0.0 <= rows[-1]["ndcg@10"] <= 1.0
-    assert sorted(p.name for p in (run / "adapters").iterdir()) == ["round-000", "round-001", "round-002"]
-    # Each site's accountant lives at the site, not at the server.
-    assert all((site / "state" / "run").is_dir() for site in sites)
+    assert sorted((c["epsilon-max"], c["delta"]) for c in rows[1][0]["client-updates"] if "delta" in c) == \
+        sorted(budgets[:2])
+    # Run 2 started where run 1 ended: its first release composes with all of run 1's.
+    first = {c["delta"]: c["epsilon"] for c in json.loads((tmp_path / "run2" / "prior.json").read_text())
+             ["client-updates"]}
+    ended = {c["delta"]: c["epsilon"] for c in rows[1][0]["client-evaluations"]}
+    assert set(first) == set(ended) == {1e-5, 1e-6}
+    assert all(first[delta] > ended[delta] > 0 for delta in first)
+    # One accountant per site, in the site's own folder, for all runs: both runs' releases.
+    assert load_history(sites[0] / "state") == two_runs
+    assert epsilon(load_history(sites[0] / "state"), 1e-5, run_s.accountant) <= site0_budget
+    assert not (sites[0] / "state" / "run1").exists()
+    # Run 3 would take site 0 past its budget: it declined, spent nothing, and the run stopped.
+    prior3 = json.loads((tmp_path / "run3" / "prior.json").read_text())
+    assert prior3["answered"] == 1 and len(prior3["declined"]) == 1 and "over epsilon-max" in prior3["declined"][0]
+    assert "privacy budget left" in json.loads((tmp_path / "run3" / "summary.json").read_text())["stopped"]
+    assert len(load_history(sites[0] / "state")) == len(two_runs)
+
+    # The broken site failed with a category only; the detail (with the canary) stayed at the site.
+    failed = [c for c in rows[1][0]["client-updates"] if "error" in c]
+    assert failed and all(c["error"].startswith("site error (data)") for c in failed)
+    assert bad_row in (sites[2] / "state" / "errors.log").read_text()
 
     # No private text reached the server side: not one canary, not even the prefix. The
     # SuperLink's database holds the messages that passed through it (the declared metrics'
     # names are there), so this also looks at what crossed the wire.
-    server_side = server_side_files(tmp_path)
+    server_side = [p for k in (1, 2, 3) for p in server_side_files(tmp_path, f"run{k}")]
     assert any(b"num-examples" in p.read_bytes() for p in server_side if p.name.startswith("superlink.db"))
     leaked = [p for p in server_side if CANARY.encode() in p.read_bytes()]
     assert leaked == []
