@@ -87,6 +87,10 @@ class Mismatch(RuntimeError):
     """The server's base model or catalog is not this site's."""
 
 
+class SiteError(RuntimeError):
+    """What a failed request tells the server: a category and no private value."""
+
+
 def site_errors(handler):
     """Whatever fails, the server learns only a category (common/releases.ERROR_CATEGORIES).
 
@@ -102,22 +106,18 @@ def site_errors(handler):
                         "budget" if isinstance(e, BudgetError) else
                         "mismatch" if isinstance(e, Mismatch) else
                         "request" if isinstance(e, ConfigError) else "internal")
-            where = log_error(context, msg, category)
+            logged = log_error(context, msg, category)
             raise SiteError(f"site error ({category}): {ERROR_CATEGORIES[category]}; the details are in the "
-                            f"site's own log{where}") from None
+                            f"site's errors.log" + ("" if logged else " (which could not be written)")) from None
     return guarded
 
 
-class SiteError(RuntimeError):
-    """What a failed request tells the server: a category and no private value."""
-
-
-def log_error(context: Context, msg: Message, category: str) -> str:
-    """Append the current exception's traceback to the site's errors.log; '' or a hint where it is."""
+def log_error(context: Context, msg: Message, category: str) -> bool:
+    """Append the current exception's traceback to the site's errors.log (in its state folder)."""
     node = context.node_config
     if "state-dir" in node or "data-dir" in node:
         folder = Path(str(node.get("state-dir") or Path(str(node["data-dir"])) / "state")).expanduser()
-    else:  # a simulated site whose partition may not even exist
+    else:  # a simulated site, whose partition may not even exist
         from common.config import fedrec_home
 
         folder = fedrec_home() / "site-errors"
@@ -127,8 +127,8 @@ def log_error(context: Context, msg: Message, category: str) -> str:
             f.write(json.dumps({"at": time.time(), "category": category, "message-type": msg.metadata.message_type,
                                 "traceback": traceback.format_exc()}) + "\n")
     except OSError:
-        return " (which could not be written)"
-    return " (errors.log in its state folder)"
+        return False
+    return True
 
 
 @lru_cache(maxsize=4)
@@ -225,7 +225,7 @@ def secret_noise(n: int, std: float) -> torch.Tensor:
 @site_errors
 def train(msg: Message, context: Context) -> Message:
     """Two releases: the adapter after DP-SGD (σ, q, local-steps) and the noisy example count
-    FedAvg weighs it by (σ_n, 1, 1). Both are priced before any private data is used."""
+    FedAvg weighs it by (σ_n, 1, 1). Both are priced, from public numbers only, before training."""
     s, budget, state_dir, model, tokenizer, train_examples, _, _ = prepare(msg, context)
     server_round = int(msg.content["config"]["server-round"])
     history = load_history(state_dir)

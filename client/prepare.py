@@ -181,10 +181,12 @@ def validate(folder: Path, catalog_path: Path | None = None, max_problems: int =
 
         try:
             b = read_budget(folder, {})
-            summary.budget = f"ε ≤ {b.epsilon_max:g} at δ = {b.delta:g} ({b.source})"
+            declared = (f", declared-examples {b.declared_examples}" if b.declared_examples is not None
+                        else ", no declared-examples (DP-SGD needs one, here or in --node-config)")
+            summary.budget = f"ε ≤ {b.epsilon_max:g} at δ = {b.delta:g}{declared} ({b.source})"
         except ValueError as e:
             summary.problems.append(str(e))
     else:
-        summary.budget = "none in this folder (give epsilon-max/delta in --node-config)"
+        summary.budget = "none in this folder (give epsilon-max/delta/declared-examples in --node-config)"
     return summary
 

@@ -53,7 +53,7 @@ from server.central_dp import ACCOUNTANT as CENTRAL_ACCOUNTANT
 from server.central_dp import ClientLevelDP
 from server.ledger import Ledger, pseudonym
 from server.secure_aggregation import SecureGrid
-from server.validation import check_evaluate_reply, check_prior_reply, check_train_reply, update_norm
+from server.validation import check_evaluate_reply, check_fields, check_prior_reply, check_train_reply, update_norm
 
 app = ServerApp()
 log = logging.getLogger("fedrec.server")
@@ -404,7 +404,8 @@ def short_reason(reason: str) -> str:
 
 
 def is_decline(msg: Message) -> bool:
-    return not msg.has_error() and "decline" in msg.content
+    """A well-formed decline (common/releases.py); a malformed one is checked, and dropped, as a reply."""
+    return not msg.has_error() and "decline" in msg.content and check_fields("decline", msg.content) is None
 
 
 def ledger_privacy(m: MetricRecord) -> dict:

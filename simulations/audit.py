@@ -213,9 +213,9 @@ def audit(run_dir: Path, empirical: bool = False) -> dict:
         "trust-model": TRUST_MODEL,
         "released": RELEASED,
         "not-covered": NOT_COVERED,
-        "accountant": f"Opacus {accountant.upper()} (the clients' own), replayed",
+        "accountant": f"Opacus {accountant.upper()} (the clients' own)",
         "independent-accountant": ("dp-accounting 0.6 " + ("PLD" if accountant == "prv" else "RDP")
-                                   + ", shown as a band beside the replay"),
+                                   + ", shown as a band"),
         "tolerance": TOLERANCE,
         "mechanisms": ledger["mechanisms"],
         "clients": sorted(clients.values(), key=lambda c: c["node"]),

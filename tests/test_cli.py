@@ -153,3 +153,20 @@ def test_resume_refuses_what_it_cannot_resume(argv, message, finished_run, tmp_p
     assert exit_info.value.code == 2
     out = capsys.readouterr().out
     assert message in out.replace("\n", "") and "Traceback" not in out
+
+
+def test_only_a_local_command_starts_a_new_accountant_and_it_is_logged(tmp_path):
+    """`fedrec client reset-accountant`: the old accountant is kept and the reset logged with its ε."""
+    import json
+
+    from common.privacy import load_history, save_history
+
+    state = tmp_path / "state"
+    save_history(state, [(1.0, 0.01, 40), (50.0, 1.0, 1)], "prv", 1e-5)
+    assert main(["client", "reset-accountant", str(state), "--reason", "new data export, DPO approved"]) == 0
+    assert load_history(state) == []
+    (retired,) = state.glob("accountant-retired-*.json")
+    assert json.loads(retired.read_text())["history"] == [[1.0, 0.01, 40], [50.0, 1.0, 1]]
+    (entry,) = [json.loads(line) for line in (state / "accountant-log.jsonl").read_text().splitlines()]
+    assert entry["reason"] == "new data export, DPO approved" and entry["retired-epsilon"] > 0
+    assert entry["retired"] == str(retired)

@@ -163,3 +163,19 @@ def test_evaluation_replies_are_bounded():
                         ({**metrics, "count": float("inf")}, "is inf"), ({**metrics, "loss": 1.0}, "undeclared")]:
         found = check_evaluate_reply(RecordDict({"metrics": MetricRecord(bad)}), 56.0)
         assert found is not None and reason in found, (bad, found)
+
+
+def test_a_malformed_decline_is_not_taken_as_one():
+    from server.server_app import is_decline
+
+    decline = RecordDict({"metrics": MetricRecord({k: v for k, v in PRIOR_METRICS.items()
+                                                   if k not in ("noise-multiplier", "sample-rate", "steps")}),
+                          "decline": ConfigRecord({"reason": "budget: over epsilon-max"})})
+    from flwr.app import Message
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    assert is_decline(Message(decline, dst_node_id=1, message_type="train"))
+    decline["metrics"]["user-count"] = 12  # a field the release list does not name
+    assert not is_decline(Message(decline, dst_node_id=1, message_type="train"))

@@ -62,8 +62,9 @@ def test_killed_mid_round_resumes_with_the_same_ledger_accountants_and_audit(tmp
         return sorted(home.glob("partitions/*/client-*/state/run/accountant.json"))
 
     def round_two_trained_not_committed() -> bool:
-        # Prior + round 1 = 2 releases; a third is round 2's DP-SGD, not yet committed.
-        return metrics_rows(run) == 1 and any(len(load_history(a.parent)) == 3 for a in accountants())
+        # Prior + round 1 (DP-SGD, count, evaluation) = 4 releases; 6 once round 2's DP-SGD and
+        # count are spent, not yet committed.
+        return metrics_rows(run) == 1 and any(len(load_history(a.parent)) == 6 for a in accountants())
 
     killed, _ = run_until(simulate_cmd(run, CLIENTS, ROUNDS, SMALL + ["client-epsilon-max=1000"]), env,
                           round_two_trained_not_committed)
@@ -89,12 +90,13 @@ def test_killed_mid_round_resumes_with_the_same_ledger_accountants_and_audit(tmp
         recorded = ledger_rows(run, "SELECT noise_multiplier, sample_rate, steps FROM mechanisms WHERE node = "
                                     f"'{node}' ORDER BY round, rowid")
         assert [tuple(h) for h in history] == recorded, node
-        reported = ledger_rows(run, f"SELECT epsilon, delta FROM participants WHERE node = '{node}' AND round = {ROUNDS}")
+        reported = ledger_rows(run, f"SELECT epsilon, delta FROM participants WHERE node = '{node}' AND round = {ROUNDS}"
+                                    " AND phase = 'evaluate'")
         assert reported and abs(reported[0][0] - epsilon(history, reported[0][1])) < 1e-9
         lengths.append(len(history))
     assert len(lengths) == CLIENTS
-    # prior + 3 rounds, plus the lost round-2 release for those that trained in it.
-    assert sorted(set(lengths)) <= [4, 5] and lengths.count(5) == len(unrecorded)
+    # prior + 3 rounds × 3 releases, plus the lost round-2 DP-SGD and count for those that trained in it.
+    assert sorted(set(lengths)) <= [10, 12] and 2 * lengths.count(12) == len(unrecorded)
     assert rows[-1]["epsilon-max"] > rows[0]["epsilon-max"]
 
     audit = subprocess.run([sys.executable, "-m", "simulations.cli", "audit", str(run)], env=env,
@@ -150,7 +152,7 @@ def test_deployment_resumes_after_the_superlink_and_serverapp_are_killed(tmp_pat
         d.flwr("run", ".", "onprem", "--run-config", config)  # submits and returns: the run goes on
         deadline = time.time() + 1200
         # Mid-round 2: round 1 committed, and a site has spent round 2's DP-SGD step.
-        while not (metrics_rows(run) == 1 and any(len(load_history(site / "state" / "run")) == 3 for site in sites)):
+        while not (metrics_rows(run) == 1 and any(len(load_history(site / "state")) == 6 for site in sites)):
             assert time.time() < deadline, d.log("superlink")[-3000:]
             time.sleep(0.1)
         d.crash_superlink()

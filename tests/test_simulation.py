@@ -85,6 +85,7 @@ def test_epsilon_reported_is_cumulative_and_recomputable(run_dir):
     prior = json.loads((run / "prior.json").read_text())
     assert prior["answered"] == CLIENTS and prior["noise-multiplier"] > 0
     prior_eps = {c["node"]: c["epsilon"] for c in prior["client-updates"]}
+    eval_sigma = json.loads((run / "config.json").read_text())["run-config"]["eval-noise-multiplier"]
     for node, updates in by_node.items():
         assert updates[0]["epsilon"] > prior_eps[node] > 0
         # Recompute from the reported mechanisms: the prior's Gaussian histogram (q = 1, one
@@ -93,7 +94,7 @@ def test_epsilon_reported_is_cumulative_and_recomputable(run_dir):
         for u in updates:
             history += [(u["noise-multiplier"], u["sample-rate"], int(u["steps"])), (u["count-noise-multiplier"], 1.0, 1)]
             assert epsilon(history, 1e-5, "prv") == pytest.approx(u["epsilon"], rel=1e-9)
-            history.append((20.0, 1.0, 1))
+            history.append((eval_sigma, 1.0, 1))
         # q is public: the same for every site (batch-size / the split's mean size), whatever its size.
         assert len({u["sample-rate"] for u in updates}) == 1
 
