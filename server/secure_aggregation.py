@@ -10,7 +10,7 @@ serve the train phase of the same ``RunRecorder`` strategy every other run uses.
 How: ``SecureGrid`` wraps the Grid. When the strategy sends its TRAIN messages, the grid runs
 the four SecAgg+ stages with those nodes and that global adapter instead, and hands the
 strategy one reply per surviving client that carries the *aggregate* (Σ n_k θ_k / Σ n_k) and
-that client's own declared metrics (loss, ε). FedAvgM's weighted mean of identical tensors is
+that client's own declared metrics (ε, the noisy count). FedAvgM's weighted mean of identical tensors is
 that aggregate, so the server learning rate η_s, the ledger and the run directory are
 unchanged. This is the device Flower's own legacy strategy bridge uses.
 

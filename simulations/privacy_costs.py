@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
         figures[name] = {"prv": epsilon(history, s.delta, "prv"), "rdp": epsilon(history, s.delta, "rdp"),
                          "pld": independent_epsilon(history, s.delta, "prv")}
         others = {k: v for k, v in figures[name].items() if k != s.accountant}
-        table.add_row(name, f"{history[0]} × {len(history)}" if name in parts else "",
+        sigma, q, steps = history[0]
+        table.add_row(name, f"({sigma:g}, {q:.4g}, {steps}) × {len(history)}" if name in parts else "",
                       f"{figures[name][s.accountant]:.3f}", ", ".join(f"{k.upper()} {v:.3f}" for k, v in others.items()))
     Console().print(table)
     return figures

@@ -14,7 +14,7 @@ from common.config import Settings, defaults
 from common.privacy import Budget, BudgetError, epsilon, public_sample_rate, read_budget, write_budget
 
 
-@hsettings(max_examples=60, deadline=None)
+@hsettings(max_examples=30, deadline=None)
 @given(
     sigma=st.floats(0.5, 3.0),
     examples=st.integers(50, 20_000),

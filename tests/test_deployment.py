@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import secrets
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -128,6 +130,13 @@ def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leav
     assert load_history(sites[0] / "state") == two_runs
     assert epsilon(load_history(sites[0] / "state"), 1e-5, run_s.accountant) <= site0_budget
     assert not (sites[0] / "state" / "run1").exists()
+    # Run 2's ledger records run 1's releases (phase unrecorded), so its audit replays every ε
+    # over the sites' whole lives and finds nothing.
+    audit = subprocess.run([sys.executable, "-m", "simulations.cli", "audit", str(tmp_path / "run2")],
+                           capture_output=True, text=True, timeout=600)
+    assert audit.returncode == 0, audit.stdout[-3000:]
+    report = json.loads((tmp_path / "run2" / "report.json").read_text())
+    assert {c["releases"] for c in report["clients"]} == {len(two_runs)}
     # Run 3 would take site 0 past its budget: it declined, spent nothing, and the run stopped.
     prior3 = json.loads((tmp_path / "run3" / "prior.json").read_text())
     assert prior3["answered"] == 1 and len(prior3["declined"]) == 1 and "over epsilon-max" in prior3["declined"][0]
