@@ -44,7 +44,6 @@ UNIT = ("example-level (one training example of one client, add/remove adjacency
 CLIENT_UNIT = "client-level (all the data of one client, add/remove adjacency)"
 
 
-ACCOUNTANTS = ("prv", "rdp")
 # Opacus' default RDP orders stop at 63, and for small q and many steps the best order is the
 # largest one (Opacus warns): the ε it then prints is looser than RDP itself gives.
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 100)) + [128, 192, 256, 384, 512, 768, 1024]
