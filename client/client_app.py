@@ -13,7 +13,7 @@ Node config (``flower-supernode --node-config``), all of it the site's own:
   its ε past ``epsilon-max``, whatever the server asks
 
 In simulation, nodes have ``partition-id``/``num-partitions`` instead, and the client
-reads ``<partition-dir>/client-<id>``, written by ``simulations.partition``. A simulated site is
+reads ``<partition-dir>/client-<id>``, which the simulator writes before the run starts. A simulated site is
 fresh for each simulated run (its state is ``client-<id>/state/<run-dir name>``): the simulator
 plays every site, and says so.
 
@@ -42,7 +42,7 @@ from flwr.clientapp import ClientApp
 from client.secure_aggregation import secure_aggregation_mod
 from client.train import evaluation_sums
 from client.train import train as train_local
-from common.config import ConfigError, Settings
+from common.config import ConfigError, Settings, partition_root
 from common.data import DataError, catalog_fingerprint, leave_last_out, read_catalog, read_interactions
 from common.model import (adapter_config, adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
                           refresh_item_embeddings)
@@ -59,11 +59,12 @@ def data_paths(context: Context, s: Settings) -> tuple[Path, Path, Path]:
     node = context.node_config
     if "data-dir" in node:
         data_dir = Path(str(node["data-dir"])).expanduser()
-    else:  # simulation: this node plays partition `partition-id`
-        from simulations.partition import materialize
-
-        root = materialize(s, int(node["num-partitions"]))
+    else:  # simulation: this node plays partition `partition-id`, written before the run by the simulator
+        root = partition_root(s, int(node["num-partitions"]))
         data_dir = root / f"client-{int(node['partition-id'])}"
+        if not data_dir.is_dir():
+            raise DataError(f"{data_dir}: no partition written for this simulation; `fedrec simulate` writes it, "
+                            "or `python -m simulations.partition --clients N` before `flwr run .`")
     if "catalog" in node:
         catalog = Path(str(node["catalog"])).expanduser()
     else:
@@ -237,15 +238,15 @@ def train(msg: Message, context: Context) -> Message:
     node = int(context.node_config.get("partition-id", context.node_id))
     seed = s.seed * 1_000_003 + server_round * 7919 + node % 100_003
     result = train_local(model, tokenizer, train_examples, s, history, seed, q)
-    count = float(len(train_examples))
+    count, eps = float(len(train_examples)), math.inf
     if s.dp:
         # Clamping at 1 is post-processing: FedAvg needs a positive weight.
         count = max(1.0, count + float(secret_noise(1, s.count_noise_multiplier)))
         history = result.history + [(s.count_noise_multiplier, 1.0, 1)]
-        save_history(state_dir, history, s.accountant, s.delta)
+        eps = save_history(state_dir, history, s.accountant, s.delta)
     metrics = {
         "num-examples": count,
-        "epsilon": epsilon(history, s.delta, s.accountant) if s.dp else math.inf,
+        "epsilon": eps,
         "delta": s.delta,
         "steps": result.steps,
         "sample-rate": result.sample_rate,
@@ -275,12 +276,12 @@ def popularity(msg: Message, context: Context) -> Message:
     history = load_history(state_dir)
     if reason := check_budget(s, budget, history, [(s.prior_noise_multiplier, 1.0, 1)]):
         return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
-    counts = item_counts([ex.target for ex in train_examples], len(catalog))
+    counts, eps = item_counts([ex.target for ex in train_examples], len(catalog)), math.inf
     if s.dp:
         counts += secret_noise(len(catalog), s.prior_noise_multiplier).float()
         history = history + [(s.prior_noise_multiplier, 1.0, 1)]
-        save_history(state_dir, history, s.accountant, s.delta)
-    metrics = {"epsilon": epsilon(history, s.delta, s.accountant) if s.dp else math.inf, "delta": s.delta,
+        eps = save_history(state_dir, history, s.accountant, s.delta)
+    metrics = {"epsilon": eps, "delta": s.delta,
                "noise-multiplier": s.prior_noise_multiplier if s.dp else 0.0, "sample-rate": 1.0, "steps": 1,
                "epsilon-max": budget.epsilon_max, "declined": 0, **identity(state_dir, history)}
     content = RecordDict({"arrays": ArrayRecord({"counts": counts}), "metrics": MetricRecord(metrics)})
@@ -304,14 +305,14 @@ def evaluate(msg: Message, context: Context) -> Message:
         return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
     sums = {f"{prefix}{k}": v for prefix, examples in (("", test), ("val-", valid))
             for k, v in evaluation_sums(model, tokenizer, examples, s.max_length).items()}
-    released = dict(sums)
+    released, eps = dict(sums), math.inf
     if s.dp:
         noise = secret_noise(len(sums), s.eval_noise_multiplier * EVAL_SENSITIVITY)
         released = {k: v + float(e) for (k, v), e in zip(sums.items(), noise)}
         history = history + [(s.eval_noise_multiplier, 1.0, 1)]
-        save_history(state_dir, history, s.accountant, s.delta)
-    metrics = {**released, "noise-multiplier": s.eval_noise_multiplier if s.dp else 0.0,
-               "epsilon": epsilon(history, s.delta, s.accountant) if s.dp else math.inf, "delta": s.delta,
+        eps = save_history(state_dir, history, s.accountant, s.delta)
+    metrics = {**released, "noise-multiplier": s.eval_noise_multiplier if s.dp else 0.0, "epsilon": eps,
+               "delta": s.delta,
                "epsilon-max": budget.epsilon_max, "declined": 0, **identity(state_dir, history)}
     if is_simulated(context):
         for prefix in ("", "val-"):

@@ -95,19 +95,21 @@ def load_history(state_dir: Path) -> History:
     return [tuple(step) for step in data["history"]]
 
 
-def save_history(state_dir: Path, history: History, accountant: str, delta: float) -> None:
-    """Atomically replace the stored history (a crash never leaves a half-written file)."""
+def save_history(state_dir: Path, history: History, accountant: str, delta: float) -> float:
+    """Atomically replace the stored history (a crash never leaves a half-written file); its ε."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
+    eps = epsilon(history, delta, accountant)
     tmp = state_dir / "accountant.json.tmp"
     tmp.write_text(json.dumps({
         "accountant": accountant,
         "delta": delta,
         "unit": UNIT,
         "history": [list(step) for step in history],
-        "epsilon": epsilon(history, delta, accountant),
+        "epsilon": eps,
     }, indent=1))
     os.replace(tmp, state_dir / "accountant.json")
+    return eps
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,8 @@ def simulate(args) -> int:
                   f"{s.num_server_rounds} rounds, run directory [bold]{run_dir}[/bold]")
     started = time.time()
     stop = threading.Event()
-    watcher = threading.Thread(target=_progress, args=(run_dir / "metrics.jsonl", s.num_server_rounds, stop), daemon=True)
+    watcher = threading.Thread(target=_progress, daemon=True,
+                               args=(run_dir / "metrics.jsonl", s.num_server_rounds, stop, s.accountant))
     watcher.start()
     try:
         # Client workers' own output stays in Ray's logs unless --verbose.
@@ -189,7 +190,7 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _progress(metrics: Path, rounds: int, stop: threading.Event) -> None:
+def _progress(metrics: Path, rounds: int, stop: threading.Event, accountant: str) -> None:
     columns = [TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}")]
     with Progress(*columns, console=console) as progress:
@@ -200,7 +201,8 @@ def _progress(metrics: Path, rounds: int, stop: threading.Event) -> None:
                 r = rows[-1]
                 eps, delta = r.get("epsilon-max"), r.get("delta")
                 progress.update(task, completed=len(rows), description=(
-                    f"NDCG@10 {r.get('ndcg@10', float('nan')):.4f}  client ε max {eps:.2f} at δ = {delta:g}"
+                    f"NDCG@10 {r.get('ndcg@10', float('nan')):.4f}  client ε max {eps:.2f} at δ = {delta:g} "
+                    f"(example-level, {accountant.upper()})"
                     if eps is not None else f"NDCG@10 {r.get('ndcg@10', float('nan')):.4f}"))
             stop.wait(1.0)
         progress.update(task, completed=len(_rows(metrics)))

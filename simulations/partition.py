@@ -156,3 +156,22 @@ def materialize(s, num_clients: int) -> Path:
             root.rmdir()
         os.replace(tmp, root)
     return root
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Write the partition a simulation with these settings reads (``flwr run .`` needs it first)."""
+    import argparse
+
+    from common.config import Settings, defaults, parse_overrides
+
+    parser = argparse.ArgumentParser(description="write the simulated sites' data folders")
+    parser.add_argument("--clients", type=int, default=10, help="the federation's number of SuperNodes")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="the run config of the run")
+    args = parser.parse_args(argv)
+    root = materialize(Settings.from_run_config({**defaults(), **parse_overrides(args.set)}), args.clients)
+    print(root)
+    return root
+
+
+if __name__ == "__main__":
+    main()

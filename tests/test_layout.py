@@ -25,6 +25,11 @@ def test_client_and_server_never_import_each_other():
     assert not {"client", "server", "simulations"} & imported_packages("common")
 
 
+def test_nothing_but_simulations_and_tests_imports_simulations():
+    for room in ("common", "client", "server"):
+        assert "simulations" not in imported_packages(room), room
+
+
 def test_pyproject_declares_the_flower_app_and_console_script():
     meta = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())
     flwr = meta["tool"]["flwr"]["app"]
