@@ -3,7 +3,7 @@
     python -m simulations.bench_deployment --sites 3 --rounds 4 --set max-users=150 local-steps=10
 
 Runs the same config four ways, one after the other: Flower's simulation engine (``fedrec
-simulate``), the localhost Deployment Engine (``simulations/localhost.py``: SuperLink +
+simulate``), the localhost Deployment Engine (``deployment/localhost.py``: SuperLink +
 SuperNodes, TLS and node authentication), each with ``secure-aggregation`` false and true.
 Seconds per round are the differences of the rounds' ``elapsed-s`` in ``metrics.jsonl`` (round 1
 also loads the model, so the median is over rounds 2..R). Wire bytes are counted by a TCP relay
@@ -25,15 +25,24 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from common.config import parse_overrides
-from simulations.localhost import deploy
+from common.config import Settings, defaults, parse_overrides
+from deployment.localhost import deploy as deploy_sites
+from simulations.partition import materialize
+
+
+def deploy(root: Path, sites: int, overrides: dict) -> dict:
+    """The simulated sites' folders, each given to its own SuperNode: one deployed run."""
+    s = Settings.from_run_config({**defaults(), **overrides, "partition-dir": str(root / "data")})
+    data = materialize(s, sites)
+    return deploy_sites(root, [data / f"client-{k}" for k in range(sites)],
+                        {**overrides, "partition-dir": str(root / "data")})
 
 
 def simulate(root: Path, sites: int, overrides: dict) -> dict:
     run = root / "run"
     args = [f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
             for k, v in overrides.items() if k not in ("run-dir", "num-server-rounds")]
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--clients", str(sites), "--rounds",
+    cmd = [sys.executable, "-m", "common.cli", "simulate", "--clients", str(sites), "--rounds",
            str(overrides["num-server-rounds"]), "--run-dir", str(run), "--set", *args]
     started = time.time()
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "FEDREC_HOME": str(root / "home")})

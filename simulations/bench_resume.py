@@ -26,18 +26,18 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file
 
-from simulations.localhost import process_tree, signal_all
+from deployment.localhost import process_tree, signal_all
 
 SMALL = ["model-layers=2", "max-users=30", "local-steps=2", "batch-size=8"]
 
 
 def simulate_cmd(run_dir: Path, clients: int, rounds: int, settings: list[str]) -> list[str]:
-    return [sys.executable, "-m", "simulations.cli", "simulate", "--clients", str(clients), "--rounds", str(rounds),
+    return [sys.executable, "-m", "common.cli", "simulate", "--clients", str(clients), "--rounds", str(rounds),
             "--run-dir", str(run_dir), "--set", *settings]
 
 
 def resume_cmd(run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "simulations.cli", "simulate", "--resume", str(run_dir)]
+    return [sys.executable, "-m", "common.cli", "simulate", "--resume", str(run_dir)]
 
 
 def metrics_rows(run_dir: Path) -> int:

@@ -26,7 +26,7 @@ AGGREGATORS = ("fedavg", "median", "trimmed-mean", "multi-krum")
 
 
 def run(root: Path, name: str, clients: int, rounds: int, settings: list[str], scenario: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--clients", str(clients), "--rounds", str(rounds),
+    cmd = [sys.executable, "-m", "common.cli", "simulate", "--clients", str(clients), "--rounds", str(rounds),
            "--run-dir", str(root / name), "--set", *settings]
     if scenario:
         cmd += ["--scenario", *scenario]

@@ -8,7 +8,7 @@ The partitioner plays the part of the users producing the data: it writes
                                        declared-examples (the split's mean per client, public)
     <root>/reference.json              the popularity baseline on the same split
     <root>/audit-canaries.json         with ``canaries`` > 0: the planted canaries and which
-                                       were included (the auditor's secret; see empirical_audit)
+                                       were included (the auditor's secret; see audit/empirical.py)
 
 Schemes:
 * ``user``: one client per user (cross-device); the number of clients must equal the
@@ -43,7 +43,7 @@ from common.data import (
 from common.metrics import metrics_from_ranks, popularity_scores, target_ranks
 from common.privacy import Budget, write_budget
 from common.model import resolve_model_path
-from simulations.empirical_audit import CANARY_FILE, canary_interactions, make_canaries, phrase_words
+from audit.empirical import CANARY_FILE, canary_interactions, make_canaries, phrase_words
 
 
 def select_users(interactions: list[Interaction], max_users: int, seed: int) -> dict[str, list[Interaction]]:

@@ -27,7 +27,7 @@ from common.data import Catalog, leave_last_out, read_interactions
 from common.metrics import METRICS, per_user_metrics, target_ranks
 from common.model import score_users
 from common.recommend import load_recommender
-from simulations.empirical_audit import CANARY_FILE, read_canaries
+from audit.empirical import CANARY_FILE, read_canaries
 from simulations.partition import popularity_model
 
 

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", nargs="*", default=["model-layers=2", "max-users=30", "local-steps=2", "batch-size=8"])
     args = parser.parse_args(argv)
     run = args.root / "run"
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--rounds", str(args.rounds), "--clients",
+    cmd = [sys.executable, "-m", "common.cli", "simulate", "--rounds", str(args.rounds), "--clients",
            str(args.clients), "--run-dir", str(run), "--set", "client-epsilon-max=1000", *args.set]
     proc = subprocess.Popen(cmd, env={**os.environ, "FEDREC_HOME": str(args.root / "home")},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

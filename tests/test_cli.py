@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from simulations.cli import main
+from common.cli import main
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -45,9 +45,9 @@ def test_bad_input_exits_2_with_one_clear_line(argv, message, capsys, tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         main(argv + (["--run-dir", str(tmp_path / "run")] if argv[0] == "simulate" else []))
     assert exit_info.value.code == 2
-    out = capsys.readouterr().out
-    assert message in out.replace("\n", "")
-    assert "Traceback" not in out
+    err = capsys.readouterr().err  # problems go to stderr, one line each, never wrapped
+    assert len(err.splitlines()) == 1 and message in err
+    assert "Traceback" not in err
     assert not (tmp_path / "run").exists()
 
 
@@ -85,8 +85,8 @@ def test_damaged_adapter_or_bad_top_is_one_clear_line(broken_run, capsys, extra,
     with pytest.raises(SystemExit) as exit_info:
         main(["recommend", str(broken_run), *extra])
     assert exit_info.value.code == 2
-    out = capsys.readouterr().out.replace("\n", "")
-    assert message in out and "Traceback" not in out
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
 
 
 @pytest.fixture()
@@ -151,8 +151,8 @@ def test_resume_refuses_what_it_cannot_resume(argv, message, finished_run, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         main(["simulate", *argv])
     assert exit_info.value.code == 2
-    out = capsys.readouterr().out
-    assert message in out.replace("\n", "") and "Traceback" not in out
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
 
 
 def test_only_a_local_command_starts_a_new_accountant_and_it_is_logged(tmp_path):

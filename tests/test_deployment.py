@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from common.config import Settings, defaults
-from simulations.localhost import LocalDeployment
+from deployment.localhost import LocalDeployment
 from simulations.partition import materialize
 
 CANARY = "zqcanary"  # a prefix no tokenizer, log line or float encoding produces by chance
@@ -91,7 +91,7 @@ def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leav
         d.wait_for_nodes(3)
         # A site whose key was never registered is refused by the SuperLink.
         rogue_key = d.certs / "nodes" / "rogue"
-        from common.credentials import make_node_key
+        from deployment.credentials import make_node_key
         make_node_key(d.certs / "nodes", "rogue")
         rogue = d.start_supernode("rogue", sites[2], key=rogue_key.name, max_retries=1)
         # A site without the CA cannot verify the SuperLink's certificate.
@@ -132,7 +132,7 @@ def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leav
     assert not (sites[0] / "state" / "run1").exists()
     # Run 2's ledger records run 1's releases (phase unrecorded), so its audit replays every ε
     # over the sites' whole lives and finds nothing.
-    audit = subprocess.run([sys.executable, "-m", "simulations.cli", "audit", str(tmp_path / "run2")],
+    audit = subprocess.run([sys.executable, "-m", "common.cli", "audit", str(tmp_path / "run2")],
                            capture_output=True, text=True, timeout=600)
     assert audit.returncode == 0, audit.stdout[-3000:]
     report = json.loads((tmp_path / "run2" / "report.json").read_text())

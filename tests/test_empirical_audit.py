@@ -1,4 +1,4 @@
-"""The one-run canary audit (simulations/empirical_audit.py): the bound, and the planting."""
+"""The one-run canary audit (audit/empirical.py): the bound, and the planting."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from common.config import Settings, defaults
 from common.data import leave_last_out, read_catalog, read_interactions
-from simulations.empirical_audit import (CANARY_FILE, audit_scores, epsilon_lower_bound, p_value)
+from audit.empirical import (CANARY_FILE, audit_scores, epsilon_lower_bound, p_value)
 from simulations.partition import materialize
 
 

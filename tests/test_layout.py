@@ -1,4 +1,4 @@
-"""The design card's boundaries: client/ and server/ never import each other; the App is declared."""
+"""The design card's boundaries: the parties' rooms never import each other; the App is declared."""
 
 from __future__ import annotations
 
@@ -19,15 +19,33 @@ def imported_packages(folder: str) -> set[str]:
     return found
 
 
-def test_client_and_server_never_import_each_other():
-    assert "server" not in imported_packages("client")
-    assert "client" not in imported_packages("server")
-    assert not {"client", "server", "simulations"} & imported_packages("common")
+PARTIES = ("client", "server", "audit")
+
+
+def test_the_parties_never_import_each_other():
+    for room in PARTIES:
+        assert not (set(PARTIES) - {room}) & imported_packages(room), room
+    assert not {*PARTIES, "deployment", "simulations"} & imported_packages("common")
+    assert not {*PARTIES, "simulations"} & imported_packages("deployment")
 
 
 def test_nothing_but_simulations_and_tests_imports_simulations():
-    for room in ("common", "client", "server"):
+    for room in ("common", "deployment", *PARTIES):
         assert "simulations" not in imported_packages(room), room
+
+
+def test_the_auditor_names_the_central_accountant_as_the_server_writes_it():
+    from audit.report import CENTRAL_ACCOUNTANT
+    from server.central_dp import ACCOUNTANT
+
+    assert CENTRAL_ACCOUNTANT == ACCOUNTANT
+
+
+def test_each_party_registers_its_own_commands():
+    """`fedrec` only dispatches: every subcommand comes from the folder of the party that runs it."""
+    meta = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())
+    registered = meta["project"]["entry-points"]["fedrec.commands"]
+    assert {target.split(".")[0] for target in registered.values()} == {*PARTIES, "deployment", "simulations"}
 
 
 def test_pyproject_declares_the_flower_app_and_console_script():
@@ -36,4 +54,4 @@ def test_pyproject_declares_the_flower_app_and_console_script():
     assert flwr["publisher"]
     assert flwr["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
     assert flwr["config"]["dp"] is True
-    assert meta["project"]["scripts"]["fedrec"] == "simulations.cli:main"
+    assert meta["project"]["scripts"]["fedrec"] == "common.cli:main"

@@ -9,7 +9,7 @@ import pytest
 
 from client.prepare import prepare, validate
 from common.data import read_catalog, read_interactions, write_catalog
-from simulations.cli import main as fedrec
+from common.cli import main as fedrec
 
 
 @pytest.fixture()
@@ -101,9 +101,9 @@ def test_bad_exports_name_file_line_and_field_and_lose_nothing(site, capsys, nam
         fedrec(["client", "prepare", str(export), "--catalog", str(root / "catalog.csv"), "--out", str(root / "site"),
                 "--replace"])
     assert exit_.value.code == 2
-    out = " ".join(capsys.readouterr().out.split())
-    assert message in out, out
-    assert "Traceback" not in out
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert "Traceback" not in err
     assert {p.name: p.read_bytes() for p in (root / "site").iterdir()} == before  # nothing replaced or lost
 
 
@@ -129,4 +129,5 @@ def test_validate_lists_every_problem_and_counts_unknown_items(site, capsys):
     assert summary.problems[0].startswith(f"{path}:3:")
     with pytest.raises(SystemExit):
         fedrec(["client", "validate", str(root / "site")])
-    assert "3 problem(s)" in " ".join(capsys.readouterr().out.split())
+    err = capsys.readouterr().err.splitlines()  # one problem per stderr line, then the verdict
+    assert err[:3] == summary.problems and "3 problem(s)" in err[3] and len(err) == 4

@@ -20,7 +20,7 @@ from common.config import Settings, defaults
 from common.privacy import epsilon, load_history
 from server.ledger import pseudonym
 from simulations.bench_resume import SMALL, metrics_rows, resume_cmd, run_until, simulate_cmd
-from simulations.localhost import LocalDeployment
+from deployment.localhost import LocalDeployment
 from simulations.partition import materialize
 
 CLIENTS, ROUNDS = 3, 3
@@ -99,7 +99,7 @@ def test_killed_mid_round_resumes_with_the_same_ledger_accountants_and_audit(tmp
     assert sorted(set(lengths)) <= [10, 12] and 2 * lengths.count(12) == len(unrecorded)
     assert rows[-1]["epsilon-max"] > rows[0]["epsilon-max"]
 
-    audit = subprocess.run([sys.executable, "-m", "simulations.cli", "audit", str(run)], env=env,
+    audit = subprocess.run([sys.executable, "-m", "common.cli", "audit", str(run)], env=env,
                            capture_output=True, text=True, timeout=600)
     assert audit.returncode == 0, audit.stdout[-3000:]
     report = json.loads((run / "report.json").read_text())
@@ -162,7 +162,7 @@ def test_deployment_resumes_after_the_superlink_and_serverapp_are_killed(tmp_pat
     check_committed_rounds(run, first_ledger_round=0)
     assert [json.loads(line)["from-round"] for line in (run / "resumes.jsonl").read_text().splitlines()] == [1]
     assert ledger_rows(run, "SELECT COUNT(*) FROM mechanisms WHERE phase = 'unrecorded'")[0][0] >= 1
-    audit = subprocess.run([sys.executable, "-m", "simulations.cli", "audit", str(run)], capture_output=True,
+    audit = subprocess.run([sys.executable, "-m", "common.cli", "audit", str(run)], capture_output=True,
                            text=True, timeout=600)
     assert audit.returncode == 0, audit.stdout[-3000:]
     assert json.loads((run / "report.json").read_text())["findings"] == []

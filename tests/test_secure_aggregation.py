@@ -33,7 +33,7 @@ def quantization_bound(num_examples: list[int], clipping_range: float = 8.0, lev
 def simulate(base, name, *extra):
     run = base / name
     env = {**os.environ, "FEDREC_HOME": str(base / "home")}
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--rounds", "1", "--clients", "3", "--run-dir",
+    cmd = [sys.executable, "-m", "common.cli", "simulate", "--rounds", "1", "--clients", "3", "--run-dir",
            str(run), "--set", "model-layers=2", "max-users=24", "batch-size=8", "history-len=4", "local-steps=3", "dp=false",
            "popularity-prior=false", "server-learning-rate=1.0", *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)

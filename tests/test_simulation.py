@@ -28,7 +28,7 @@ def run_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("sim")
     run = base / "run"
     env = {**os.environ, "FEDREC_HOME": str(base / "home")}
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--rounds", str(ROUNDS), "--clients", str(CLIENTS),
+    cmd = [sys.executable, "-m", "common.cli", "simulate", "--rounds", str(ROUNDS), "--clients", str(CLIENTS),
            "--run-dir", str(run), "--set", "model-layers=2", "max-users=24", "batch-size=8", "max-length=64",
            "history-len=4", "noise-multiplier=1.0", "fraction-train=1.0", "local-steps=3", f"canaries={CANARIES}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
@@ -111,7 +111,7 @@ def test_global_adapter_opens_with_peft_and_recommends(run_dir):
 
     history = run.parent / "history.txt"
     history.write_text("# Star Wars, Empire, Return of the Jedi\n50,5\n172,5\n181,4\n")
-    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "recommend", str(run), "--history", str(history)],
+    proc = subprocess.run([sys.executable, "-m", "common.cli", "recommend", str(run), "--history", str(history)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip().startswith("│")]
@@ -158,7 +158,7 @@ def test_ledger_holds_every_round_and_is_append_only(run_dir):
 
 
 def run_audit(run):
-    return subprocess.run([sys.executable, "-m", "simulations.cli", "audit", str(run)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "common.cli", "audit", str(run)], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
 
 
@@ -216,7 +216,7 @@ def test_empirical_audit_stays_below_the_proven_epsilon(run_dir):
     """The canary audit on the real run: it scores every canary from the released adapters and
     its lower bound does not exceed the largest proven client ε."""
     run, _ = run_dir
-    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "audit", "--empirical", str(run)],
+    proc = subprocess.run([sys.executable, "-m", "common.cli", "audit", "--empirical", str(run)],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     report = json.loads((run / "report.json").read_text())
@@ -252,7 +252,7 @@ def test_clients_enforce_their_budgets_and_the_run_stops_cleanly(tmp_path):
     write_budget(root / "client-0", Budget(budget, 1e-5, declared_examples=declared))
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--rounds", "3", "--clients", "3", "--run-dir", str(run),
+    cmd = [sys.executable, "-m", "common.cli", "simulate", "--rounds", "3", "--clients", "3", "--run-dir", str(run),
            "--set", *(f"{k}={v}" for k, v in overrides.items())]
     proc = subprocess.run(cmd, env={**os.environ, "FEDREC_HOME": str(tmp_path / "home"), "COLUMNS": "200"},
                           capture_output=True, text=True, timeout=1200)
@@ -277,7 +277,7 @@ def test_central_dp_run_is_accounted_and_audited_as_its_own_guarantee(tmp_path):
     import sqlite3
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--rounds", "3", "--clients", "3", "--run-dir", str(run),
+    cmd = [sys.executable, "-m", "common.cli", "simulate", "--rounds", "3", "--clients", "3", "--run-dir", str(run),
            "--set", "model-layers=2", "max-users=24", "batch-size=8", "max-length=64", "history-len=4", "local-steps=2",
            "fraction-train=0.6", "central-dp=true", "popularity-prior=false", "central-noise-multiplier=1.5",
            "central-clipping-norm=5"]

@@ -1,11 +1,13 @@
 """A real Flower deployment on this machine: one SuperLink and one SuperNode per site, TLS and
 SuperNode authentication on, each site with its own data directory and budget.
 
-    python -m simulations.localhost --sites 3 --rounds 2 --set local-steps=10 max-users=90
+    fedrec localhost SITE_DIR [SITE_DIR ...] --rounds 2 --set local-steps=10
 
-runs the same ServerApp/ClientApp as ``fedrec simulate`` through Flower's Deployment Engine:
-``fedrec credentials`` makes a CA, the SuperLink's certificate and one key pair per site; the
-partitioner writes each site's folder; ``flower-superlink --enable-supernode-auth`` starts;
+runs the same ServerApp/ClientApp as ``fedrec simulate`` through Flower's Deployment Engine,
+one SuperNode per site folder (``fedrec client prepare`` writes one from a site's export;
+``python -m simulations.partition`` writes simulated ones):
+``fedrec credentials`` makes a CA, the SuperLink's certificate and one key pair per site;
+``flower-superlink --enable-supernode-auth`` starts;
 each site's public key is registered with ``flwr supernode register``; ``flower-supernode``
 starts per site with ``--node-config data-dir=...``; ``flwr run . <connection>`` submits the
 run. The README's "Deploy on premise" section gives the same steps as shell commands. Every
@@ -31,8 +33,8 @@ from pathlib import Path
 
 import psutil
 
-from common.config import PROJECT_DIR, Settings, defaults, parse_overrides
-from common.credentials import make_node_key, make_tls
+from common.config import PROJECT_DIR, parse_overrides
+from deployment.credentials import make_node_key, make_tls
 
 BIN = Path(sys.executable).parent  # flower-superlink etc. live beside this interpreter
 
@@ -276,15 +278,14 @@ class LocalDeployment:
         return path.read_text(errors="replace") if path.is_file() else ""
 
 
-def deploy(root: Path, sites: int, overrides: dict) -> dict:
-    """Partition the data into ``sites`` folders, deploy, run once; the figures of that run."""
+def deploy(root: Path, data_dirs: list[Path], overrides: dict) -> dict:
+    """Deploy one SuperNode per site folder under ``root``, run once; the figures of that run."""
+    from common.data import read_catalog
+    from common.config import Settings, defaults
     from common.model import adapter_config, adapter_state, build_model, load_encoder
-    from simulations.partition import materialize
 
-    s = Settings.from_run_config({**defaults(), **overrides, "partition-dir": str(root / "data")})
-    materialize(s, sites)
-    with LocalDeployment(root, [root / "data" / f"client-{k}" for k in range(sites)]) as d:
-        d.wait_for_nodes(sites)
+    with LocalDeployment(root, data_dirs) as d:
+        d.wait_for_nodes(len(data_dirs))
         started = time.time()
         d.run(overrides)
         wall = time.time() - started
@@ -294,47 +295,48 @@ def deploy(root: Path, sites: int, overrides: dict) -> dict:
     # bundle download and the popularity-prior query).
     per_round = {name: {"sent": [b[name][0] - a[name][0] for a, b in zip(marks, marks[1:])],
                         "received": [b[name][1] - a[name][1] for a, b in zip(marks, marks[1:])]} for name in wire}
-    rows = [json.loads(line) for line in (Path(overrides["run-dir"]) / "metrics.jsonl").read_text().splitlines()]
+    run_dir = Path(overrides["run-dir"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     elapsed = [r["elapsed-s"] for r in rows]
+    s = Settings.from_run_config({**defaults(), **overrides})
     encoder, _ = load_encoder(s.model, s.model_layers)
-    model = build_model(encoder, 1682, adapter_config(s, encoder))
+    model = build_model(encoder, len(read_catalog(run_dir / "catalog.csv")), adapter_config(s, encoder))
     adapter_bytes = sum(t.numel() * t.element_size() for t in adapter_state(model).values())
-    return {"sites": sites, "rounds": len(rows), "wall-s": round(wall, 1),
+    return {"sites": len(data_dirs), "rounds": len(rows), "wall-s": round(wall, 1),
             "round-s": [round(b - a, 1) for a, b in zip(elapsed, elapsed[1:])], "first-round-s": elapsed[0],
             "wire-bytes": wire, "wire-bytes-per-round": per_round, "adapter-bytes": adapter_bytes,
             "final": {k: rows[-1].get(k) for k in ("ndcg@10", "hr@10", "epsilon-max")}}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from rich.console import Console
+def localhost_cmd(args) -> dict:
+    """``fedrec localhost``: deploy, run, print each site's traffic."""
     from rich.table import Table
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--root", type=Path, default=None, help="working folder (default: a new one in /tmp)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
+    from common.cli import console, fail
+    from common.config import ConfigError
+
+    sites = [Path(d).resolve() for d in args.sites]
+    if missing := [str(d) for d in sites if not (d / "interactions.csv").is_file()]:
+        fail(f"not a site's data folder (no interactions.csv): {', '.join(missing)}; "
+             "write one with fedrec client prepare or python -m simulations.partition")
     root = (args.root or Path(f"/tmp/fedrec-localhost-{time.strftime('%Y%m%d-%H%M%S')}")).resolve()
     if root.exists() and any(root.iterdir()):
-        raise SystemExit(f"--root {root}: not empty; choose a new folder")
-    overrides = {**parse_overrides(args.set), "num-server-rounds": args.rounds, "run-dir": str(root / "run")}
-    figures = deploy(root, args.sites, overrides)
-    table = Table(title=f"Localhost deployment: {args.sites} SuperNodes, TLS + node auth, {figures['rounds']} rounds")
+        fail(f"--root {root}: not empty; choose a new folder")
+    try:
+        overrides = {**parse_overrides(args.set), "num-server-rounds": args.rounds, "run-dir": str(root / "run")}
+    except ConfigError as e:
+        fail(str(e))
+    figures = deploy(root, sites, overrides)
+    table = Table(title=f"Localhost deployment: {len(sites)} SuperNodes, TLS + node auth, {figures['rounds']} rounds")
     for col in ("site", "sent (MB)", "received (MB)"):
         table.add_column(col, justify="right")
     for name, w in figures["wire-bytes"].items():
         table.add_row(name, f"{w['sent'] / 1e6:.2f}", f"{w['received'] / 1e6:.2f}")
-    console = Console()
     console.print(table)
     for name, w in figures["wire-bytes-per-round"].items():
         console.print(f"{name}, rounds 2..R: sent {[round(b / 1e3) for b in w['sent']]} kB, "
                       f"received {[round(b / 1e3) for b in w['received']]} kB per round")
     console.print(f"wall {figures['wall-s']} s; round 1 ended at {figures['first-round-s']} s, later rounds took "
-                  f"{figures['round-s']} s; adapter {figures['adapter-bytes'] / 1e6:.2f} MB")
+                  f"{figures['round-s']} s; adapter {figures['adapter-bytes'] / 1e6:.2f} MB; run directory {root / 'run'}")
     (root / "localhost.json").write_text(json.dumps(figures, indent=1))
-    return figures
-
-
-if __name__ == "__main__":
-    main()
+    return 0

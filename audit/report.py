@@ -18,7 +18,7 @@
 4. **Budgets.** Each client's final ε against the budget it declared.
 
 ``fedrec audit --empirical RUN_DIR`` adds the one-run canary audit of a simulation planted
-with canaries (``simulations/empirical_audit.py``): a measured 95 % lower bound ε_lb beside
+with canaries (``audit/empirical.py``): a measured 95 % lower bound ε_lb beside
 the proven ε; ε_lb above the proven ε is a finding.
 
 Writes ``report.json`` (for machines) and ``report.html`` (self-contained, with plots) into
@@ -39,8 +39,10 @@ from pathlib import Path
 
 from common.privacy import CLIENT_UNIT, UNIT, epsilon, independent_epsilon
 from common.releases import REPLIES
-from server.central_dp import ACCOUNTANT as CENTRAL_ACCOUNTANT
 
+# The name the server's central-DP accountant has in the ledger (server/central_dp.py writes it; the
+# auditor reads it and imports nothing from the server: tests/test_layout.py checks the two agree).
+CENTRAL_ACCOUNTANT = "flwr-rdp"
 TOLERANCE = 1e-6  # relative, between a reported ε and its replay in the same accountant family
 
 TRUST_MODEL = (
@@ -192,7 +194,7 @@ def audit(run_dir: Path, empirical: bool = False) -> dict:
                         "independent-accountant": "Opacus RDP (the server used Flower's RdpAccountant)"})
     measured = None
     if empirical:
-        from simulations.empirical_audit import empirical_audit
+        from audit.empirical import empirical_audit
 
         finals = [c["final-epsilon"] for c in clients.values()]
         dp = run_config.get("dp", True)
@@ -340,7 +342,7 @@ probability ½). Measured lower bound ε_lb = <b>{measured['epsilon-lb']:.4f}</b
 confidence and δ = {measured['delta']:g}, beside the proven ε = <b>{proven}</b> (largest client, example-level).
 {'ε_lb ≤ proven ε, as it must be.' if measured['below-proven'] else 'ε_lb ABOVE the proven ε: a bug.'}</p>
 <p>Scores: <i>popularity-prior</i> (the canary's own +1 in the round-0 histogram) and <i>adapter</i>
-(what DP-SGD memorised of the canary's text → target); see simulations/empirical_audit.py.</p>
+(what DP-SGD memorised of the canary's text → target); see audit/empirical.py.</p>
 <table><tr><th>score</th><th>"included" guesses (top k)</th><th>correct</th><th>ε_lb (Bonferroni over
 {measured['bonferroni-over']} score × k pairs)</th></tr>{rows}</table>"""
 

@@ -1,36 +1,42 @@
-"""The ``fedrec`` command.
+"""The simulator's command: ``fedrec simulate``, the App under Flower's simulation engine.
 
-    fedrec simulate [--rounds N] [--clients K] [--run-dir DIR] [--set key=value ...]
-    fedrec recommend RUN_DIR (--items 50,172,181 | --history FILE) [--top 10]
-    fedrec audit RUN_DIR [--empirical]
-    fedrec client prepare EXPORT --catalog CATALOG --out DIR   (a site's raw export → client format)
-    fedrec client validate DIR                                 (check a site's data folder)
-    fedrec credentials DIR --host NAME ... --nodes SITE ...    (TLS CA/certificate, SuperNode keys)
+    fedrec simulate [--rounds N] [--clients K] [--run-dir DIR] [--set key=value ...] [--scenario P:B ...]
+    fedrec simulate --resume RUN_DIR
+
+It checks every setting against the model and the data, writes the simulated sites' folders
+(simulations/partition.py), runs the App (simulations/engine.py) with a progress bar, and
+prints the results and the privacy statement.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sqlite3
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console()
+from common.cli import console, fail
 
 
-def fail(message: str) -> None:
-    console.print(f"[red]fedrec: {message}[/red]", soft_wrap=True)  # one line, however long the paths
-    sys.exit(2)
+def register(commands) -> None:
+    p = commands.add_parser("simulate", help="run a federated simulation with Flower's simulation engine")
+    p.add_argument("--rounds", type=int, help="num-server-rounds")
+    p.add_argument("--clients", type=int, help="number of simulated clients (default: 10 silos, or one per user)")
+    p.add_argument("--run-dir", help="where results go (default: runs/<timestamp>)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run-config overrides (pyproject keys)")
+    p.add_argument("--verbose", action="store_true", help="show Flower's logs instead of a progress bar")
+    p.add_argument("--scenario", nargs="*", default=[], metavar="PARTITION:BEHAVIOUR",
+                   help="make simulated clients misbehave, e.g. 0:sign-flip 1:nan (simulations/scenarios.py)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a killed simulation from its last committed round, with its own settings")
+    p.set_defaults(func=simulate)
 
 
 # --- simulate -------------------------------------------------------------------------------
@@ -270,197 +276,3 @@ def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path)
         console.print(f"[yellow]Dropped replies over the run: {failed} failed (crash, timeout), {rejected} rejected "
                       "by the update checks; each reason is in metrics.jsonl and the ledger.[/yellow]")
     console.print(f"Run directory: {run_dir} (metrics.jsonl, adapters/round-NNN, summary.json)")
-
-
-# --- recommend ------------------------------------------------------------------------------
-
-
-def read_history_file(path: Path) -> list[tuple[str, float | None]]:
-    """One item per line: ``item_id`` or ``item_id,rating``; '#' starts a comment."""
-    if not path.is_file():
-        fail(f"--history {path}: file not found")
-    history = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        item, _, rating = line.partition(",")
-        try:
-            history.append((item.strip(), float(rating) if rating.strip() else None))
-        except ValueError:
-            fail(f"{path}:{n}: rating {rating.strip()!r} is not a number")
-    if not history:
-        fail(f"--history {path}: no items")
-    return history
-
-
-def recommend_cmd(args) -> int:
-    from common.recommend import load_recommender, recommend
-
-    if bool(args.items) == bool(args.history):
-        fail("give the user's history with exactly one of --items or --history")
-    history = read_history_file(Path(args.history)) if args.history else [
-        (i.strip(), None) for i in args.items.split(",") if i.strip()]
-    try:
-        model, tokenizer, catalog, s = load_recommender(Path(args.run_dir))
-        top = recommend(model, tokenizer, catalog, s, history, args.top)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    table = Table(title=f"Top {args.top} for a history of {len(history)} items")
-    for col in ("#", "item", "title", "year", "genres", "score"):
-        table.add_column(col)
-    for rank, (item, score) in enumerate(top, start=1):
-        table.add_row(str(rank), item.item_id, item.title, str(item.year or ""), ", ".join(item.genres), f"{score:.2f}")
-    console.print(table)
-    return 0
-
-
-def audit_cmd(args) -> int:
-    from simulations.audit import main as audit_main
-
-    run_dir = Path(args.run_dir)
-    try:
-        return audit_main(run_dir, console, args.empirical)
-    except (FileNotFoundError, sqlite3.DatabaseError) as e:
-        fail(f"{run_dir}: {e}")
-
-
-def client_prepare_cmd(args) -> int:
-    from client.prepare import parse_columns, prepare
-    from common.data import DataError
-    from common.privacy import Budget
-
-    budget = None
-    if args.epsilon_max is not None:
-        if not (args.epsilon_max > 0 and 0 < args.delta < 1):
-            fail(f"--epsilon-max {args.epsilon_max:g} --delta {args.delta:g}: need ε_max > 0 and 0 < δ < 1")
-        if args.declared_examples is not None and args.declared_examples < 1:
-            fail(f"--declared-examples {args.declared_examples}: must be >= 1")
-        budget = Budget(args.epsilon_max, args.delta, declared_examples=args.declared_examples)
-    try:
-        done = prepare(Path(args.export), Path(args.catalog), Path(args.out), parse_columns(args.columns),
-                       drop_unknown=args.drop_unknown, replace=args.replace, budget=budget)
-    except (DataError, OSError) as e:
-        fail(str(e))
-    dropped = f", {done['dropped-unknown']} events of unknown items dropped" if done["dropped-unknown"] else ""
-    console.print(f"Prepared {done['events']} events of {done['users']} users in {done['out']}{dropped}.")
-    return 0
-
-
-def client_reset_cmd(args) -> int:
-    from common.privacy import ACCOUNTANT_LOG, retire_accountant
-
-    retired = retire_accountant(Path(args.state_dir), args.reason)
-    console.print(f"A new accountant starts at ε = 0 in {args.state_dir}; "
-                  + (f"the old one is kept as {retired}" if retired else "there was none before")
-                  + f"; logged in {ACCOUNTANT_LOG}.")
-    return 0
-
-
-def client_validate_cmd(args) -> int:
-    import datetime
-
-    from client.prepare import validate
-    from common.data import DataError
-
-    try:
-        summary = validate(Path(args.dir), Path(args.catalog) if args.catalog else None)
-    except DataError as e:
-        fail(str(e))
-
-    def day(t):
-        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).date().isoformat() if t is not None else "—"
-
-    table = Table(title=f"{args.dir}", show_header=False)
-    table.add_column(justify="left")
-    table.add_column(justify="right")
-    for name, value in [("users", summary.users), ("  with ≥ 3 events (evaluated)", summary.evaluable_users),
-                        ("events", summary.events), ("  rated", summary.rated), ("  implicit", summary.implicit),
-                        ("  with text", summary.with_text), ("date range", f"{day(summary.first)} – {day(summary.last)}"),
-                        ("unknown items", summary.unknown_items), ("privacy budget", summary.budget)]:
-        table.add_row(name, str(value))
-    console.print(table)
-    if summary.problems:
-        for problem in summary.problems:
-            console.print(f"[red]{problem}[/red]", highlight=False)
-        fail(f"{args.dir}: {len(summary.problems)} problem(s) shown above (at most 20 listed)")
-    console.print("OK: this folder can be given to a SuperNode as --node-config data-dir=...")
-    return 0
-
-
-def credentials_cmd(args) -> int:
-    from common.credentials import make_node_key, make_tls
-
-    out = Path(args.dir)
-    try:
-        if args.host:
-            make_tls(out, args.host)
-            console.print(f"{out}/ca.crt, ca.key, server.pem, server.key (SANs: {', '.join(args.host)})")
-        for name in args.nodes:
-            console.print(f"{make_node_key(out / 'nodes', name)} (register it: flwr supernode register <it>)")
-    except (FileExistsError, ValueError) as e:
-        fail(str(e))
-    if not args.host and not args.nodes:
-        fail("nothing to make: give --host NAME (TLS) and/or --nodes SITE (SuperNode keys)")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedrec", description="Federated DP-LoRA recommender (Flower + PEFT + Opacus)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("simulate", help="run a federated simulation with Flower's simulation engine")
-    p.add_argument("--rounds", type=int, help="num-server-rounds")
-    p.add_argument("--clients", type=int, help="number of simulated clients (default: 10 silos, or one per user)")
-    p.add_argument("--run-dir", help="where results go (default: runs/<timestamp>)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run-config overrides (pyproject keys)")
-    p.add_argument("--verbose", action="store_true", help="show Flower's logs instead of a progress bar")
-    p.add_argument("--scenario", nargs="*", default=[], metavar="PARTITION:BEHAVIOUR",
-                   help="make simulated clients misbehave, e.g. 0:sign-flip 1:nan (simulations/scenarios.py)")
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue a killed simulation from its last committed round, with its own settings")
-    p.set_defaults(func=simulate)
-    p = sub.add_parser("recommend", help="top-10 items for a history, from a run's latest global adapter")
-    p.add_argument("run_dir")
-    p.add_argument("--items", help="comma-separated item ids, oldest first")
-    p.add_argument("--history", help="file with one item_id[,rating] per line, oldest first")
-    p.add_argument("--top", type=int, default=10)
-    p.set_defaults(func=recommend_cmd)
-    p = sub.add_parser("audit", help="recompute every ε of a run from its ledger; write report.html/json")
-    p.add_argument("run_dir")
-    p.add_argument("--empirical", action="store_true",
-                   help="also run the one-run canary audit (a simulation run with --set canaries=N)")
-    p.set_defaults(func=audit_cmd)
-    p = sub.add_parser("client", help="a site's data tooling: prepare an export, validate a folder")
-    client_sub = p.add_subparsers(dest="client_command", required=True)
-    c = client_sub.add_parser("prepare", help="turn a raw CSV/JSONL export into the client data format")
-    c.add_argument("export", help="the site's export: .csv with a header row, or .jsonl")
-    c.add_argument("--catalog", required=True, help="the public catalog.csv every item must be in")
-    c.add_argument("--out", required=True, help="the site's data folder (SuperNode --node-config data-dir)")
-    c.add_argument("--columns", nargs="*", default=[], metavar="FIELD=COLUMN",
-                   help="export column names, e.g. user_id=customer item_id=sku timestamp=ts text=review")
-    c.add_argument("--drop-unknown", action="store_true", help="drop events of items not in the catalog (counted)")
-    c.add_argument("--replace", action="store_true", help="replace prepared data (the old file is kept as a backup)")
-    c.add_argument("--epsilon-max", type=float, help="also write budget.json: this site's ε limit")
-    c.add_argument("--delta", type=float, default=1e-5, help="δ of the budget (default 1e-5)")
-    c.add_argument("--declared-examples", type=int,
-                   help="with --epsilon-max: the size this site makes public (DP-SGD samples at batch-size / it)")
-    c.set_defaults(func=client_prepare_cmd)
-    c = client_sub.add_parser("reset-accountant", help="start a new privacy accountant for this site (logged)")
-    c.add_argument("state_dir", help="the site's state folder (node-config state-dir, default DATA_DIR/state)")
-    c.add_argument("--reason", required=True, help="why: written to accountant-log.jsonl with the retired ε")
-    c.set_defaults(func=client_reset_cmd)
-    c = client_sub.add_parser("validate", help="check a site's data folder and summarise it")
-    c.add_argument("dir")
-    c.add_argument("--catalog", help="default: DIR/catalog.csv, else DIR/../catalog.csv")
-    c.set_defaults(func=client_validate_cmd)
-    p = sub.add_parser("credentials", help="TLS CA and SuperLink certificate, and SuperNode key pairs")
-    p.add_argument("dir")
-    p.add_argument("--host", action="append", default=[], help="a name or IP the SuperLink is reached at (repeat)")
-    p.add_argument("--nodes", nargs="*", default=[], metavar="SITE", help="make a key pair per site name")
-    p.set_defaults(func=credentials_cmd)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

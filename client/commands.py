@@ -1,0 +1,104 @@
+"""A site's commands: ``fedrec client prepare | validate | reset-accountant``.
+
+    fedrec client prepare EXPORT --catalog CATALOG --out DIR   a raw CSV/JSONL export → the client format
+    fedrec client validate DIR                                 check a data folder and summarise it
+    fedrec client reset-accountant STATE_DIR --reason WHY      start a new privacy accountant (logged)
+
+The folder they write is what the site's SuperNode is given: ``--node-config data-dir=DIR``.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+from rich.table import Table
+
+from common.cli import console, errors, fail
+
+
+def register(commands) -> None:
+    p = commands.add_parser("client", help="a site's tools: prepare an export, validate a folder, reset its accountant")
+    client = p.add_subparsers(dest="client_command", required=True)
+    c = client.add_parser("prepare", help="turn a raw CSV/JSONL export into the client data format")
+    c.add_argument("export", help="the site's export: .csv with a header row, or .jsonl")
+    c.add_argument("--catalog", required=True, help="the public catalog.csv every item must be in")
+    c.add_argument("--out", required=True, help="the site's data folder (SuperNode --node-config data-dir)")
+    c.add_argument("--columns", nargs="*", default=[], metavar="FIELD=COLUMN",
+                   help="export column names, e.g. user_id=customer item_id=sku timestamp=ts text=review")
+    c.add_argument("--drop-unknown", action="store_true", help="drop events of items not in the catalog (counted)")
+    c.add_argument("--replace", action="store_true", help="replace prepared data (the old file is kept as a backup)")
+    c.add_argument("--epsilon-max", type=float, help="also write budget.json: this site's ε limit")
+    c.add_argument("--delta", type=float, default=1e-5, help="δ of the budget (default 1e-5)")
+    c.add_argument("--declared-examples", type=int,
+                   help="with --epsilon-max: the size this site makes public (DP-SGD samples at batch-size / it)")
+    c.set_defaults(func=prepare_cmd)
+    c = client.add_parser("reset-accountant", help="start a new privacy accountant for this site (logged)")
+    c.add_argument("state_dir", help="the site's state folder (node-config state-dir, default DATA_DIR/state)")
+    c.add_argument("--reason", required=True, help="why: written to accountant-log.jsonl with the retired ε")
+    c.set_defaults(func=reset_cmd)
+    c = client.add_parser("validate", help="check a site's data folder and summarise it")
+    c.add_argument("dir")
+    c.add_argument("--catalog", help="default: DIR/catalog.csv, else DIR/../catalog.csv")
+    c.set_defaults(func=validate_cmd)
+
+
+def prepare_cmd(args) -> int:
+    from client.prepare import parse_columns, prepare
+    from common.data import DataError
+    from common.privacy import Budget
+
+    budget = None
+    if args.epsilon_max is not None:
+        if not (args.epsilon_max > 0 and 0 < args.delta < 1):
+            fail(f"--epsilon-max {args.epsilon_max:g} --delta {args.delta:g}: need ε_max > 0 and 0 < δ < 1")
+        if args.declared_examples is not None and args.declared_examples < 1:
+            fail(f"--declared-examples {args.declared_examples}: must be >= 1")
+        budget = Budget(args.epsilon_max, args.delta, declared_examples=args.declared_examples)
+    try:
+        done = prepare(Path(args.export), Path(args.catalog), Path(args.out), parse_columns(args.columns),
+                       drop_unknown=args.drop_unknown, replace=args.replace, budget=budget)
+    except (DataError, OSError) as e:
+        fail(str(e))
+    dropped = f", {done['dropped-unknown']} events of unknown items dropped" if done["dropped-unknown"] else ""
+    console.print(f"Prepared {done['events']} events of {done['users']} users in {done['out']}{dropped}.")
+    return 0
+
+
+def reset_cmd(args) -> int:
+    from common.privacy import ACCOUNTANT_LOG, retire_accountant
+
+    retired = retire_accountant(Path(args.state_dir), args.reason)
+    console.print(f"A new accountant starts at ε = 0 in {args.state_dir}; "
+                  + (f"the old one is kept as {retired}" if retired else "there was none before")
+                  + f"; logged in {ACCOUNTANT_LOG}.")
+    return 0
+
+
+def validate_cmd(args) -> int:
+    from client.prepare import validate
+    from common.data import DataError
+
+    try:
+        summary = validate(Path(args.dir), Path(args.catalog) if args.catalog else None)
+    except DataError as e:
+        fail(str(e))
+
+    def day(t):
+        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).date().isoformat() if t is not None else "—"
+
+    table = Table(title=f"{args.dir}", show_header=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    for name, value in [("users", summary.users), ("  with ≥ 3 events (evaluated)", summary.evaluable_users),
+                        ("events", summary.events), ("  rated", summary.rated), ("  implicit", summary.implicit),
+                        ("  with text", summary.with_text), ("date range", f"{day(summary.first)} – {day(summary.last)}"),
+                        ("unknown items", summary.unknown_items), ("privacy budget", summary.budget)]:
+        table.add_row(name, str(value))
+    console.print(table)
+    if summary.problems:
+        for problem in summary.problems:  # one line each on stderr, never wrapped: grep-able in a pipe
+            errors.print(problem, style="red", markup=False, soft_wrap=True)
+        fail(f"{args.dir}: {len(summary.problems)} problem(s) shown above (at most 20 listed)")
+    console.print("OK: this folder can be given to a SuperNode as --node-config data-dir=...")
+    return 0
