@@ -32,9 +32,7 @@ from pathlib import Path
 
 from common.data import (
     REQUIRED_EVENT_FIELDS,
-    Catalog,
     DataError,
-    Interaction,
     parse_event,
     read_catalog,
     write_catalog,

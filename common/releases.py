@@ -63,8 +63,8 @@ REPLIES: dict[str, dict[str, Field]] = {
         **{f"metrics.{k}": f for k, f in ACCOUNTING.items()},
     },
     "evaluate": {
-        **{f"metrics.{split}{k}": Field(float, "dp", f"Gaussian sums over the site's users: + N(0, (σ_e·√8)²) "
-                                                      f"each, L2 sensitivity √8 for all 8 sums together; (σ_e, 1, 1)")
+        **{f"metrics.{split}{k}": Field(float, "dp", "Gaussian sums over the site's users: + N(0, (σ_e·√8)²) "
+                                                      "each, L2 sensitivity √8 for all 8 sums together; (σ_e, 1, 1)")
            for split in EVAL_SPLITS for k in EVAL_SUMS},
         **{f"metrics.exact-{split}{k}": Field(float, "simulation", "exact mean (count: exact number of users) "
                                                                     "of a simulated site")

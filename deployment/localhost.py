@@ -20,7 +20,6 @@ sent and received (TLS records included) are measured on the wire, not estimated
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
