@@ -230,8 +230,7 @@ def train(msg: Message, context: Context) -> Message:
     s, budget, state_dir, model, tokenizer, train_examples, _, _ = prepare(msg, context)
     server_round = int(msg.content["config"]["server-round"])
     history = load_history(state_dir)
-    q = public_sample_rate(s.batch_size, budget) if s.dp else 0.0
-    releases = [(s.noise_multiplier, q, s.local_steps), (s.count_noise_multiplier, 1.0, 1)]
+    q, releases = train_releases(s, budget)
     if reason := check_budget(s, budget, history, releases):
         return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
     # A simulated client is its partition, whatever node id it got this run.
@@ -260,6 +259,31 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "metrics": MetricRecord(metrics)})
     check_reply("train", content)
     return Message(content=content, reply_to=msg)
+
+
+def train_releases(s: Settings, budget: Budget) -> tuple[float, list[tuple]]:
+    """A train round's releases, (σ, q, steps) each, from public numbers only: DP-SGD at the public
+    rate q = batch-size / declared-examples, then the noisy example count."""
+    q = public_sample_rate(s.batch_size, budget) if s.dp else 0.0
+    return q, [(s.noise_multiplier, q, s.local_steps), (s.count_noise_multiplier, 1.0, 1)]
+
+
+@app.query("price")
+@site_errors
+def price(msg: Message, context: Context) -> Message:
+    """Would this site take a train round? Asked before a SecAgg+ round, whose protocol has no
+    place for a decline. The answer is a decline, or the site's accountant as every reply carries
+    it (public numbers only); it releases nothing and costs nothing."""
+    s, budget, _, _, state_dir = settings_and_budget(context)
+    history = load_history(state_dir)
+    eps = epsilon(history, s.delta, s.accountant)
+    if reason := check_budget(s, budget, history, train_releases(s, budget)[1]):
+        return decline(msg, reason, eps, budget, state_dir, history)
+    metrics = MetricRecord({"declined": 0, "epsilon": eps, "delta": budget.delta, "epsilon-max": budget.epsilon_max,
+                            **identity(state_dir, history)})
+    content = RecordDict({"metrics": metrics})
+    check_reply("price", content)
+    return Message(content, reply_to=msg)
 
 
 @app.query("popularity")

@@ -122,6 +122,7 @@ class Settings:
     central_noise_multiplier: float
     central_clipping_norm: float
     central_delta: float
+    central_population: int  # N, the federation's declared number of clients (0: not declared)
     # SecAgg+: the server sees only the sum of the adapters (server/secure_aggregation.py)
     secure_aggregation: bool
     secagg_num_shares: float
@@ -195,6 +196,7 @@ class Settings:
         require(self.central_noise_multiplier > 0, "central-noise-multiplier must be > 0")
         require(self.central_clipping_norm > 0, "central-clipping-norm must be > 0")
         require(0 < self.central_delta < 1, "central-delta must be in (0, 1)")
+        require(self.central_population >= 0, "central-population must be >= 0 (0: not declared)")
         require(not (self.central_dp and self.popularity_prior),
                 "central-dp covers the adapter updates only, and the popularity prior (each client's histogram) "
                 "has no client-level bound; set popularity-prior=false with central-dp=true")
@@ -231,10 +233,21 @@ class Settings:
         return min(num_nodes, max(int(num_nodes * self.fraction_train), self.min_train_nodes))
 
     def check_population(self, num_nodes: int) -> None:
-        """Checks that need the number of clients N."""
-        if self.central_dp and not self.central_delta < 1 / num_nodes:
+        """Checks that need the number of clients present. Under central DP the population is the
+        declared ``central-population`` N: more clients than N would void δ < 1/N and q = m/N."""
+        if not self.central_dp:
+            return
+        if self.central_population < 1:
+            raise ConfigError("run config: central-dp needs central-population = N, the federation's declared number "
+                              "of clients: q = m/N and the bound δ < 1/N depend on it, so it cannot be whoever "
+                              "connected first")
+        if num_nodes > self.central_population:
+            raise ConfigError(f"run config: {num_nodes} clients are connected, more than central-population = "
+                              f"{self.central_population}, the federation size central DP is accounted for")
+        if not self.central_delta < 1 / self.central_population:
             raise ConfigError(f"run config: central-delta = {self.central_delta:g} must be < 1/N = "
-                              f"{1 / num_nodes:.4g} for N = {num_nodes} clients")
+                              f"{1 / self.central_population:.4g} for N = central-population = "
+                              f"{self.central_population} clients")
 
 
 def _coerce(key: str, value, kind: str):

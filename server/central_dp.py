@@ -31,8 +31,12 @@ from __future__ import annotations
 import math
 import random
 import secrets
+from collections.abc import Callable, Iterable
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig,
                                                SamplingMethod)
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
@@ -91,3 +95,43 @@ class ClientLevelDP:
         """Record one round's release with the accountant; the cumulative ε at ``delta``."""
         self.accountant.compose(self.event)
         return self.accountant.get_epsilon(self.delta)
+
+
+class CentralDP(FedAvg):
+    """Flower's FedAvg with central DP's sampling and aggregate in place of its own.
+
+    ``configure_train`` samples by Poisson, as the accountant assumes (no fixed count, no
+    minimum); ``aggregate_train`` returns θ + (Σ_k clip_C(Δ_k) + N(0, z²C²·I)) / m and records the
+    release, so ``released`` holds this round's ledger rows. Evaluation is FedAvg's.
+    """
+
+    def __init__(self, mechanism: ClientLevelDP, trained: Callable[[str], bool], **fedavg):
+        super().__init__(**fedavg)
+        self.mechanism, self.trained = mechanism, trained
+        self.sent: dict[str, torch.Tensor] = {}
+        self.released: dict | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.sent = arrays.to_torch_state_dict()
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node)
+                for node in self.mechanism.sample(list(grid.get_node_ids()))]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        update = self.mechanism.noisy_mean_update(
+            self.sent, [m.content["arrays"].to_torch_state_dict() for m in replies],
+            {k for k in self.sent if self.trained(k)})
+        arrays = ArrayRecord({k: self.sent[k] + update[k] for k in self.sent})
+        metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key) if replies else None
+        eps, dp = self.mechanism.release(), self.mechanism
+        self.released = {
+            "row": {"central-epsilon": eps, "central-delta": dp.delta, "central-clients": len(replies)},
+            "participant": {"node": "server", "phase": "central", "status": "released", "num_examples": len(replies),
+                            "epsilon": eps, "delta": dp.delta},
+            "mechanism": {"node": "server", "phase": "central", "mechanism": "client-level-gaussian",
+                          "noise_multiplier": dp.noise_multiplier, "sample_rate": dp.sample_rate, "steps": 1,
+                          "max_grad_norm": dp.clipping_norm, "delta": dp.delta, "accountant": ACCOUNTANT},
+        }
+        return arrays, metrics

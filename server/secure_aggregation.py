@@ -5,14 +5,16 @@ one client's: each client quantizes ``n_k · θ_k / max_weight`` to integers, ad
 that cancel in the sum and a private mask whose seed is secret-shared among the others, and the
 server unmasks only the total (Bonawitz et al. 2017; Bell et al. 2020). Flower runs the protocol
 (``SecAggPlusWorkflow`` on the server, ``secaggplus_mod`` on the client); this module lets it
-serve the train phase of the same ``RunRecorder`` strategy every other run uses.
+serve the train phase of the same round pipeline (server/rounds.py) every other run uses.
 
 How: ``SecureGrid`` wraps the Grid. When the strategy sends its TRAIN messages, the grid runs
 the four SecAgg+ stages with those nodes and that global adapter instead, and hands the
 strategy one reply per surviving client that carries the *aggregate* (Σ n_k θ_k / Σ n_k) and
-that client's own declared metrics (ε, the noisy count). FedAvgM's weighted mean of identical tensors is
-that aggregate, so the server learning rate η_s, the ledger and the run directory are
-unchanged. This is the device Flower's own legacy strategy bridge uses.
+that client's own declared metrics (ε, the noisy count); the aggregator ``SecureSum``
+(server/aggregators.py) takes it, so the server learning rate η_s, the ledger and the run
+directory are unchanged. This is the device Flower's own legacy strategy bridge uses. Before the
+protocol starts, each sampled client is asked the round's price (``query.price``): a budget
+decline is then a decline like any other, not a dropout.
 
 What it costs: each client's ``n_k/W · θ_k`` is clipped to ``±secagg-clipping-range`` (r) and
 rounded stochastically to ``2^22`` levels, so the aggregate differs from plain FedAvg by less
@@ -48,6 +50,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from common.secure_aggregation import ADAPTER_KEYS, SECURE_ERROR
+from server.replies import is_decline
 
 log = logging.getLogger("fedrec.server")
 
@@ -97,6 +100,24 @@ class SecureGrid:
         messages = list(messages)
         if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
             return self.grid.send_and_receive(messages, timeout=timeout)
+        declines = self.declines(messages, timeout)
+        taking_part = [m for m in messages if m.metadata.dst_node_id not in declines]
+        replies = [Message(declines[m.metadata.dst_node_id].content, reply_to=m)
+                   for m in messages if m.metadata.dst_node_id in declines]
+        return replies + (self.secure_round(taking_part) if taking_part else [])
+
+    def declines(self, messages: list[Message], timeout) -> dict[int, Message]:
+        """Each node's well-formed budget decline of this train round, asked before SecAgg+ starts.
+
+        The protocol has no place for a decline: a client that refuses inside it is a dropout,
+        recorded as failed and sampled again. So the round's price is asked first
+        (``query.price``, answered from public numbers and the site's own accountant)."""
+        asks = [Message(RecordDict({"config": m.content["config"]}), dst_node_id=m.metadata.dst_node_id,
+                        message_type="query.price") for m in messages]
+        return {r.metadata.src_node_id: r for r in self.grid.send_and_receive(asks, timeout=timeout)
+                if is_decline(r)}
+
+    def secure_round(self, messages: list[Message]) -> list[Message]:
         sent: dict = messages[0].content["arrays"].to_torch_state_dict()
         keys = list(sent)
         server_round = int(messages[0].content["config"]["server-round"])
@@ -111,8 +132,8 @@ class SecureGrid:
         for msg in messages:
             fitres = by_node.get(msg.metadata.dst_node_id)
             if fitres is None:
-                reason = (f"{SECURE_ERROR}: this client did not complete SecAgg+ (an error, a timeout, a budget "
-                          "decline, or the protocol halted with too few survivors)")
+                reason = (f"{SECURE_ERROR}: this client did not complete SecAgg+ (an error, a timeout, or the "
+                          "protocol halted with too few survivors)")
                 replies.append(Message(error=Error(code=0, reason=reason), reply_to=msg))
                 continue
             arrays = parameters_to_ndarrays(fitres.parameters)

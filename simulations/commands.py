@@ -10,8 +10,8 @@ prints the results and the privacy statement.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import os
 import sqlite3
 import statistics
@@ -76,6 +76,9 @@ def simulate(args) -> int:
         if args.clients is not None and args.clients < 1:
             raise ValueError(f"--clients {args.clients}: need at least 1")
         clients = args.clients or (count_users(s) if s.partition == "user" else DEFAULT_SILOS)
+        if s.central_dp and "central-population" not in overrides:  # the simulated federation is all there is
+            overrides["central-population"] = clients
+            s = dataclasses.replace(s, central_population=clients)
         s.check_population(clients)
         root = materialize(s, clients)  # the users produce their data before the run starts
         scenario = parse_scenario(args.scenario)
@@ -91,9 +94,9 @@ def simulate(args) -> int:
         # What --resume needs to start the same simulation again.
         (run_dir / SIMULATION_FILE).write_text(json.dumps(
             {"clients": clients, "scenario": args.scenario, "overrides": overrides}, indent=1))
-    _log_flower_to(run_dir / "flower.log", args.verbose)
+    from simulations.engine import log_flower_to, run_app
 
-    from simulations.engine import run_app
+    log_flower_to(run_dir / "flower.log", args.verbose)
 
     if args.resume:
         console.print(f"fedrec: resuming {run_dir} after round {len(_rows(run_dir / 'metrics.jsonl'))}")
@@ -176,20 +179,6 @@ def resume_plan(args) -> tuple[Path, dict, int, list[str]]:
             fail(f"{adapter}: the adapter of the last committed round is not readable "
                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     return run_dir, {**overrides, "resume": True}, clients, scenario
-
-
-def _log_flower_to(path: Path, verbose: bool) -> None:
-    """Flower logs every message; keep them in the run directory, not over the progress bar."""
-    if verbose:
-        return
-    from flwr.supercore.logger import FLOWER_LOGGER as logger
-    from flwr.supercore.logger import console_handler
-
-    logger.removeHandler(console_handler)
-    logger.propagate = False
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(handler)
 
 
 def _rows(path: Path) -> list[dict]:

@@ -94,11 +94,18 @@ def test_accountant_agrees_with_opacus(z, population, expected, rounds):
     assert eps[-1] == pytest.approx(epsilon([(z, expected / population, rounds)], 1e-5, "rdp"), rel=1e-3)
 
 
-def test_delta_must_be_below_one_over_n_and_prior_is_refused():
-    s = Settings.from_run_config({**defaults(), "central-dp": True, "popularity-prior": False, "central-delta": 0.05})
+def test_the_population_is_declared_and_checked_and_delta_is_below_one_over_n():
+    """N is the federation's declared size (central-population), never whoever connected first:
+    undeclared is refused, more clients than N are refused, and δ < 1/N."""
+    central = {**defaults(), "central-dp": True, "popularity-prior": False}
+    with pytest.raises(ConfigError, match="central-dp needs central-population = N"):
+        Settings.from_run_config({**central, "central-delta": 0.05}).check_population(10)
+    s = Settings.from_run_config({**central, "central-delta": 0.05, "central-population": 10})
     s.check_population(10)
-    with pytest.raises(ConfigError, match=r"central-delta = 0.1 must be < 1/N = 0.1 for N = 10"):
-        Settings.from_run_config({**defaults(), "central-dp": True, "popularity-prior": False,
-                                  "central-delta": 0.1}).check_population(10)
+    s.check_population(3)  # fewer present than declared: each is still sampled at q = m/N
+    with pytest.raises(ConfigError, match="11 clients are connected, more than central-population = 10"):
+        s.check_population(11)
+    with pytest.raises(ConfigError, match=r"central-delta = 0.1 must be < 1/N = 0.1 for N = central-population = 10"):
+        Settings.from_run_config({**central, "central-delta": 0.1, "central-population": 10}).check_population(10)
     with pytest.raises(ConfigError, match="set popularity-prior=false with central-dp=true"):
         Settings.from_run_config({**defaults(), "central-dp": True})

@@ -235,7 +235,7 @@ def fields(reply: Message) -> set[str]:
 
 
 def test_every_reply_kind_carries_exactly_its_listed_fields(node, monkeypatch):
-    """The real ClientApp's train, prior, evaluate, decline and error replies against
+    """The real ClientApp's train, prior, evaluate, price, decline and error replies against
     common/releases.py; a field that is not listed never leaves the site."""
     catalog, _, data_dir, context = node
     assert all(f.status in ("dp", "public", "simulation") and f.why for kind in REPLIES.values() for f in kind.values())
@@ -246,9 +246,17 @@ def test_every_reply_kind_carries_exactly_its_listed_fields(node, monkeypatch):
     assert fields(prior) == set(REPLIES["prior"])
     evaluation = client_app.app(server_message(catalog, context.run_config, 1, kind="evaluate"), context)
     assert fields(evaluation) == {k for k, f in REPLIES["evaluate"].items() if f.status != "simulation"}
+    price = client_app.app(Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=7,
+                                   message_type="query.price"), context)
+    assert fields(price) == set(REPLIES["price"])
     write_budget(data_dir, Budget(0.01, 1e-5, declared_examples=64))
     declined = client_app.app(server_message(catalog, context.run_config, 2), context)
     assert fields(declined) == set(REPLIES["decline"])
+    history = load_history(data_dir / "state")
+    priced = client_app.app(Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=7,
+                                    message_type="query.price"), context)
+    assert fields(priced) == set(REPLIES["decline"])  # a SecAgg+ round is declined before it starts...
+    assert load_history(data_dir / "state") == history  # ...and asking the price costs nothing
     # A reply that would carry an unlisted field is refused at the site (fail closed) ...
     write_budget(data_dir, Budget(100.0, 1e-5, declared_examples=64))
     real_identity = client_app.identity
@@ -292,3 +300,20 @@ def test_a_crafted_adapter_buys_only_charged_noisy_evaluations(node):
     assert load_history(data_dir / "state") == [(sigma, 1.0, 1)] * 3  # the refusal spent nothing
     # The three answers about the same users and the same adapter differ: fresh noise each time.
     assert len({m["sum-hr@10"] for m in charged}) == 3
+
+
+def test_a_site_with_no_evaluable_user_answers_evaluate_cleanly(tmp_path, small_split):
+    """Users with fewer than 3 events have no validation or test event: the site still answers,
+    with noisy zero sums, charged like any evaluation."""
+    catalog, users, *_ = small_split
+    data_dir = tmp_path / "site"
+    write_catalog(catalog, data_dir / "catalog.csv")
+    write_interactions([it for u in list(users)[:3] for it in users[u][:2]], data_dir)
+    write_budget(data_dir, Budget(8.0, 1e-5, declared_examples=64))
+    run_config = {**defaults(), "model-layers": 2, "max-length": 64, "history-len": 4}
+    context = Context(run_id=1, node_id=7, node_config={"data-dir": str(data_dir)}, state=RecordDict(),
+                      run_config=run_config)
+    reply = client_app.app(server_message(catalog, run_config, 1, kind="evaluate"), context)
+    assert not reply.has_error(), reply.error
+    assert load_history(data_dir / "state") == [(run_config["eval-noise-multiplier"], 1.0, 1)]
+    assert reply.content["metrics"]["count"] != 0.0  # noise on a zero count

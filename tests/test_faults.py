@@ -166,7 +166,7 @@ def test_evaluation_replies_are_bounded():
 
 
 def test_a_malformed_decline_is_not_taken_as_one():
-    from server.server_app import is_decline
+    from server.replies import is_decline
 
     decline = RecordDict({"metrics": MetricRecord({k: v for k, v in PRIOR_METRICS.items()
                                                    if k not in ("noise-multiplier", "sample-rate", "steps")}),

@@ -55,3 +55,25 @@ def test_pyproject_declares_the_flower_app_and_console_script():
     assert flwr["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
     assert flwr["config"]["dp"] is True
     assert meta["project"]["scripts"]["fedrec"] == "common.cli:main"
+
+
+def test_the_private_flower_names_the_simulation_engine_uses_are_still_there():
+    """simulations/engine.py is the one module that reaches into Flower's private names; on an
+    upgrade that moves one, this fails naming it (and so does every run, before it starts)."""
+    import flwr
+
+    from simulations.engine import FLOWER, check_flower
+
+    meta = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())
+    assert f"flwr[simulation]=={FLOWER}" in meta["project"]["dependencies"]
+    assert flwr.__version__ == FLOWER, f"flwr {flwr.__version__} installed; simulations/engine.py targets {FLOWER}"
+    check_flower()
+
+
+def test_only_the_engine_adapter_imports_private_flower_simulation_names():
+    private = ("flwr.simulation.run_simulation", "flwr.server.superlink", "flwr.supercore.run",
+               "flwr.supercore.task_identity", "flwr.supercore.logger")
+    for folder in ("common", "client", "server", "audit", "deployment", "simulations"):
+        for path in (PROJECT_DIR / folder).rglob("*.py"):
+            if path.name != "engine.py":
+                assert not any(name in path.read_text() for name in private), path

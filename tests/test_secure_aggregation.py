@@ -92,3 +92,31 @@ def test_secagg_run_records_no_individual_update(runs):
 def test_invalid_secagg_combinations_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         Settings.from_run_config({**defaults(), **overrides})
+
+
+def test_a_budget_decline_under_secagg_is_a_decline_not_a_dropout(tmp_path):
+    """A client whose budget cannot pay for the round says so before SecAgg+ starts (query.price):
+    recorded as declined, never sampled again, and the others' SecAgg+ round goes on."""
+    env = {**os.environ, "FEDREC_HOME": str(tmp_path / "home")}
+    settings = ["model-layers=2", "max-users=24", "batch-size=8", "history-len=4", "local-steps=2",
+                "popularity-prior=false", "secure-aggregation=true", f"secagg-max-weight={MAX_WEIGHT}"]
+    partition = subprocess.run([sys.executable, "-m", "simulations.partition", "--clients", "3", "--set", *settings],
+                               env=env, capture_output=True, text=True, timeout=600, check=True)
+    budget_file = partition.stdout.strip().splitlines()[-1] + "/client-0/budget.json"
+    with open(budget_file) as f:
+        budget = json.load(f)
+    with open(budget_file, "w") as f:  # site 0 can afford nothing: it declines the first round
+        json.dump({**budget, "epsilon-max": 0.01}, f)
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "common.cli", "simulate", "--rounds", "2", "--clients", "3",
+                           "--run-dir", str(run), "--set", *settings], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["clients"], r["declined"], r["failures"]) for r in rows] == [(2, 1, 0), (2, 0, 0)]
+    with sqlite3.connect(run / "ledger.sqlite") as db:
+        train = db.execute("SELECT round, status, reason FROM participants WHERE phase = 'train' ORDER BY round").fetchall()
+    assert sorted(status for rnd, status, _ in train if rnd == 1) == ["declined", "trained", "trained"]
+    assert [status for rnd, status, _ in train if rnd == 2] == ["trained", "trained"]  # never asked again
+    assert all(reason.startswith("budget: this round would take ε") for _, status, reason in train
+               if status == "declined")

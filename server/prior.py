@@ -1,0 +1,54 @@
+"""The DP popularity prior: ledger round 0, before any training.
+
+The server asks every client for a Gaussian-noised histogram of its training targets (each
+client's own accountant records the release), sums the ones that pass their check, clamps at
+zero (post-processing) and sets the item bias to log(1 + Σ noisy counts). Under DP noise,
+learning this bias by DP-SGD alone takes far more steps. ``prior.json`` says who answered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common.config import Settings
+from common.model import adapter_state, set_item_bias
+from server.records import RoundRecord, json_metrics
+from server.replies import Names, accepted, classify, validate
+from server.rounds import wait_for_nodes
+from server.run_dir import RunDirectory
+from server.validation import check_prior_reply
+
+log = logging.getLogger("fedrec.server")
+
+
+def popularity_prior(grid: Grid, model, checks: dict, s: Settings, run: RunDirectory, record: RoundRecord,
+                     names: Names) -> set[int]:
+    """Set the global model's item bias from the clients' noisy histograms; commit round 0.
+    Returns the nodes that declined for budget."""
+    nodes = wait_for_nodes(grid, s.min_train_nodes)
+    messages = [Message(RecordDict({"config": ConfigRecord(checks)}), dst_node_id=node,
+                        message_type="query.popularity") for node in nodes]
+    replies = classify(grid.send_and_receive(messages, timeout=600), names)
+    num_items = model.get_base_model().item_embeddings.shape[0]
+    validate(replies, lambda msg: check_prior_reply(msg.content, num_items, s.prior_noise_multiplier),
+             "popularity histogram")
+    record.replies("prior", replies)
+    ok = accepted(replies)
+    (run.path / "prior.json").write_text(json.dumps({
+        "asked": len(nodes), "answered": len(ok), "noise-multiplier": s.prior_noise_multiplier if s.dp else 0.0,
+        "errors": [r.reason for r in replies if r.status == "failed"],
+        "declined": [r.reason for r in replies if r.status == "declined"],
+        "rejected": [{"node": r.node, "rejected": r.reason} for r in replies if r.status == "rejected"],
+        "client-updates": [{"node": r.node, **json_metrics(r.metrics)} for r in ok]}, indent=1))
+    if ok:
+        set_item_bias(model, sum(r.msg.content["arrays"].to_torch_state_dict()["counts"] for r in ok))
+    else:
+        log.warning("popularity prior: no client answered; starting from a zero bias")
+    run.checkpoint(0, ArrayRecord(adapter_state(model)))
+    declined = {r.node for r in replies if r.status == "declined"}
+    record.commit(0, {"answered": len(ok), "declined": len(declined)})
+    return declined
