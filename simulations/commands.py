@@ -52,11 +52,36 @@ def count_users(s) -> int:
 
 
 def simulate(args) -> int:
+    """Check everything, write the sites' data, run the App with a progress bar, report."""
+    run_dir, overrides, s, clients = plan(args)
+    from simulations.engine import log_flower_to
+
+    log_flower_to(run_dir / "flower.log", args.verbose)
+    if args.resume:
+        console.print(f"fedrec: resuming {run_dir} after round {len(_rows(run_dir / 'metrics.jsonl'))}")
+    console.print(f"fedrec: {clients} clients ({s.partition}{', skew α=' + str(s.skew_alpha) if s.skew_alpha else ''}), "
+                  f"{s.num_server_rounds} rounds, run directory [bold]{run_dir}[/bold]")
+    started = time.time()
+    stop = threading.Event()
+    watcher = threading.Thread(target=_progress, daemon=True,
+                               args=(run_dir / "metrics.jsonl", s.num_server_rounds, stop, s.accountant))
+    watcher.start()
+    try:
+        run(overrides, clients, args.scenario, args.verbose)
+    finally:
+        stop.set()
+        watcher.join()
+    report(run_dir, s, clients, time.time() - started)
+    return 0
+
+
+def plan(args):
+    """(run dir, overrides, settings, clients): every setting checked against the model, the data
+    and the federation, and the sites' data written, before anything runs."""
     from common.config import ConfigError, Settings, defaults, parse_overrides
     from common.data import DataError
     from common.model import check_model_settings
     from simulations.partition import materialize
-    from simulations.scenarios import ENV as SCENARIO_ENV
     from simulations.scenarios import parse as parse_scenario
 
     if args.resume:
@@ -80,62 +105,50 @@ def simulate(args) -> int:
             overrides["central-population"] = clients
             s = dataclasses.replace(s, central_population=clients)
         s.check_population(clients)
-        root = materialize(s, clients)  # the users produce their data before the run starts
-        scenario = parse_scenario(args.scenario)
-        if any(p >= clients for p in scenario):
-            raise ValueError(f"--scenario: partitions are 0..{clients - 1}, got {max(scenario)}")
+        if any(p >= clients for p in parse_scenario(args.scenario)):
+            raise ValueError(f"--scenario: partitions are 0..{clients - 1}, got {max(parse_scenario(args.scenario))}")
+        if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
+            raise ValueError(f"--run-dir {run_dir} exists and is not empty; choose a new folder, or --resume it")
+        overrides["partition-dir"] = str(materialize(s, clients))  # the users produce their data first
     except (ConfigError, DataError, ValueError) as e:
         fail(str(e))
-    overrides["partition-dir"] = str(root)
     if not args.resume:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            fail(f"--run-dir {run_dir} exists and is not empty; choose a new folder, or --resume it")
-        run_dir.mkdir(parents=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         # What --resume needs to start the same simulation again.
         (run_dir / SIMULATION_FILE).write_text(json.dumps(
             {"clients": clients, "scenario": args.scenario, "overrides": overrides}, indent=1))
-    from simulations.engine import log_flower_to, run_app
+    return run_dir, overrides, s, clients
 
-    log_flower_to(run_dir / "flower.log", args.verbose)
 
-    if args.resume:
-        console.print(f"fedrec: resuming {run_dir} after round {len(_rows(run_dir / 'metrics.jsonl'))}")
-    console.print(f"fedrec: {clients} clients ({s.partition}{', skew α=' + str(s.skew_alpha) if s.skew_alpha else ''}), "
-                  f"{s.num_server_rounds} rounds, run directory [bold]{run_dir}[/bold]")
-    started = time.time()
-    stop = threading.Event()
-    watcher = threading.Thread(target=_progress, daemon=True,
-                               args=(run_dir / "metrics.jsonl", s.num_server_rounds, stop, s.accountant))
-    watcher.start()
-    try:
-        # Client workers' own output stays in Ray's logs unless --verbose.
-        if scenario:
-            run_app(overrides, clients, worker_logs=args.verbose, client_app="simulations.scenarios:app",
-                    env={SCENARIO_ENV: " ".join(args.scenario), **{k: v for k, v in os.environ.items()
-                                                                   if k.startswith(SCENARIO_ENV)}})
-        else:
-            run_app(overrides, clients, worker_logs=args.verbose)
-    finally:
-        stop.set()
-        watcher.join()
-    wall = time.time() - started
+def run(overrides: dict, clients: int, scenario: list[str], verbose: bool) -> None:
+    """The App on Flower's simulation engine; misbehaving clients run simulations/scenarios.py's ClientApp.
+    Client workers' own output stays in Ray's logs unless ``verbose``."""
+    from simulations.engine import run_app
+    from simulations.scenarios import ENV
+
+    if not scenario:
+        return run_app(overrides, clients, worker_logs=verbose)
+    env = {ENV: " ".join(scenario), **{k: v for k, v in os.environ.items() if k.startswith(ENV)}}
+    run_app(overrides, clients, worker_logs=verbose, client_app="simulations.scenarios:app", env=env)
+
+
+def report(run_dir: Path, s, clients: int, wall: float) -> None:
+    """summary.json with the wall time and the clients' final ε, the results table, the privacy statement."""
     rows = _rows(run_dir / "metrics.jsonl")
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     if len(rows) < s.num_server_rounds and "stopped" not in summary:
         fail(f"the run ended after {len(rows)} of {s.num_server_rounds} rounds; see {run_dir / 'flower.log'}")
     summary["wall-s"] = round(wall, 1)
-    if s.dp and final_epsilons(run_dir, rows):
-        final = list(final_epsilons(run_dir, rows).values())
+    if s.dp and (final := list(final_epsilons(run_dir, rows).values())):
         summary.update({"client-epsilon-max": max(final), "client-epsilon-median": statistics.median(final),
                         "delta": s.delta, "accountant": s.accountant})
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary_file.write_text(json.dumps(summary, indent=1))
     if rows:
         print_summary(rows, s, clients, wall, run_dir)
     if "stopped" in summary:
         console.print(f"[yellow]The run stopped after {len(rows)} of {s.num_server_rounds} rounds: "
                       f"{summary['stopped']}[/yellow]")
-    return 0
 
 
 SIMULATION_FILE = "simulation.json"
