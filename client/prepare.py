@@ -21,7 +21,6 @@ touches the folder's ``state/`` (the privacy accountant) or ``budget.json``.
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import time
@@ -33,8 +32,10 @@ from pathlib import Path
 from common.data import (
     REQUIRED_EVENT_FIELDS,
     DataError,
+    csv_records,
     parse_event,
     read_catalog,
+    utf8_lines,
     write_catalog,
     write_interactions,
 )
@@ -56,47 +57,49 @@ def parse_columns(pairs: list[str]) -> dict[str, str]:
 
 def read_export(path: Path, columns: dict[str, str]) -> Iterator[tuple[int, dict]]:
     """(line number, {field: raw value}) for each event of a CSV or JSONL export."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
     name = {f: columns.get(f, f) for f in FIELDS}
     suffix = path.suffix.lower()
+    if suffix == ".csv":
+        for line, row in csv_records(path, list(REQUIRED_EVENT_FIELDS), name):
+            yield line, {f: row.get(name[f]) for f in FIELDS}
+    elif suffix in (".jsonl", ".ndjson"):
+        for line_num, line in enumerate(utf8_lines(path), start=1):
+            if line.strip():
+                obj = json_object(line, f"{path}:{line_num}")
+                yield line_num, {f: obj.get(name[f]) for f in FIELDS}
+    elif not path.is_file():
+        raise DataError(f"{path}: file not found")
+    else:
+        raise DataError(f"{path}: unknown export format {suffix or '(no suffix)'!r}; use .csv or .jsonl")
+
+
+def json_object(line: str, where: str) -> dict:
+    """One JSONL line: an object whose keys each appear once."""
+    def no_repeats(pairs):
+        keys = [k for k, _ in pairs]
+        if twice := [k for k in keys if keys.count(k) > 1]:
+            raise DataError(f"{where}: key {twice[0]!r} appears {keys.count(twice[0])} times in the object")
+        return dict(pairs)
+
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            if suffix == ".csv":
-                reader = csv.DictReader(f)
-                header = reader.fieldnames or []
-                missing = [name[c] for c in REQUIRED_EVENT_FIELDS if name[c] not in header]
-                if missing:
-                    raise DataError(f"{path}:1: missing column(s) {', '.join(missing)}; header is {header}")
-                for row in reader:
-                    if None in row or any(v is None for v in row.values()):
-                        raise DataError(f"{path}:{reader.line_num}: expected {len(header)} fields ({', '.join(header)})")
-                    yield reader.line_num, {f: row.get(name[f]) for f in FIELDS}
-            elif suffix in (".jsonl", ".ndjson"):
-                for line_num, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{line_num}: not valid JSON ({e.msg} at column {e.colno})") from None
-                    if not isinstance(obj, dict):
-                        raise DataError(f"{path}:{line_num}: expected a JSON object, got {type(obj).__name__}")
-                    yield line_num, {f: obj.get(name[f]) for f in FIELDS}
-            else:
-                raise DataError(f"{path}: unknown export format {suffix or '(no suffix)'!r}; use .csv or .jsonl")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
-    except csv.Error as e:
-        raise DataError(f"{path}: {e}") from None
+        obj = json.loads(line, object_pairs_hook=no_repeats)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def prepare(export: Path, catalog_path: Path, out: Path, columns: dict[str, str] | None = None,
             drop_unknown: bool = False, replace: bool = False, budget: Budget | None = None) -> dict:
-    """Write ``out`` in the client data format from ``export``; returns what was written."""
+    """Write ``out`` in the client data format from ``export``; returns what was written.
+    On any failure ``out`` is as it was and nothing else is left behind."""
     catalog = read_catalog(catalog_path)
     existing = out / "interactions.csv"
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file; --out names the site's data folder (new, or one to --replace)")
     if existing.exists() and not replace:
         raise DataError(f"{out}: already holds prepared data (interactions.csv); use --replace to replace it "
                         "(the old file is kept as a backup) or choose another --out")
@@ -111,20 +114,34 @@ def prepare(export: Path, catalog_path: Path, out: Path, columns: dict[str, str]
             raise
     if not events:
         raise DataError(f"{export}: no events" + (f" ({unknown} dropped as unknown items)" if unknown else ""))
-    tmp = out.with_name(f".{out.name}.preparing")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_interactions(events, tmp)
-    write_catalog(catalog, tmp / "catalog.csv")
-    out.mkdir(parents=True, exist_ok=True)
-    if existing.exists():
-        existing.rename(out / f"interactions.csv.bak-{time.strftime('%Y%m%d-%H%M%S')}")
-    (tmp / "interactions.csv").replace(existing)
-    (tmp / "catalog.csv").replace(out / "catalog.csv")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if budget is not None and not (out / "budget.json").exists():
-        write_budget(out, budget)
+    write_folder(out, events, catalog, budget)
     return {"events": len(events), "users": len({e.user_id for e in events}), "dropped-unknown": unknown,
             "out": str(out)}
+
+
+def write_folder(out: Path, events: list, catalog, budget: Budget | None) -> None:
+    """Everything into a temporary folder beside ``out``, then moved in place: a new folder at once,
+    an existing one file by file (its old interactions.csv kept as a dated backup, its state/ and
+    budget.json untouched). The temporary folder never outlives the call: it holds private events."""
+    tmp = out.with_name(f".{out.name}.preparing")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_interactions(events, tmp)
+        write_catalog(catalog, tmp / "catalog.csv")
+        if budget is not None and not (out / "budget.json").exists():
+            write_budget(tmp, budget)
+        if not out.exists():
+            tmp.rename(out)
+            return
+        if (out / "interactions.csv").exists():
+            (out / "interactions.csv").rename(out / f"interactions.csv.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+        for part in tmp.iterdir():
+            part.replace(out / part.name)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot write the site's folder there ({e.strerror or e}); nothing was "
+                        "changed") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass

@@ -28,6 +28,9 @@ import datetime
 import importlib.util
 import math
 import re
+import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,10 +211,14 @@ def write_catalog(catalog: Catalog, path: Path) -> None:
 
 def read_catalog(path: str | Path) -> Catalog:
     path = Path(path)
-    items = []
-    for line, row in _csv_rows(path, CATALOG_COLUMNS):
+    items, first_line = [], {}
+    for line, row in csv_records(path, CATALOG_COLUMNS):
         if not row["item_id"] or not row["title"]:
             raise DataError(f"{path}:{line}: item_id and title must not be empty")
+        if row["item_id"] in first_line:
+            raise DataError(f"{path}:{line}: field 'item_id': {row['item_id']!r} is already the item of line "
+                            f"{first_line[row['item_id']]}")
+        first_line[row["item_id"]] = line
         year = row["year"].strip()
         if year and not year.isdigit():
             raise DataError(f"{path}:{line}: year {year!r} is not a number")
@@ -219,10 +226,7 @@ def read_catalog(path: str | Path) -> Catalog:
         items.append(Item(row["item_id"], row["title"], int(year) if year else None, genres))
     if not items:
         raise DataError(f"{path}: catalog is empty")
-    try:
-        return Catalog(items)
-    except DataError:
-        raise DataError(f"{path}: duplicate item ids") from None
+    return Catalog(items)
 
 
 def write_interactions(interactions: list[Interaction], folder: Path) -> None:
@@ -231,12 +235,23 @@ def write_interactions(interactions: list[Interaction], folder: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(INTERACTION_COLUMNS)
         for it in interactions:
-            rating = "" if it.rating is None else f"{it.rating:g}"
+            rating = "" if it.rating is None else exact(it.rating)
             writer.writerow([it.user_id, it.item_id, rating, it.timestamp, it.text])
 
 
+# Timestamps after this many seconds past now are refused: a clock a day fast is plausible; an
+# export in milliseconds (~1.7e12, the year 55,000) or a far-future date is not.
+FUTURE_SLACK = 86_400
+
+
+def exact(x: float) -> str:
+    """``x`` as text that reads back as exactly ``x``: 4 as "4", 0.3828125 in full."""
+    return f"{x:g}" if float(f"{x:g}") == x else repr(x)
+
+
 def parse_timestamp(raw) -> int:
-    """Integer seconds, or an ISO 8601 date / date-time (UTC unless it carries an offset)."""
+    """Integer seconds since 1970, or an ISO 8601 date / date-time (UTC unless it carries an offset),
+    not before 1970 and not in the future."""
     if isinstance(raw, bool):
         raise ValueError
     if isinstance(raw, int):
@@ -252,7 +267,7 @@ def parse_timestamp(raw) -> int:
         value = int(when.timestamp())
     else:
         raise ValueError
-    if value < 0:
+    if not 0 <= value <= time.time() + FUTURE_SLACK:
         raise ValueError
     return value
 
@@ -263,14 +278,14 @@ def parse_event(raw: dict, where: str, catalog: Catalog) -> Interaction:
         value = raw.get(f)
         if value is None or (isinstance(value, str) and not value.strip()):
             raise DataError(f"{where}: field '{f}': missing or empty")
-    user, item = str(raw["user_id"]).strip(), str(raw["item_id"]).strip()
+    user, item = identifier(raw, "user_id", where), identifier(raw, "item_id", where)
     if item not in catalog.index:
         raise DataError(f"{where}: field 'item_id': {item!r} is not in the catalog")
     try:
         timestamp = parse_timestamp(raw["timestamp"])
-    except (ValueError, OverflowError):
-        raise DataError(f"{where}: field 'timestamp': {raw['timestamp']!r} is neither integer seconds (≥ 0) "
-                        "nor an ISO 8601 date") from None
+    except (ValueError, OverflowError, OSError):
+        raise DataError(f"{where}: field 'timestamp': {raw['timestamp']!r} is neither integer seconds since 1970 "
+                        "nor an ISO 8601 date, up to today (milliseconds? divide by 1000)") from None
     rating = raw.get("rating")
     if isinstance(rating, str):
         rating = rating.strip() or None
@@ -279,7 +294,7 @@ def parse_event(raw: dict, where: str, catalog: Catalog) -> Interaction:
             if isinstance(rating, bool):
                 raise ValueError
             rating = float(rating)
-        except ValueError:
+        except (ValueError, TypeError):
             raise DataError(f"{where}: field 'rating': {raw['rating']!r} is not a number "
                             "(leave it empty for an implicit event)") from None
         if not (math.isfinite(rating) and 0 <= rating <= 5):
@@ -287,14 +302,35 @@ def parse_event(raw: dict, where: str, catalog: Catalog) -> Interaction:
     text = raw.get("text")
     if text is not None and not isinstance(text, str):
         raise DataError(f"{where}: field 'text': expected a string, got {type(text).__name__}")
+    if text and (bad := control_character(text)):
+        raise DataError(f"{where}: field 'text': control character {bad} (only tab and line breaks are text)")
     return Interaction(user, item, rating, timestamp, " ".join((text or "").split()))
+
+
+def identifier(raw: dict, name: str, where: str) -> str:
+    """A user or item id: a string or an integer, printable, without surrounding spaces."""
+    value = raw[name]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(f"{where}: field '{name}': expected a string or an integer, got {type(value).__name__}")
+    value = str(value).strip()
+    if bad := control_character(value, allowed=""):
+        raise DataError(f"{where}: field '{name}': control character {bad} in an id")
+    return value
+
+
+def control_character(s: str, allowed: str = "\t\r\n") -> str | None:
+    """The first control character of ``s`` not in ``allowed``, as U+XXXX (None if there is none)."""
+    for c in s:
+        if (ord(c) < 32 or 0x7F <= ord(c) < 0xA0) and c not in allowed:
+            return f"U+{ord(c):04X}"
+    return None
 
 
 def read_interactions(folder: str | Path, catalog: Catalog) -> dict[str, list[Interaction]]:
     """One client's private data: {user_id: interactions sorted oldest first}."""
     path = Path(folder) / "interactions.csv"
     users: dict[str, list[Interaction]] = {}
-    for line, row in _csv_rows(path, REQUIRED_INTERACTION_COLUMNS):
+    for line, row in csv_records(path, REQUIRED_INTERACTION_COLUMNS):
         event = parse_event(row, f"{path}:{line}", catalog)
         users.setdefault(event.user_id, []).append(event)
     if not users:
@@ -304,28 +340,51 @@ def read_interactions(folder: str | Path, catalog: Catalog) -> dict[str, list[In
     return users
 
 
-def _csv_rows(path: Path, required: list[str]):
+def utf8_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file, each with its line ending. A byte-order mark (Excel's
+    "CSV UTF-8") is dropped; a byte that is not UTF-8, or a NUL byte, is a DataError naming its
+    line, counted in the file, however large."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start + 1} of the line); "
+                                "save the file as UTF-8") from None
+            if "\x00" in line:
+                raise DataError(f"{path}:{number}: a NUL byte (\\0) at character {line.index(chr(0)) + 1}; "
+                                "the file is damaged or not text")
+            yield line
+
+
+def csv_records(path: Path, required: list[str], names: dict[str, str] | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, {column: value}) for each record of a CSV file with a header row.
+
+    ``required`` columns must be in the header (``names`` maps them to the file's own column
+    names); a column named twice, a record with too many or too few fields, or a field over
+    csv's size limit is a DataError naming the line.
+    """
+    names = names or {}
+    reader = csv.reader(utf8_lines(path))
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            missing = [c for c in required if c not in header]
-            if missing:
-                raise DataError(f"{path}:1: missing column(s) {', '.join(missing)}; header is {header}")
-            for row in reader:
-                if None in row or any(v is None for v in row.values()):
-                    raise DataError(
-                        f"{path}:{reader.line_num}: expected {len(header)} fields "
-                        f"({', '.join(header)})"
-                    )
-                yield reader.line_num, row
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
+        header = next(reader, [])
+        if twice := sorted(c for c, n in Counter(header).items() if n > 1):
+            raise DataError(f"{path}:1: column {twice[0]!r} appears {header.count(twice[0])} times in the header")
+        if missing := [names.get(c, c) for c in required if names.get(c, c) not in header]:
+            raise DataError(f"{path}:1: missing column(s) {', '.join(missing)}; header is {header}")
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path}:{reader.line_num}: expected {len(header)} fields ({', '.join(header)}), "
+                                f"got {len(row)}")
+            yield reader.line_num, dict(zip(header, row))
     except csv.Error as e:
-        raise DataError(f"{path}: {e}") from None
+        raise DataError(f"{path}:{reader.line_num}: {e}") from None
 
 
 # --- from histories to training and evaluation examples -----------------------------------

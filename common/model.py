@@ -61,9 +61,18 @@ def kept_layers(config, num_layers: int) -> int:
 
 
 def check_model_settings(s) -> None:
-    """Fail early, with the setting's name, on a model folder or depth the run cannot build."""
+    """Fail early, with the setting's name, on a model folder, depth or LoRA target the run cannot
+    build. The encoder is built on the meta device: its module names, no weights, no memory."""
     config = AutoConfig.from_pretrained(resolve_model_path(s.model), local_files_only=True)
-    lora_config(s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_layers, kept_layers(config, s.model_layers))
+    lora = lora_config(s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_layers, kept_layers(config, s.model_layers))
+    with torch.device("meta"):
+        encoder = AutoModel.from_config(config)
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in encoder.named_modules() if isinstance(m, nn.Linear)})
+    if not lora.target_modules:
+        raise ValueError("lora-targets: empty; name the linear layers LoRA adapts, e.g. query,value")
+    if unknown := sorted(set(lora.target_modules) - set(linear)):
+        raise ValueError(f"lora-targets: {', '.join(unknown)} names no linear layer of {s.model} "
+                         f"(its linear layers: {', '.join(linear)})")
 
 
 def device() -> torch.device:

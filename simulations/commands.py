@@ -79,7 +79,7 @@ def plan(args):
     """(run dir, overrides, settings, clients): every setting checked against the model, the data
     and the federation, and the sites' data written, before anything runs."""
     from common.config import ConfigError, Settings, defaults, parse_overrides
-    from common.data import DataError
+    from common.data import DataError, load_movielens, read_catalog
     from common.model import check_model_settings
     from simulations.partition import materialize
     from simulations.scenarios import parse as parse_scenario
@@ -97,10 +97,17 @@ def plan(args):
         overrides["run-dir"] = str(run_dir)
     try:
         s = Settings.from_run_config({**defaults(), **overrides})
-        check_model_settings(s)  # a wrong model folder or depth fails here, not in every client
+        check_model_settings(s)  # a wrong model folder, depth or LoRA target fails here, not in every client
+        if s.dataset:
+            load_movielens(s.dataset)
+        if s.catalog:
+            read_catalog(s.catalog)
         if args.clients is not None and args.clients < 1:
             raise ValueError(f"--clients {args.clients}: need at least 1")
-        clients = args.clients or (count_users(s) if s.partition == "user" else DEFAULT_SILOS)
+        users = count_users(s) if s.partition == "user" else None
+        clients = args.clients or users or DEFAULT_SILOS
+        if users is not None and clients != users:
+            raise ValueError(f"partition=user needs one client per user: {users} users, {clients} clients")
         if s.central_dp and "central-population" not in overrides:  # the simulated federation is all there is
             overrides["central-population"] = clients
             s = dataclasses.replace(s, central_population=clients)

@@ -12,7 +12,6 @@ def fedrec_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("fedrec:")]
 
 
-
 @pytest.mark.parametrize("argv, message", [
     (["simulate", "--set", "noise-multiplier=lots"], "noise-multiplier must be float"),
     (["simulate", "--set", "no-such-key=1"], "unknown key(s) no-such-key"),
@@ -32,6 +31,10 @@ def fedrec_lines(err: str) -> list[str]:
     (["simulate", "--set", "model-layers=7"], "model-layers: 7 is not in 1..6"),
     (["simulate", "--set", "model-layers=2", "lora-layers=3"], "lora-layers: 3 is not in 1..2"),
     (["simulate", "--set", "lora-layers=-1"], "lora-layers must be >= 0"),
+    (["simulate", "--set", "lora-targets=query,qkv"],
+     "lora-targets: qkv names no linear layer of all-MiniLM-L6-v2 (its linear layers: dense, key, query, value)"),
+    (["simulate", "--set", "lora-targets= , "], "lora-targets: empty"),
+    (["simulate", "--set", "catalog=/nonexistent/catalog.csv"], "/nonexistent/catalog.csv: file not found"),
     (["simulate", "--set", "batch-size"], "--set 'batch-size': expected key=value"),
     (["simulate", "--set", "dp=yes"], "dp must be true or false, got 'yes'"),
     (["simulate", "--rounds", "0"], "num-server-rounds must be >= 1"),
@@ -56,7 +59,8 @@ def test_bad_input_exits_2_with_one_clear_line(argv, message, capsys, tmp_path, 
     err = capsys.readouterr().err  # problems go to stderr, one line each, never wrapped
     assert len(lines := fedrec_lines(err)) == 1 and message in lines[0]
     assert "Traceback" not in err
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists()  # checked before anything is written:
+    assert not (tmp_path / "partitions").exists()  # no simulated site's data either
 
 
 @pytest.fixture()
