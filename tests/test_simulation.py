@@ -234,7 +234,9 @@ def test_empirical_audit_stays_below_the_proven_epsilon(run_dir):
 
 def test_clients_enforce_their_budgets_and_the_run_stops_cleanly(tmp_path):
     """Client 0 can afford the prior and one round. It declines round 2; with min-train-nodes 3
-    the run cannot sample round 3 and stops, saying why; the audit still passes."""
+    the run cannot sample round 3 and stops, saying why; the audit still passes. Under SecAgg+,
+    whose protocol has no place for a decline: the decline is asked before it starts
+    (query.price), so it is recorded as a decline, not a dropout, and the others' round goes on."""
     import sqlite3
 
     from common.config import defaults
@@ -242,7 +244,8 @@ def test_clients_enforce_their_budgets_and_the_run_stops_cleanly(tmp_path):
     from simulations.partition import materialize
 
     overrides = {"model-layers": 2, "max-users": 24, "batch-size": 8, "max-length": 64, "history-len": 4, "fraction-train": 1.0,
-                 "local-steps": 3, "min-train-nodes": 3, "partition-dir": str(tmp_path / "parts")}
+                 "local-steps": 3, "min-train-nodes": 3, "partition-dir": str(tmp_path / "parts"),
+                 "secure-aggregation": True, "secagg-max-weight": 2000.0}
     s = Settings.from_run_config({**defaults(), **overrides})
     root = materialize(s, 3)
     declared = read_budget(root / "client-0", {}).declared_examples
@@ -253,14 +256,15 @@ def test_clients_enforce_their_budgets_and_the_run_stops_cleanly(tmp_path):
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "common.cli", "simulate", "--rounds", "3", "--clients", "3", "--run-dir", str(run),
-           "--set", *(f"{k}={v}" for k, v in overrides.items())]
+           "--set", *(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items())]
     proc = subprocess.run(cmd, env={**os.environ, "FEDREC_HOME": str(tmp_path / "home"), "COLUMNS": "200"},
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "The run stopped after 2 of 3 rounds" in proc.stdout and "privacy budget left" in proc.stdout
     assert "privacy budget left" in json.loads((run / "summary.json").read_text())["stopped"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["clients"], r["declined"]) for r in rows] == [(3, 0), (2, 1)]
+    assert [(r["clients"], r["declined"], r["failures"]) for r in rows] == [(3, 0, 0), (2, 1, 0)]
+    assert "Secure aggregation completed" in (run / "flower.log").read_text()
 
     db = sqlite3.connect(run / "ledger.sqlite")
     (reason,) = db.execute("SELECT reason FROM participants WHERE status = 'declined'").fetchone()
