@@ -23,7 +23,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
 
-from common.data import Example
+from common.data import DataError, Example
 from common.metrics import METRICS, metrics_from_ranks, per_user_metrics, target_ranks
 from common.model import device, is_trained, score_users
 from common.privacy import History, epsilon
@@ -56,8 +56,8 @@ def _collate(tokenizer, max_length, num_items):
 def train(model, tokenizer, examples: list[Example], s, history: History, seed: int, q: float) -> TrainResult:
     """``local_steps`` steps of DP-SGD with Adam at public Poisson rate ``q`` (plain Adam on
     shuffled batches of ``batch-size`` when ``s.dp`` is false) on ``examples``."""
-    if not examples:
-        raise ValueError("no training examples")
+    if not examples:  # a data problem of the site's, reported as one (category "data"), nothing released
+        raise DataError("no training examples: every user of this site has a single event")
     model.train()
     # What trains (common.model.is_trained), and why:
     # - The per-item bias gets its own step size. Under DP noise Adam moves every coordinate by

@@ -302,18 +302,25 @@ def test_a_crafted_adapter_buys_only_charged_noisy_evaluations(node):
     assert len({m["sum-hr@10"] for m in charged}) == 3
 
 
-def test_a_site_with_no_evaluable_user_answers_evaluate_cleanly(tmp_path, small_split):
+@pytest.mark.parametrize("events", [1, 2])
+def test_a_site_with_no_evaluable_user_answers_evaluate_cleanly(tmp_path, small_split, events):
     """Users with fewer than 3 events have no validation or test event: the site still answers,
-    with noisy zero sums, charged like any evaluation."""
+    with noisy zero sums, charged like any evaluation. With one event each there is nothing to
+    train on either: a train request gets the "data" error category, and nothing is spent."""
     catalog, users, *_ = small_split
     data_dir = tmp_path / "site"
     write_catalog(catalog, data_dir / "catalog.csv")
-    write_interactions([it for u in list(users)[:3] for it in users[u][:2]], data_dir)
+    write_interactions([it for u in list(users)[:3] for it in users[u][:events]], data_dir)
     write_budget(data_dir, Budget(8.0, 1e-5, declared_examples=64))
-    run_config = {**defaults(), "model-layers": 2, "max-length": 64, "history-len": 4}
+    run_config = {**defaults(), "model-layers": 2, "max-length": 64, "history-len": 4, "batch-size": 8,
+                  "local-steps": 2}
     context = Context(run_id=1, node_id=7, node_config={"data-dir": str(data_dir)}, state=RecordDict(),
                       run_config=run_config)
     reply = client_app.app(server_message(catalog, run_config, 1, kind="evaluate"), context)
     assert not reply.has_error(), reply.error
     assert load_history(data_dir / "state") == [(run_config["eval-noise-multiplier"], 1.0, 1)]
     assert reply.content["metrics"]["count"] != 0.0  # noise on a zero count
+    if events == 1:
+        with pytest.raises(client_app.SiteError, match=r"site error \(data\)"):
+            client_app.app(server_message(catalog, run_config, 2), context)
+        assert len(load_history(data_dir / "state")) == 1
