@@ -50,6 +50,7 @@ def fedrec_lines(err: str) -> list[str]:
     (["client", "prepare", "/nonexistent/export.csv", "--catalog", "/nonexistent/catalog.csv", "--out", "/tmp/x"],
      "/nonexistent/catalog.csv: file not found"),
     (["credentials", "/tmp/nothing-to-make"], "nothing to make: give --host NAME"),
+    (["localhost", "/nonexistent/site"], "not a site's data folder (no interactions.csv): /nonexistent/site"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
