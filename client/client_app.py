@@ -272,16 +272,13 @@ def train_releases(s: Settings, budget: Budget) -> tuple[float, list[tuple]]:
 @site_errors
 def price(msg: Message, context: Context) -> Message:
     """Would this site take a train round? Asked before a SecAgg+ round, whose protocol has no
-    place for a decline. The answer is a decline, or the site's accountant as every reply carries
-    it (public numbers only); it releases nothing and costs nothing."""
+    place for a decline. The answer is a decline, or an empty reply (take part); it releases
+    nothing and costs nothing."""
     s, budget, _, _, state_dir = settings_and_budget(context)
     history = load_history(state_dir)
-    eps = epsilon(history, s.delta, s.accountant)
     if reason := check_budget(s, budget, history, train_releases(s, budget)[1]):
-        return decline(msg, reason, eps, budget, state_dir, history)
-    metrics = MetricRecord({"declined": 0, "epsilon": eps, "delta": budget.delta, "epsilon-max": budget.epsilon_max,
-                            **identity(state_dir, history)})
-    content = RecordDict({"metrics": metrics})
+        return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
+    content = RecordDict()
     check_reply("price", content)
     return Message(content, reply_to=msg)
 

@@ -6,8 +6,9 @@ in the stage that collects masked vectors, calls the ClientApp's ``train`` once.
 that call into an ordinary fedrec train message (named adapter tensors + config) and the reply
 back into the ``FitRes`` the masking expects: the adapter in the server's tensor order, the
 example count as the weight, and the declared metrics. Any other message passes straight through.
-A client that declines the round for budget raises, so SecAgg+ treats it as a dropout and
-recovers its masks; it releases nothing.
+A budget decline is given before the protocol starts, to the server's ``query.price``; should
+``train`` still decline here, the mod raises, SecAgg+ treats the client as a dropout and recovers
+its masks, and it releases nothing.
 """
 
 from __future__ import annotations

@@ -80,9 +80,7 @@ REPLIES: dict[str, dict[str, Field]] = {
         "metrics.steps": Field(int, "public", "1"),
         **{f"metrics.{k}": f for k, f in ACCOUNTING.items()},
     },
-    "price": {  # asked before a SecAgg+ round (server/secure_aggregation.py): take part, or decline
-        **{f"metrics.{k}": f for k, f in ACCOUNTING.items()},
-    },
+    "price": {},  # asked before a SecAgg+ round (server/secure_aggregation.py): empty = take part; else a decline
     "decline": {
         "decline.reason": Field(str, "public", "the public price (ε before/after at the site's δ) and budget"),
         **{f"metrics.{k}": f for k, f in ACCOUNTING.items()},

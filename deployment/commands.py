@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 from common.cli import console, fail
@@ -43,6 +45,34 @@ def credentials_cmd(args) -> int:
 
 
 def localhost_cmd(args) -> int:
-    from deployment.localhost import localhost_cmd as run
+    """``fedrec localhost``: deploy, run, print each site's traffic."""
+    from rich.table import Table
 
-    return run(args)
+    from common.config import ConfigError, parse_overrides
+    from deployment.localhost import deploy
+
+    sites = [Path(d).resolve() for d in args.sites]
+    if missing := [str(d) for d in sites if not (d / "interactions.csv").is_file()]:
+        fail(f"not a site's data folder (no interactions.csv): {', '.join(missing)}; "
+             "write one with fedrec client prepare or python -m simulations.partition")
+    root = (args.root or Path(f"/tmp/fedrec-localhost-{time.strftime('%Y%m%d-%H%M%S')}")).resolve()
+    if root.exists() and any(root.iterdir()):
+        fail(f"--root {root}: not empty; choose a new folder")
+    try:
+        overrides = {**parse_overrides(args.set), "num-server-rounds": args.rounds, "run-dir": str(root / "run")}
+    except ConfigError as e:
+        fail(str(e))
+    figures = deploy(root, sites, overrides)
+    table = Table(title=f"Localhost deployment: {len(sites)} SuperNodes, TLS + node auth, {figures['rounds']} rounds")
+    for col in ("site", "sent (MB)", "received (MB)"):
+        table.add_column(col, justify="right")
+    for name, w in figures["wire-bytes"].items():
+        table.add_row(name, f"{w['sent'] / 1e6:.2f}", f"{w['received'] / 1e6:.2f}")
+    console.print(table)
+    for name, w in figures["wire-bytes-per-round"].items():
+        console.print(f"{name}, rounds 2..R: sent {[round(b / 1e3) for b in w['sent']]} kB, "
+                      f"received {[round(b / 1e3) for b in w['received']]} kB per round")
+    console.print(f"wall {figures['wall-s']} s; round 1 ended at {figures['first-round-s']} s, later rounds took "
+                  f"{figures['round-s']} s; adapter {figures['adapter-bytes'] / 1e6:.2f} MB; run directory {root / 'run'}")
+    (root / "localhost.json").write_text(json.dumps(figures, indent=1))
+    return 0

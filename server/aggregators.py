@@ -44,9 +44,6 @@ class ServerStep(Strategy):
         self.strategy, self.server_learning_rate = strategy, server_learning_rate
         self.sent: dict[str, torch.Tensor] = {}
 
-    def __getattr__(self, name):  # e.g. central DP's ``released``
-        return getattr(self.strategy, name)
-
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self.sent = arrays.to_torch_state_dict()
         return self.strategy.configure_train(server_round, arrays, config, grid)

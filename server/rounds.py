@@ -81,7 +81,7 @@ class RoundPipeline(Strategy):
         self.exhausted |= {r.node for r in replies if r.status == "declined"}
         usable = self.usable(server_round, replies)
         arrays, metrics = self.aggregator.aggregate_train(server_round, [r.msg for r in usable])
-        released = getattr(self.aggregator, "released", None)
+        released = getattr(self.aggregator.strategy, "released", None)  # central DP's own release
         if released:
             self.record.server_release(released)
         self.row = train_row(server_round, replies, self.s, released["row"] if released else {})

@@ -112,8 +112,8 @@ def plan(args):
             overrides["central-population"] = clients
             s = dataclasses.replace(s, central_population=clients)
         s.check_population(clients)
-        if any(p >= clients for p in parse_scenario(args.scenario)):
-            raise ValueError(f"--scenario: partitions are 0..{clients - 1}, got {max(parse_scenario(args.scenario))}")
+        if (partitions := parse_scenario(args.scenario)) and max(partitions) >= clients:
+            raise ValueError(f"--scenario: partitions are 0..{clients - 1}, got {max(partitions)}")
         if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
             raise ValueError(f"--run-dir {run_dir} exists and is not empty; choose a new folder, or --resume it")
         overrides["partition-dir"] = str(materialize(s, clients))  # the users produce their data first

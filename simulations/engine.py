@@ -15,6 +15,7 @@ a message naming the one that moved, instead of a traceback deep inside a run.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -42,6 +43,7 @@ RUN_SIMULATION_ARGS = ("num_supernodes", "exit_event", "server_app_attr", "clien
                        "app_dir", "run", "is_app", "backend_config")
 
 
+@functools.cache  # once per process: every run and the logger set-up ask
 def check_flower() -> None:
     """Every private name this module uses is where it was in Flower 1.41, or a RuntimeError says which is not."""
     import flwr
