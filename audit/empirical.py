@@ -4,7 +4,11 @@ Canaries. ``fedrec simulate --set canaries=1000`` has the partitioner plant m sy
 in the simulated clients' data. A canary user has two interactions: a random catalog item
 with a unique phrase (five random words of the encoder's vocabulary) as the user's own words,
 then a target item no other canary has. Leave-last-out turns that into exactly one training
-example (the unit of privacy). Each canary is included independently with probability ½,
+example: a canary of one example, for the example-level claim (and a user-level one: a user
+of one example). With ``canary-examples`` = k > 1 (``privacy-unit = user`` only) a canary user
+has k training examples, each with the phrase and the target, plus the same target held out
+for validation and test: included or not as a whole, it audits the user-level claim. Each
+canary is included independently with probability ½,
 drawn from the OS entropy pool and written only to ``PARTITION_DIR/audit-canaries.json`` —
 the users' side, never the server's.
 
@@ -64,8 +68,9 @@ def phrase_words(model_dir: Path) -> list[str]:
     return [c1 + v1 + c2 + v2 for c1 in "bdfgklmnprstvz" for v1 in "aeiou" for c2 in "bdfgklmnprstvz" for v2 in "aeiou"]
 
 
-def make_canaries(catalog: Catalog, m: int, num_clients: int, words: list[str]) -> list[dict]:
-    """m canary users, spread round-robin over the clients, each included with probability ½."""
+def make_canaries(catalog: Catalog, m: int, num_clients: int, words: list[str], examples: int = 1) -> list[dict]:
+    """m canary users of ``examples`` training examples each, spread round-robin over the
+    clients, each included with probability ½."""
     rng = np.random.default_rng(secrets.randbits(128))  # the auditor's secret
     canaries = []
     targets = rng.choice(len(catalog), size=m, replace=m > len(catalog))
@@ -75,13 +80,22 @@ def make_canaries(catalog: Catalog, m: int, num_clients: int, words: list[str]) 
         history = rng.choice([j for j in range(len(catalog)) if j != target])
         canaries.append({"user": f"canary-{i:04d}", "client": i % num_clients, "phrase": " ".join(words_i),
                          "history-item": catalog.items[history].item_id, "target-item": catalog.items[target].item_id,
-                         "included": bool(rng.random() < 0.5)})
+                         "examples": examples, "included": bool(rng.random() < 0.5)})
     return canaries
 
 
 def canary_interactions(canary: dict) -> list[Interaction]:
-    return [Interaction(canary["user"], canary["history-item"], 5.0, 1, canary["phrase"]),
-            Interaction(canary["user"], canary["target-item"], 5.0, 2)]
+    """One canary user's events. k = 1: the phrase on a random item, then the target (one
+    training example). k > 1: then k − 1 more events of the target with the phrase, and the
+    target twice more (held out as validation and test): k training examples, each predicting
+    the target from a text with the phrase."""
+    user, phrase, target = canary["user"], canary["phrase"], canary["target-item"]
+    events = [Interaction(user, canary["history-item"], 5.0, 1, phrase)]
+    k = canary.get("examples", 1)
+    if k == 1:
+        return events + [Interaction(user, target, 5.0, 2)]
+    events += [Interaction(user, target, 5.0, 1 + t, phrase) for t in range(1, k)]
+    return events + [Interaction(user, target, 5.0, k + t) for t in (1, 2, 3)]
 
 
 def read_canaries(partition_dir: Path) -> list[dict]:

@@ -37,7 +37,7 @@ from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
 
-from common.privacy import CLIENT_UNIT, UNIT, epsilon, independent_epsilon
+from common.privacy import ADJACENCY, CLIENT_UNIT, UNITS, epsilon, independent_epsilon
 from common.releases import REPLIES
 
 # The name the server's central-DP accountant has in the ledger (server/central_dp.py writes it; the
@@ -74,6 +74,7 @@ EXPECTED = {
     "gaussian-count": ("count-noise-multiplier", 1),
     "gaussian-eval-sums": ("eval-noise-multiplier", 1),
     "client-level-gaussian": ("central-noise-multiplier", 1),
+    "client-level-gaussian-histogram": ("prior-noise-multiplier", 1),  # the prior under central DP
 }
 
 
@@ -101,8 +102,9 @@ def check_mechanisms(mechanisms: list[dict], run_config: dict) -> list[dict]:
                     "steps": run_config.get(steps) if isinstance(steps, str) else steps}
         if m["mechanism"] == "dp-sgd":
             expected["max_grad_norm"] = run_config.get("max-grad-norm")
-        if m["node"] == "server":
-            expected["max_grad_norm"] = run_config.get("central-clipping-norm")
+        if m["node"] == "server":  # a client's update is clipped to C, its histogram to 1
+            histogram = m["mechanism"] == "client-level-gaussian-histogram"
+            expected["max_grad_norm"] = 1.0 if histogram else run_config.get("central-clipping-norm")
         else:
             expected["accountant"] = run_config.get("accountant")
         differ = {k: {"recorded": m[k], "run-config": v} for k, v in expected.items()
@@ -187,7 +189,8 @@ def audit(run_dir: Path, empirical: bool = False) -> dict:
                              "recomputed": c["final-epsilon"], "epsilon-max": c["epsilon-max"]})
     central = clients.pop("server", None)
     if central:
-        central.update({"unit": CLIENT_UNIT, "adjacency": "add/remove all the data of one client",
+        central.update({"unit": ledger["meta"].get("central-unit", CLIENT_UNIT),
+                        "adjacency": "add/remove all the data of one client",
                         "trust-model": CENTRAL_TRUST_MODEL, "releases": len(mechanisms["server"]),
                         "population": ledger["meta"].get("central-population"),
                         "expected-clients": ledger["meta"].get("central-expected-clients"),
@@ -210,8 +213,9 @@ def audit(run_dir: Path, empirical: bool = False) -> dict:
     accountant = run_config.get("accountant", "prv")
     return {
         "run-dir": str(run_dir),
-        "unit": ledger["meta"].get("unit", UNIT),
-        "adjacency": ledger["meta"].get("adjacency", "add/remove one training example of one client"),
+        "unit": ledger["meta"].get("unit", UNITS["example"]),
+        "privacy-unit": ledger["meta"].get("privacy-unit", "example"),
+        "adjacency": ledger["meta"].get("adjacency", ADJACENCY["example"]),
         "trust-model": TRUST_MODEL,
         "released": RELEASED,
         "not-covered": NOT_COVERED,

@@ -8,9 +8,10 @@ Node config (``flower-supernode --node-config``), all of it the site's own:
   ``data-dir/state``). Nothing the server sends (run config, run id, run-dir) moves it, so every
   run composes with all earlier ones; ``fedrec client reset-accountant`` is the only way to start
   a new one, and it is logged there.
-* ``epsilon-max``, ``delta``, ``declared-examples``  this client's privacy budget and the size it
-  makes public (else ``data-dir/budget.json``); the client declines any request that would take
-  its ε past ``epsilon-max``, whatever the server asks
+* ``epsilon-max``, ``delta``, ``declared-examples``, ``declared-users``, ``privacy-unit``  this
+  client's privacy budget, the sizes it makes public and (optionally) the one unit it releases
+  at (else ``data-dir/budget.json``); the client declines any request that would take its ε past
+  ``epsilon-max``, or mix privacy units in its accountant, whatever the server asks
 
 In simulation, nodes have ``partition-id``/``num-partitions`` instead, and the client
 reads ``<partition-dir>/client-<id>``, which the simulator writes before the run starts. A simulated site is
@@ -40,15 +41,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.secure_aggregation import secure_aggregation_mod
-from client.train import evaluation_sums
+from client.train import evaluation_sums, privacy_units
 from client.train import train as train_local
 from common.config import ConfigError, Settings, partition_root
 from common.data import DataError, catalog_fingerprint, leave_last_out, read_catalog, read_interactions
 from common.model import (adapter_config, adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
                           refresh_item_embeddings)
-from common.metrics import METRICS, item_counts
-from common.privacy import (UNIT, Budget, BudgetError, client_id, epsilon, history_metrics, load_history,
-                            public_sample_rate, read_budget, save_history, spend)
+from common.metrics import METRICS, unit_histogram
+from common.privacy import (UNITS, Budget, BudgetError, client_id, epsilon, history_metrics, load_history,
+                            public_sample_rate, read_budget, save_history, spend, unit_conflict)
 from common.releases import ERROR_CATEGORIES, EVAL_SENSITIVITY, check_reply
 
 app = ClientApp(mods=[secure_aggregation_mod])  # a no-op unless the round is a SecAgg+ round
@@ -180,19 +181,22 @@ def decline(msg: Message, reason: str, eps_now: float, budget: Budget, state_dir
     return Message(content, reply_to=msg)
 
 
-def check_budget(s: Settings, budget: Budget, history, releases: list) -> str | None:
-    """Why this client must refuse to make ``releases`` (each (σ, q, steps)), or None if it can."""
+def check_budget(s: Settings, budget: Budget, state_dir: Path, history, releases: list) -> str | None:
+    """Why this client must refuse to make ``releases`` (each (σ, q, steps) at ``privacy-unit``),
+    or None if it can."""
     if not s.dp:
         if math.isfinite(budget.epsilon_max):
             return (f"budget: this run trains with dp = false, which this client's budget "
                     f"(ε ≤ {budget.epsilon_max:g} at δ = {budget.delta:g}, {budget.source}) does not allow")
         return None
+    if conflict := unit_conflict(s.privacy_unit, budget, state_dir):
+        return conflict
     affordable, after = spend(history, releases, budget, s.accountant)
     if affordable:
         return None
     return (f"budget: this round would take ε from {epsilon(history, budget.delta, s.accountant):.3f} to "
             f"{after:.3f}, over epsilon-max {budget.epsilon_max:g} at δ = {budget.delta:g} "
-            f"({UNIT}; Opacus {s.accountant.upper()} accountant; {budget.source})")
+            f"({UNITS[s.privacy_unit]}; Opacus {s.accountant.upper()} accountant; {budget.source})")
 
 
 def prepare(msg: Message, context: Context):
@@ -231,18 +235,19 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     history = load_history(state_dir)
     q, releases = train_releases(s, budget)
-    if reason := check_budget(s, budget, history, releases):
+    if reason := check_budget(s, budget, state_dir, history, releases):
         return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
     # A simulated client is its partition, whatever node id it got this run.
     node = int(context.node_config.get("partition-id", context.node_id))
     seed = s.seed * 1_000_003 + server_round * 7919 + node % 100_003
     result = train_local(model, tokenizer, train_examples, s, history, seed, q)
-    count, eps = float(len(train_examples)), math.inf
+    # FedAvg's weight: how many privacy units (examples or users) trained; sensitivity 1 either way.
+    count, eps = float(len(privacy_units(train_examples, s.privacy_unit))), math.inf
     if s.dp:
         # Clamping at 1 is post-processing: FedAvg needs a positive weight.
         count = max(1.0, count + float(secret_noise(1, s.count_noise_multiplier)))
         history = result.history + [(s.count_noise_multiplier, 1.0, 1)]
-        eps = save_history(state_dir, history, s.accountant, s.delta)
+        eps = save_history(state_dir, history, s.accountant, s.delta, s.privacy_unit)
     metrics = {
         "num-examples": count,
         "epsilon": eps,
@@ -263,8 +268,8 @@ def train(msg: Message, context: Context) -> Message:
 
 def train_releases(s: Settings, budget: Budget) -> tuple[float, list[tuple]]:
     """A train round's releases, (σ, q, steps) each, from public numbers only: DP-SGD at the public
-    rate q = batch-size / declared-examples, then the noisy example count."""
-    q = public_sample_rate(s.batch_size, budget) if s.dp else 0.0
+    rate q = batch-size / declared-examples (or declared-users), then the noisy count."""
+    q = public_sample_rate(s.batch_size, budget, s.privacy_unit) if s.dp else 0.0
     return q, [(s.noise_multiplier, q, s.local_steps), (s.count_noise_multiplier, 1.0, 1)]
 
 
@@ -276,7 +281,7 @@ def price(msg: Message, context: Context) -> Message:
     nothing and costs nothing."""
     s, budget, _, _, state_dir = settings_and_budget(context)
     history = load_history(state_dir)
-    if reason := check_budget(s, budget, history, train_releases(s, budget)[1]):
+    if reason := check_budget(s, budget, state_dir, history, train_releases(s, budget)[1]):
         return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
     content = RecordDict()
     check_reply("price", content)
@@ -288,20 +293,25 @@ def price(msg: Message, context: Context) -> Message:
 def popularity(msg: Message, context: Context) -> Message:
     """A noisy histogram of this client's training targets, for the global popularity prior.
 
-    Gaussian mechanism: adding or removing one training example changes one count by 1
-    (L2 sensitivity 1), and N(0, σ_h²) noise is added to every count. It enters the same
-    accountant history as (σ_h, 1.0, 1) and its cost is part of the cumulative ε.
+    Gaussian mechanism with L2 sensitivity 1 in the privacy unit (``unit_histogram``: adding or
+    removing one example changes one count by 1; one user's counts are scaled to unit norm),
+    and N(0, σ_h²) noise is added to every count. It enters the same
+    accountant history as (σ_h, 1.0, 1) and its cost is part of the cumulative ε. Under central DP
+    (``central-dp = true``, ``dp = false``) the site sends its histogram scaled to L2 norm 1 and
+    the server adds the noise (``server/prior.py``).
     """
     s, budget, data_dir, catalog_path, state_dir = settings_and_budget(context)
     catalog, train_examples, _, _ = load_data(data_dir, catalog_path, s.history_len)
     history = load_history(state_dir)
-    if reason := check_budget(s, budget, history, [(s.prior_noise_multiplier, 1.0, 1)]):
+    if reason := check_budget(s, budget, state_dir, history, [(s.prior_noise_multiplier, 1.0, 1)]):
         return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
-    counts, eps = item_counts([ex.target for ex in train_examples], len(catalog)), math.inf
+    counts, eps = unit_histogram(train_examples, len(catalog), s.privacy_unit), math.inf
+    if s.central_dp:  # the server adds the noise (dp = false here): the site bounds its share to L2 norm 1
+        counts = counts / max(1.0, float(counts.norm()))
     if s.dp:
         counts += secret_noise(len(catalog), s.prior_noise_multiplier).float()
         history = history + [(s.prior_noise_multiplier, 1.0, 1)]
-        eps = save_history(state_dir, history, s.accountant, s.delta)
+        eps = save_history(state_dir, history, s.accountant, s.delta, s.privacy_unit)
     metrics = {"epsilon": eps, "delta": s.delta,
                "noise-multiplier": s.prior_noise_multiplier if s.dp else 0.0, "sample-rate": 1.0, "steps": 1,
                "epsilon-max": budget.epsilon_max, "declined": 0, **identity(state_dir, history)}
@@ -322,7 +332,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """
     s, budget, state_dir, model, tokenizer, _, valid, test = prepare(msg, context)
     history = load_history(state_dir)
-    if reason := check_budget(s, budget, history, [(s.eval_noise_multiplier, 1.0, 1)]):
+    if reason := check_budget(s, budget, state_dir, history, [(s.eval_noise_multiplier, 1.0, 1)]):
         return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
     sums = {f"{prefix}{k}": v for prefix, examples in (("", test), ("val-", valid))
             for k, v in evaluation_sums(model, tokenizer, examples, s.max_length).items()}
@@ -331,7 +341,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         noise = secret_noise(len(sums), s.eval_noise_multiplier * EVAL_SENSITIVITY)
         released = {k: v + float(e) for (k, v), e in zip(sums.items(), noise)}
         history = history + [(s.eval_noise_multiplier, 1.0, 1)]
-        eps = save_history(state_dir, history, s.accountant, s.delta)
+        eps = save_history(state_dir, history, s.accountant, s.delta, s.privacy_unit)
     metrics = {**released, "noise-multiplier": s.eval_noise_multiplier if s.dp else 0.0, "epsilon": eps,
                "delta": s.delta,
                "epsilon-max": budget.epsilon_max, "declined": 0, **identity(state_dir, history)}

@@ -31,7 +31,13 @@ def register(commands) -> None:
     c.add_argument("--epsilon-max", type=float, help="also write budget.json: this site's ε limit")
     c.add_argument("--delta", type=float, default=1e-5, help="δ of the budget (default 1e-5)")
     c.add_argument("--declared-examples", type=int,
-                   help="with --epsilon-max: the size this site makes public (DP-SGD samples at batch-size / it)")
+                   help="with --epsilon-max: the example count this site makes public (example-level DP-SGD "
+                        "samples at batch-size / it)")
+    c.add_argument("--declared-users", type=int,
+                   help="with --epsilon-max: the user count this site makes public (user-level DP-SGD samples "
+                        "users at batch-size / it)")
+    c.add_argument("--privacy-unit", choices=["example", "user"],
+                   help="with --epsilon-max: the one privacy unit this site releases at (default: the run's)")
     c.set_defaults(func=prepare_cmd)
     c = client.add_parser("reset-accountant", help="start a new privacy accountant for this site (logged)")
     c.add_argument("state_dir", help="the site's state folder (node-config state-dir, default DATA_DIR/state)")
@@ -52,9 +58,11 @@ def prepare_cmd(args) -> int:
     if args.epsilon_max is not None:
         if not (args.epsilon_max > 0 and 0 < args.delta < 1):
             fail(f"--epsilon-max {args.epsilon_max:g} --delta {args.delta:g}: need ε_max > 0 and 0 < δ < 1")
-        if args.declared_examples is not None and args.declared_examples < 1:
-            fail(f"--declared-examples {args.declared_examples}: must be >= 1")
-        budget = Budget(args.epsilon_max, args.delta, declared_examples=args.declared_examples)
+        for flag, value in (("--declared-examples", args.declared_examples), ("--declared-users", args.declared_users)):
+            if value is not None and value < 1:
+                fail(f"{flag} {value}: must be >= 1")
+        budget = Budget(args.epsilon_max, args.delta, declared_examples=args.declared_examples,
+                        declared_users=args.declared_users, privacy_unit=args.privacy_unit)
     try:
         done = prepare(Path(args.export), Path(args.catalog), Path(args.out), parse_columns(args.columns),
                        drop_unknown=args.drop_unknown, replace=args.replace, budget=budget)

@@ -196,12 +196,16 @@ def validate(folder: Path, catalog_path: Path | None = None, max_problems: int =
 
         try:
             b = read_budget(folder, {})
-            declared = (f", declared-examples {b.declared_examples}" if b.declared_examples is not None
-                        else ", no declared-examples (DP-SGD needs one, here or in --node-config)")
-            summary.budget = f"ε ≤ {b.epsilon_max:g} at δ = {b.delta:g}{declared} ({b.source})"
+            declared = "".join(f", {key} {value}" if value is not None else f", no {key}"
+                               for key, value in (("declared-examples", b.declared_examples),
+                                                  ("declared-users", b.declared_users)))
+            unit = f", {b.privacy_unit}-level only" if b.privacy_unit else ""
+            summary.budget = (f"ε ≤ {b.epsilon_max:g} at δ = {b.delta:g}{declared}{unit} ({b.source}; DP-SGD needs "
+                              "the declared size of its privacy unit, here or in --node-config)")
         except ValueError as e:
             summary.problems.append(str(e))
     else:
-        summary.budget = "none in this folder (give epsilon-max/delta/declared-examples in --node-config)"
+        summary.budget = ("none in this folder (give epsilon-max/delta/declared-examples/declared-users in "
+                          "--node-config)")
     return summary
 

@@ -1,13 +1,21 @@
 """Local training of the adapter with Opacus DP-SGD, and local evaluation.
 
-One call of ``train`` runs ``local_steps`` DP-SGD steps: Poisson sampling with a public rate
-q (``batch-size / declared-examples``, never the private example count; Opacus'
-``UniformWithReplacementSampler``), per-example clipping to ``max_grad_norm`` and Gaussian noise
-σ · max_grad_norm on the sum (Opacus' ``GradSampleModule`` and ``DPOptimizer``), then Adam on the
-noisy sum divided by the public expected batch size ``batch-size``. Neither q nor the divisor
-depends on the private n, as add/remove accounting requires. The round is appended to the
-client's stored history as (σ, q, steps), so the ε it returns is cumulative and exactly what
-``fedrec audit`` recomputes.
+One call of ``train`` runs ``local_steps`` DP-SGD steps over the site's privacy units
+(``privacy-unit``: examples, or users with all their examples):
+
+* Poisson sampling of units with a public rate q (``batch-size / declared-examples`` or
+  ``batch-size / declared-users``, never a private count; Opacus'
+  ``UniformWithReplacementSampler``);
+* a sampled user brings at most ``examples-per-user`` of its examples, drawn at random; its
+  gradient is the mean of their per-example gradients (Opacus' ``GradSampleModule``), so
+  g_u = (1/k_u) Σ_{i ∈ u} ∇ℓ_i, and an example unit is a user of one example;
+* each unit's gradient is clipped to C = ``max-grad-norm`` and N(0, σ²C²) goes on the sum
+  (Opacus' ``DPOptimizer``), then Adam on the noisy sum divided by the public expected batch
+  size ``batch-size``.
+
+Neither q nor the divisor depends on the site's private size, as add/remove accounting
+requires. The round is appended to the client's stored history as (σ, q, steps), so the ε it
+returns is cumulative and exactly what ``fedrec audit`` recomputes.
 """
 
 from __future__ import annotations
@@ -39,38 +47,60 @@ class TrainResult:
 
 
 def _collate(tokenizer, max_length, num_items):
-    def collate(batch: list[tuple[str, int, tuple[int, ...]]]):
-        texts = [text for text, _, _ in batch] or [""]
-        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        targets = torch.tensor([target for _, target, _ in batch], dtype=torch.long)
+    def collate(batch: list[Example]):
+        enc = tokenizer([ex.text for ex in batch], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        targets = torch.tensor([ex.target for ex in batch], dtype=torch.long)
         # The user's own history is excluded when ranking, so it is excluded from the softmax
         # too: the model learns to rank the target among the items it will compete with.
         seen = torch.zeros(len(batch), num_items, dtype=torch.bool)
-        for row, (_, target, items) in enumerate(batch):
-            seen[row, list(items)] = True
-            seen[row, target] = False  # a repeat interaction stays a valid target
-        return enc["input_ids"][: len(batch)], enc["attention_mask"][: len(batch)], targets, seen
+        for row, ex in enumerate(batch):
+            seen[row, list(ex.seen)] = True
+            seen[row, ex.target] = False  # a repeat interaction stays a valid target
+        return enc["input_ids"], enc["attention_mask"], targets, seen
     return collate
 
 
 def train(model, tokenizer, examples: list[Example], s, history: History, seed: int, q: float) -> TrainResult:
-    """``local_steps`` steps of DP-SGD with Adam at public Poisson rate ``q`` (plain Adam on
-    shuffled batches of ``batch-size`` when ``s.dp`` is false) on ``examples``."""
+    """``local_steps`` steps of DP-SGD with Adam at public Poisson rate ``q`` over ``s.privacy_unit``
+    (plain Adam on shuffled batches of ``batch-size`` examples when ``s.dp`` is false)."""
     if not examples:  # a data problem of the site's, reported as one (category "data"), nothing released
         raise DataError("no training examples: every user of this site has a single event")
     model.train()
-    # What trains (common.model.is_trained), and why:
-    # - The per-item bias gets its own step size. Under DP noise Adam moves every coordinate by
-    #   about its learning rate per step whatever the signal, and a bias over 1,682 items has
-    #   little signal per item: with the DP popularity prior in place it is better left frozen
-    #   (bias-learning-rate = 0), which also leaves the whole clipping budget to the LoRA weights.
-    # - The score scale is one number with a strong, consistent gradient: Adam moves it by its
-    #   full step size every step, and K clients moving it the same way (times the server's
-    #   learning rate) overshoot by far (measured: s went 8 → 19 → 12 → 35 in three rounds).
-    # - LoRA's A stays at its shared random initialisation unless lora-train-a (FFA-LoRA, Sun et
-    #   al., ICLR 2024): ΔW = B·A is then linear in what is trained, so FedAvg of the clients' B
-    #   is exactly the average of their ΔW (averaging A and B separately is not), and DP noise
-    #   lands on half as many numbers.
+    optimizer = adam(model, s)
+    # Under DP the batch sampling and the noise must be secret: a generator seeded from the
+    # run config would let anyone who knows the seed replay (and subtract) the noise. Both
+    # come from the OS entropy pool; only non-private training is reproducible from `seed`.
+    generator = torch.Generator().manual_seed(secrets.randbits(63) if s.dp else seed)
+    num_items = model.get_base_model().item_embeddings.shape[0]
+    collate = _collate(tokenizer, s.max_length, num_items)
+    if s.dp:
+        losses = dp_steps(model, optimizer, examples, collate, s, q, generator)
+        # Each step was one noisy DPOptimizer step at rate q: exactly what is accounted.
+        history = list(history) + [(s.noise_multiplier, q, s.local_steps)]
+        eps = epsilon(history, s.delta, s.accountant)
+    else:
+        torch.manual_seed(seed)  # the encoder's dropout too, so a non-private run replays exactly
+        losses, eps = plain_steps(model, optimizer, examples, collate, s, generator), math.inf
+    model.zero_grad(set_to_none=True)
+    return TrainResult(sum(losses) / max(len(losses), 1), s.local_steps, q if s.dp else 0.0, history, eps)
+
+
+def adam(model, s) -> torch.optim.Adam:
+    """Adam over what trains (common.model.is_trained), and why:
+
+    - The per-item bias gets its own step size. Under DP noise Adam moves every coordinate by
+      about its learning rate per step whatever the signal, and a bias over 1,682 items has
+      little signal per item: with the DP popularity prior in place it is better left frozen
+      (bias-learning-rate = 0), which also leaves the whole clipping budget to the LoRA weights.
+    - The score scale is one number with a strong, consistent gradient: Adam moves it by its
+      full step size every step, and K clients moving it the same way (times the server's
+      learning rate) overshoot by far (measured: s went 8 → 19 → 12 → 35 in three rounds).
+    - LoRA's A stays at its shared random initialisation unless lora-train-a (FFA-LoRA, Sun et
+      al., ICLR 2024): ΔW = B·A is then linear in what is trained, so FedAvg of the clients' B
+      is exactly the average of their ΔW (averaging A and B separately is not), and DP noise
+      lands on half as many numbers.
+    """
     for n, p in model.named_parameters():
         if "lora_" in n or "modules_to_save" in n:
             p.requires_grad_(is_trained(n, s))
@@ -82,66 +112,98 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
         groups.append({"params": bias, "lr": s.bias_learning_rate})
     if s.scale_learning_rate > 0:
         groups.append({"params": scale, "lr": s.scale_learning_rate})
-    optimizer = torch.optim.Adam(groups)
-    # (text, target, seen) triples, batched by our collate (Opacus' sampler yields index lists).
-    dataset = [(ex.text, ex.target, ex.seen) for ex in examples]
-    # Under DP the batch sampling and the noise must be secret: a generator seeded from the
-    # run config would let anyone who knows the seed replay (and subtract) the noise. Both
-    # come from the OS entropy pool; only non-private training is reproducible from `seed`.
-    generator = torch.Generator().manual_seed(secrets.randbits(63) if s.dp else seed)
-    if not s.dp:
-        torch.manual_seed(seed)  # the encoder's dropout too, so a non-private run replays exactly
-    num_items = model.get_base_model().item_embeddings.shape[0]
-    collate = _collate(tokenizer, s.max_length, num_items)
-    module = model
-    if s.dp:
-        # A Poisson batch can be empty (a noise-only step): our collate returns 0-row tensors.
-        sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=q, generator=generator,
-                                                steps=s.local_steps)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
-        module = GradSampleModule(model, loss_reduction="mean")
-        # expected_batch_size = batch-size, public: the noisy sum is divided by it, not by q·n.
-        optimizer = DPOptimizer(optimizer, noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
-                                expected_batch_size=s.batch_size, loss_reduction="mean", generator=generator)
-    else:
-        loader = DataLoader(dataset, batch_size=min(s.batch_size, len(examples)), shuffle=True, generator=generator,
-                            collate_fn=collate)
-    losses, steps = [], 0
+    return torch.optim.Adam(groups)
+
+
+def privacy_units(examples: list[Example], unit: str) -> list[list[int]]:
+    """The indices of ``examples`` grouped into the units DP-SGD samples: one per example, or
+    one per user (in order of first appearance)."""
+    if unit == "example":
+        return [[i] for i in range(len(examples))]
+    users: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        users.setdefault(ex.user, []).append(i)
+    return list(users.values())
+
+
+def dp_steps(model, optimizer, examples, collate, s, q, generator) -> list[float]:
+    """``local_steps`` DP-SGD steps, each on a Poisson sample of privacy units (see the module doc)."""
+    units = privacy_units(examples, s.privacy_unit)
+    sampler = UniformWithReplacementSampler(num_samples=len(units), sample_rate=q, generator=generator,
+                                            steps=s.local_steps)
+    module = GradSampleModule(model, loss_reduction="sum")
+    # expected_batch_size = batch-size, public: the noisy sum is divided by it, not by q·n.
+    optimizer = DPOptimizer(optimizer, noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
+                            expected_batch_size=s.batch_size, loss_reduction="mean", generator=generator)
+    losses = []
     try:
-        while steps < s.local_steps:
-            for input_ids, attention_mask, targets, seen in loader:
-                optimizer.zero_grad(set_to_none=True)
-                if len(targets):
-                    logits = module(input_ids=input_ids.to(device()), attention_mask=attention_mask.to(device()))
-                    logits = logits.masked_fill(seen.to(device()), float("-inf"))
-                    # Mean loss matches Opacus' default loss_reduction='mean': it rescales the
-                    # per-sample gradients and divides the noisy sum by the *expected* batch size.
-                    loss = torch.nn.functional.cross_entropy(logits, targets.to(device()), reduction="mean")
-                    with warnings.catch_warnings():  # the frozen embeddings take no gradient, by design
-                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                        loss.backward()
-                    losses.append(loss.item())
-                else:
-                    # An empty Poisson batch still releases a step: the noise alone. The encoder
-                    # cannot run on zero rows, so Opacus gets zero-row per-sample gradients.
-                    for p in module.parameters():
-                        if p.requires_grad:
-                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-                optimizer.step()
-                steps += 1
-                if steps >= s.local_steps:
-                    break
+        for sampled in sampler:
+            optimizer.zero_grad(set_to_none=True)
+            rows, owner = capped_rows([units[u] for u in sampled], s.examples_per_user, generator)
+            if rows:
+                losses.append(unit_gradients(module, collate([examples[i] for i in rows]), owner, len(sampled)))
+            else:
+                # An empty Poisson sample still releases a step: the noise alone. The encoder
+                # cannot run on zero rows, so Opacus gets zero-row per-unit gradients.
+                for p in module.parameters():
+                    if p.requires_grad:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            optimizer.step()
     finally:
-        if s.dp:
-            module.to_standard_module()
-    model.zero_grad(set_to_none=True)
-    if s.dp:
-        # Each loop step was one noisy DPOptimizer step at rate q: exactly what is accounted.
-        history = list(history) + [(s.noise_multiplier, q, steps)]
-        eps = epsilon(history, s.delta, s.accountant)
-    else:
-        eps = math.inf
-    return TrainResult(sum(losses) / max(len(losses), 1), steps, q if s.dp else 0.0, history, eps)
+        module.to_standard_module()
+    return losses
+
+
+def capped_rows(sampled: list[list[int]], cap: int, generator) -> tuple[list[int], torch.Tensor]:
+    """The example rows of the sampled units, at most ``cap`` per unit drawn at random, and the
+    position of each row's unit in the sample."""
+    rows, owner = [], []
+    for position, unit in enumerate(sampled):
+        if len(unit) > cap:
+            unit = [unit[i] for i in torch.randperm(len(unit), generator=generator)[:cap].tolist()]
+        rows.extend(unit)
+        owner.extend([position] * len(unit))
+    return rows, torch.tensor(owner, dtype=torch.long)
+
+
+def unit_gradients(module, batch, owner: torch.Tensor, num_units: int) -> float:
+    """Backward on the rows of the sampled units; leaves each unit's mean gradient in
+    ``p.grad_sample`` (one row per unit, which DPOptimizer clips and noises). The mean loss."""
+    input_ids, attention_mask, targets, seen = (t.to(device()) for t in batch)
+    owner = owner.to(device())
+    rows_per_unit = torch.bincount(owner, minlength=num_units).to(torch.float32)
+    logits = module(input_ids=input_ids, attention_mask=attention_mask).masked_fill(seen, float("-inf"))
+    losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    # Σ_u (1/k_u) Σ_{i∈u} ℓ_i: each row's per-example gradient comes out already divided by k_u.
+    weighted = (losses / rows_per_unit[owner]).sum()
+    with warnings.catch_warnings():  # the frozen embeddings take no gradient, by design
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        weighted.backward()
+    for p in module.parameters():
+        if p.requires_grad:
+            per_row = p.grad_sample
+            p.grad_sample = per_row.new_zeros((num_units, *p.shape)).index_add_(0, owner, per_row)
+    return float(losses.detach().mean())
+
+
+def plain_steps(model, optimizer, examples, collate, s, generator) -> list[float]:
+    """``local_steps`` non-private Adam steps on shuffled batches of ``batch-size`` examples."""
+    loader = DataLoader(examples, batch_size=min(s.batch_size, len(examples)), shuffle=True, generator=generator,
+                        collate_fn=collate)
+    losses, steps = [], 0
+    while steps < s.local_steps:
+        for input_ids, attention_mask, targets, seen in loader:
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(input_ids=input_ids.to(device()), attention_mask=attention_mask.to(device()))
+            logits = logits.masked_fill(seen.to(device()), float("-inf"))
+            loss = torch.nn.functional.cross_entropy(logits, targets.to(device()))
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            steps += 1
+            if steps >= s.local_steps:
+                break
+    return losses
 
 
 def evaluate(model, tokenizer, examples: list[Example], max_length: int) -> dict[str, float]:

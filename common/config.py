@@ -62,7 +62,8 @@ def partition_root(s: Settings, num_clients: int) -> Path:
     if s.partition_dir:
         return Path(s.partition_dir).expanduser()
     spec = json.dumps([s.dataset, s.partition, num_clients, s.skew_alpha, s.seed, s.max_users, s.history_len,
-                       simulated_budget(s)] + ([s.canaries] if s.canaries else []))
+                       simulated_budget(s), "declared-users"]
+                      + ([s.canaries, s.canary_examples] if s.canaries else []))
     return fedrec_home() / "partitions" / hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
@@ -89,6 +90,7 @@ class Settings:
     skew_alpha: float
     max_users: int
     canaries: int
+    canary_examples: int  # training examples per canary user (> 1 audits the user-level claim)
     history_len: int
     # model
     model: str
@@ -107,7 +109,9 @@ class Settings:
     delta: float
     client_epsilon_max: float
     accountant: str
-    batch_size: int
+    privacy_unit: str  # what one ε protects: "example" or "user" (common/privacy.py UNITS)
+    examples_per_user: int  # user-level DP-SGD: at most this many of a sampled user's examples per step
+    batch_size: int  # DP-SGD's expected privacy units (examples or users) per step
     local_steps: int
     popularity_prior: bool
     prior_noise_multiplier: float
@@ -169,6 +173,10 @@ class Settings:
         require(self.skew_alpha >= 0, "skew-alpha must be >= 0 (0 means IID)")
         require(self.history_len >= 1, "history-len must be >= 1")
         require(self.canaries >= 0, "canaries must be >= 0 (0 = no empirical audit)")
+        require(self.canary_examples >= 1, "canary-examples must be >= 1")
+        require(self.canary_examples == 1 or self.privacy_unit == "user",
+                f"canary-examples = {self.canary_examples} plants canary users of several examples, which audits "
+                "a user-level claim; set privacy-unit = user (an example-level ε says nothing about such a user)")
         require(self.model_layers >= 0, "model-layers must be >= 0 (0 = all of the encoder's layers)")
         require(self.lora_rank >= 1, "lora-rank must be >= 1")
         require(self.lora_layers >= 0, "lora-layers must be >= 0 (0 = every encoder layer)")
@@ -179,6 +187,8 @@ class Settings:
         require(0 < self.delta < 1, "delta must be in (0, 1)")
         require(self.client_epsilon_max > 0, "client-epsilon-max must be > 0")
         require(self.accountant in ("prv", "rdp"), "accountant must be 'prv' (tight, the default) or 'rdp'")
+        require(self.privacy_unit in ("example", "user"), "privacy-unit must be 'example' or 'user'")
+        require(self.examples_per_user >= 1, "examples-per-user must be >= 1")
         require(self.batch_size >= 1, "batch-size must be >= 1")
         require(self.local_steps >= 1, "local-steps must be >= 1")
         require(self.prior_noise_multiplier > 0 or not (self.dp and self.popularity_prior),
@@ -197,9 +207,15 @@ class Settings:
         require(self.central_clipping_norm > 0, "central-clipping-norm must be > 0")
         require(0 < self.central_delta < 1, "central-delta must be in (0, 1)")
         require(self.central_population >= 0, "central-population must be >= 0 (0: not declared)")
-        require(not (self.central_dp and self.popularity_prior),
-                "central-dp covers the adapter updates only, and the popularity prior (each client's histogram) "
-                "has no client-level bound; set popularity-prior=false with central-dp=true")
+        require(not (self.central_dp and self.popularity_prior and self.dp),
+                "with central-dp the popularity prior is the server's release (each client's histogram scaled to L2 "
+                "norm 1, one N(0, σ_h²) on the sum), so a site would send it without noise of its own, which dp = true "
+                "does not allow; set dp = false (the central guarantee alone) or popularity-prior = false")
+        require(not (self.partition == "user" and self.dp),
+                "partition = user is one client per user, and local DP-SGD on one person's own data is local DP: "
+                "every client reaches ε ≈ 7 in one round and its noisy histogram swamps the prior. Protect each "
+                "person at the server instead, where one client is one user: dp = false central-dp = true "
+                "central-population = <the number of users> (client-level DP = user-level DP here)")
         require(not (self.secure_aggregation and self.central_dp),
                 "secure-aggregation hides each client's update from the server, and central-dp must clip each "
                 "one there; they cannot combine. Client-side DP-SGD (dp = true) does combine with SecAgg+")

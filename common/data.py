@@ -413,6 +413,7 @@ class Example:
     text: str  # the user's history before the target, as text
     target: int  # catalog index of the next item
     seen: tuple[int, ...]  # catalog indices of the history, excluded from ranking
+    user: str = ""  # whose example it is: user-level DP samples and clips by user
 
 
 def leave_last_out(
@@ -425,15 +426,17 @@ def leave_last_out(
     than 3 interactions only contribute training examples.
     """
     train, valid, test = [], [], []
-    for history in users.values():
+    for user, history in users.items():
         idx = [catalog.index[it.item_id] for it in history]
         n = len(history)
         n_train = n - 2 if n >= 3 else n
-        for t in range(1, n_train):
-            train.append(Example(user_text(history[:t], catalog, history_len), idx[t], tuple(idx[:t])))
+        def example(t: int) -> Example:  # predict interaction t from those before it
+            return Example(user_text(history[:t], catalog, history_len), idx[t], tuple(idx[:t]), user)
+
+        train.extend(example(t) for t in range(1, n_train))
         if n >= 3:
-            valid.append(Example(user_text(history[: n - 2], catalog, history_len), idx[n - 2], tuple(idx[: n - 2])))
-            test.append(Example(user_text(history[: n - 1], catalog, history_len), idx[n - 1], tuple(idx[: n - 1])))
+            valid.append(example(n - 2))
+            test.append(example(n - 1))
     return train, valid, test
 
 

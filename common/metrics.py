@@ -72,6 +72,23 @@ def item_counts(items: Sequence[int], num_items: int) -> torch.Tensor:
     return counts
 
 
+def unit_histogram(examples, num_items: int, unit: str) -> torch.Tensor:
+    """The training-target histogram a site releases for the popularity prior, with L2
+    sensitivity 1 in its privacy unit: one count per example, or per user its counts scaled to
+    unit L2 norm (a user's histogram c_u becomes c_u / ‖c_u‖, so adding or removing the user
+    moves the total by exactly 1)."""
+    if unit == "example":
+        return item_counts([ex.target for ex in examples], num_items)
+    total = torch.zeros(num_items, dtype=torch.float64)
+    by_user: dict[str, list[int]] = {}
+    for ex in examples:
+        by_user.setdefault(ex.user, []).append(ex.target)
+    for targets in by_user.values():
+        counts = item_counts(targets, num_items).double()
+        total += counts / counts.norm()
+    return total.float()
+
+
 def popularity_scores(train_items: Sequence[int], num_items: int) -> torch.Tensor:
     """Item scores of the popularity baseline: how often each item occurs in training interactions."""
     # Break ties by catalog order so the baseline is a strict, reproducible ranking.

@@ -4,14 +4,22 @@ Mechanism: each optimizer step is the Poisson-subsampled Gaussian mechanism — 
 example joins the batch independently with probability q, each per-example gradient is
 clipped to L2 norm C, and N(0, σ²C²) noise is added to their sum (Opacus DP-SGD).
 
-Unit of privacy: one training example of one client (one user-history window → next
-item), add/remove adjacency, within that client's dataset. This is not a per-rating
-guarantee: a rating is the target of one example, appears in the history text of the next
-``history-len`` ones, and is masked out of the softmax of *every* later example of its user
-(``Example.seen``), so it changes the gradient of all of that user's later examples. The
-group one rating touches is therefore up to the user's whole example count (20 to 737 in
-MovieLens-100K), and per-rating or per-user statements follow only by group privacy over
-that many examples, which is vacuous: they are *not* what is printed.
+Unit of privacy (``privacy-unit``, one per site accountant):
+
+* ``example``: one training example of one site (one user-history window → next item),
+  add/remove adjacency. This is not a per-rating guarantee: a rating is the target of one
+  example, appears in the history text of the next ``history-len`` ones, and is masked out of
+  the softmax of *every* later example of its user (``Example.seen``), so the group one rating
+  touches is up to the user's whole example count (20 to 737 in MovieLens-100K), and per-user
+  statements follow only by group privacy over that many examples, which is vacuous.
+* ``user``: all the data of one person at one site (every training example, and the
+  validation and test items), add/remove adjacency. DP-SGD samples *users* (user-level
+  sampling, ULS: Charles et al. 2024), each sampled user's gradient is the mean of at most
+  ``examples-per-user`` of its examples' gradients and is clipped as one; every other release
+  bounds what one user adds to it (``common/releases.py``).
+
+A site's accountant holds releases of one unit only: a user-level ε and an example-level ε
+bound different things and are never composed as one (``unit_conflict``).
 
 Every release a site makes is one entry of its accountant history, (σ, q, steps): DP-SGD
 rounds (q < 1, public q), and Gaussian releases with q = 1 and one step whose noise is
@@ -38,10 +46,23 @@ from opacus.accountants import create_accountant
 
 History = list[tuple[float, float, int]]  # (noise multiplier σ, sample rate q, steps)
 
-UNIT = ("example-level (one training example of one client, add/remove adjacency; not per rating: a rating "
-        "is masked out of every later example of its user)")
+UNITS = {
+    "example": ("example-level (one training example of one site, add/remove adjacency; not per rating: a rating "
+                "is masked out of every later example of its user)"),
+    "user": ("user-level (all the data of one user at one site: its training examples, validation and test "
+             "items, add/remove adjacency)"),
+}
+ADJACENCY = {"example": "add/remove one training example of one site",
+             "user": "add/remove all the data of one user at one site"}
 # The server's optional central DP (server/central_dp.py) protects a different unit.
 CLIENT_UNIT = "client-level (all the data of one client, add/remove adjacency)"
+
+
+def central_unit(partition: str) -> str:
+    """The unit of the server's central DP; with one client per user it is a user-level guarantee."""
+    if partition == "user":
+        return CLIENT_UNIT + "; one client is one user (partition = user), so it is user-level DP"
+    return CLIENT_UNIT
 
 
 # Opacus' default RDP orders stop at 63, and for small q and many steps the best order is the
@@ -95,7 +116,16 @@ def load_history(state_dir: Path) -> History:
     return [tuple(step) for step in data["history"]]
 
 
-def save_history(state_dir: Path, history: History, accountant: str, delta: float) -> float:
+def history_unit(state_dir: Path) -> str | None:
+    """The privacy unit of the site's stored releases (None before the first one). Files from
+    before the setting existed hold example-level releases: that was the only unit."""
+    path = Path(state_dir) / "accountant.json"
+    if not path.is_file() or not load_history(state_dir):
+        return None
+    return json.loads(path.read_text()).get("privacy-unit", "example")
+
+
+def save_history(state_dir: Path, history: History, accountant: str, delta: float, unit: str) -> float:
     """Atomically replace the stored history (a crash never leaves a half-written file); its ε."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +134,8 @@ def save_history(state_dir: Path, history: History, accountant: str, delta: floa
     tmp.write_text(json.dumps({
         "accountant": accountant,
         "delta": delta,
-        "unit": UNIT,
+        "privacy-unit": unit,
+        "unit": UNITS[unit],
         "history": [list(step) for step in history],
         "epsilon": eps,
     }, indent=1))
@@ -120,16 +151,20 @@ class Budget:
     ``budget.json`` in its data directory — so nothing the server sends can raise it.
     ``epsilon_max = inf`` (JSON ``null``) is "no limit", which only a non-private run needs.
 
-    ``declared_examples`` is the size the site chooses to make public (``declared-examples``):
-    DP-SGD samples at q = batch-size / declared-examples, so q never depends on the private
-    example count (add/remove accounting needs q fixed in advance). A site with more examples
-    than it declares trains with larger batches than ``batch-size``; the guarantee holds either way.
+    ``declared_examples`` and ``declared_users`` are the sizes the site chooses to make public
+    (``declared-examples``, ``declared-users``): DP-SGD samples at q = batch-size / declared size
+    of its privacy unit, so q never depends on the private count (add/remove accounting needs q
+    fixed in advance). A site with more than it declares trains with larger batches than
+    ``batch-size``; the guarantee holds either way. ``privacy_unit``, when the site sets it, is
+    the only unit it releases at.
     """
 
     epsilon_max: float
     delta: float
     source: str = ""
     declared_examples: int | None = None
+    declared_users: int | None = None
+    privacy_unit: str | None = None
 
 
 BUDGET_FILE = "budget.json"
@@ -139,9 +174,12 @@ class BudgetError(ValueError):
     """The client's budget is missing or malformed; the message names where it was read."""
 
 
+BUDGET_KEYS = ("epsilon-max", "delta", "declared-examples", "declared-users", "privacy-unit")
+
+
 def read_budget(data_dir: Path, node_config: dict) -> Budget:
-    """The node's budget: ``budget.json`` in its data folder, with any of ``epsilon-max``, ``delta``
-    and ``declared-examples`` set in its node config taking precedence."""
+    """The node's budget: ``budget.json`` in its data folder, with any of its keys
+    (``BUDGET_KEYS``) set in the node config taking precedence."""
     raw, sources = {}, []
     path = Path(data_dir) / BUDGET_FILE
     if path.is_file():
@@ -152,44 +190,65 @@ def read_budget(data_dir: Path, node_config: dict) -> Budget:
         if not isinstance(raw, dict):
             raise BudgetError(f"{path}: expected an object with epsilon-max and delta")
         sources.append(str(path))
-    node = {k: node_config[k] for k in ("epsilon-max", "delta", "declared-examples") if k in node_config}
+    node = {k: node_config[k] for k in BUDGET_KEYS if k in node_config}
     if node:
         raw = {**raw, **node}
         sources.append("node-config")
     source = " and ".join(sources)
     if "epsilon-max" not in raw:
         raise BudgetError(f"{path}: no privacy budget. Write {{\"epsilon-max\": 8.0, \"delta\": 1e-5, "
-                          "\"declared-examples\": 5000}} there or start the node with --node-config "
-                          "\"epsilon-max=8.0 delta=1e-5 declared-examples=5000\"")
+                          "\"declared-examples\": 5000, \"declared-users\": 100}} there or start the node with "
+                          "--node-config \"epsilon-max=8.0 delta=1e-5 declared-examples=5000 declared-users=100\"")
     eps, delta = raw.get("epsilon-max"), raw.get("delta")
     eps = math.inf if eps is None else eps
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise BudgetError(f"{source}: epsilon-max must be a number > 0 (or null for no limit), got {eps!r}")
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
         raise BudgetError(f"{source}: delta must be a number in (0, 1), got {delta!r}")
-    declared = raw.get("declared-examples")
-    if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int) or declared < 1):
-        raise BudgetError(f"{source}: declared-examples must be a whole number >= 1 (the site size it makes "
-                          f"public), got {declared!r}")
-    return Budget(float(eps), float(delta), source, declared)
+    for key in ("declared-examples", "declared-users"):
+        declared = raw.get(key)
+        if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int) or declared < 1):
+            raise BudgetError(f"{source}: {key} must be a whole number >= 1 (a site size it makes public), "
+                              f"got {declared!r}")
+    unit = raw.get("privacy-unit")
+    if unit is not None and unit not in UNITS:
+        raise BudgetError(f"{source}: privacy-unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    return Budget(float(eps), float(delta), source, raw.get("declared-examples"), raw.get("declared-users"), unit)
 
 
 def write_budget(data_dir: Path, budget: Budget) -> None:
     eps = None if math.isinf(budget.epsilon_max) else budget.epsilon_max
-    record = {"epsilon-max": eps, "delta": budget.delta}
-    if budget.declared_examples is not None:
-        record["declared-examples"] = budget.declared_examples
+    record = {"epsilon-max": eps, "delta": budget.delta, "declared-examples": budget.declared_examples,
+              "declared-users": budget.declared_users, "privacy-unit": budget.privacy_unit}
+    record = {k: v for k, v in record.items() if v is not None or k == "epsilon-max"}
     (Path(data_dir) / BUDGET_FILE).write_text(json.dumps(record) + "\n")
 
 
-def public_sample_rate(batch_size: int, budget: Budget) -> float:
-    """DP-SGD's Poisson rate from public numbers only: q = min(1, batch-size / declared-examples).
+def public_sample_rate(batch_size: int, budget: Budget, unit: str = "example") -> float:
+    """DP-SGD's Poisson rate from public numbers only: q = min(1, batch-size / declared size),
+    the size being the site's declared examples or users, as its privacy unit samples.
 
     There is no default: any default would have to come from the private count."""
-    if budget.declared_examples is None:
-        raise BudgetError(f"{budget.source}: declared-examples is not set; DP-SGD's sampling rate "
-                          "q = batch-size / declared-examples must come from a size the site makes public")
-    return min(1.0, batch_size / budget.declared_examples)
+    key = "declared-examples" if unit == "example" else "declared-users"
+    declared = budget.declared_examples if unit == "example" else budget.declared_users
+    if declared is None:
+        raise BudgetError(f"{budget.source}: {key} is not set; {unit}-level DP-SGD samples {unit}s at "
+                          f"q = batch-size / {key}, which must come from a size the site makes public")
+    return min(1.0, batch_size / declared)
+
+
+def unit_conflict(unit: str, budget: Budget, state_dir: Path) -> str | None:
+    """Why this site must refuse releases at ``unit``, or None: its budget names another unit, or
+    its accountant already holds releases of another unit (they would not compose as one ε)."""
+    if budget.privacy_unit not in (None, unit):
+        return (f"budget: this site releases at the {budget.privacy_unit} level only ({budget.source} "
+                f"privacy-unit), and the run asks for {unit}-level DP")
+    held = history_unit(state_dir)
+    if held not in (None, unit):
+        return (f"budget: this site's accountant holds {held}-level releases, and {unit}-level ones cannot be "
+                f"composed with them as one ε; a site that means to switch starts a new accountant with "
+                f"`fedrec client reset-accountant` (the old one is kept and logged)")
+    return None
 
 
 def spend(history: History, releases: list[tuple[float, float, int]], budget: Budget,
@@ -225,8 +284,8 @@ def history_metrics(history: History) -> dict[str, list]:
             "history-steps": [int(h[2]) for h in history]}
 
 
-def statement(eps: float, delta: float, accountant: str) -> str:
-    return f"(ε = {eps:.3f}, δ = {delta:g})-DP, {UNIT}, {accountant.upper()} accountant"
+def statement(eps: float, delta: float, accountant: str, unit: str) -> str:
+    return f"(ε = {eps:.3f}, δ = {delta:g})-DP, {UNITS[unit]}, {accountant.upper()} accountant"
 
 
 ACCOUNTANT_LOG = "accountant-log.jsonl"

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-UNIT_NOTE = "unit: one training example of the site (add/remove), as in common/privacy.py"
+# Sensitivities are stated in the run's privacy unit (privacy-unit, common/privacy.py UNITS): one
+# training example, or all the data of one user of the site.
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ ACCOUNTING = {
     "declined": Field(int, "public", "0/1: whether the public price of the request fits the public budget"),
     "client-id": Field(int, "public", "a random number the site drew once (pseudonymised by the server)"),
     "history-noise-multiplier": Field("list[float]", "public", "σ of each past release (run config)"),
-    "history-sample-rate": Field("list[float]", "public", "q of each past release: batch-size/declared-examples, or 1"),
+    "history-sample-rate": Field("list[float]", "public",
+                                 "q of each past release: batch-size / declared-examples or declared-users, or 1"),
     "history-steps": Field("list[int]", "public", "steps of each past release (run config)"),
 }
 
@@ -50,13 +52,15 @@ EVAL_SENSITIVITY = 8 ** 0.5
 
 REPLIES: dict[str, dict[str, Field]] = {
     "train": {
-        "arrays": Field("tensors", "dp", "the adapter after local DP-SGD: Poisson rate q (public), each example's "
-                                         "gradient clipped to max-grad-norm, N(0, σ²C²) on the sum; "
-                                         "(σ, q, local-steps)"),
-        "metrics.num-examples": Field(float, "dp", "Gaussian count: n + N(0, count-noise-multiplier²), "
-                                                   "sensitivity 1; FedAvg's weight; (σ_n, 1, 1)"),
+        "arrays": Field("tensors", "dp", "the adapter after local DP-SGD: Poisson rate q (public) over privacy "
+                                         "units, each unit's gradient (an example's, or the mean over at most "
+                                         "examples-per-user of a user's examples) clipped to max-grad-norm, "
+                                         "N(0, σ²C²) on the sum; (σ, q, local-steps)"),
+        "metrics.num-examples": Field(float, "dp", "Gaussian count of the privacy units trained on (examples or "
+                                                   "users): n + N(0, count-noise-multiplier²), sensitivity 1; "
+                                                   "FedAvg's weight; (σ_n, 1, 1)"),
         "metrics.steps": Field(int, "public", "local-steps (run config)"),
-        "metrics.sample-rate": Field(float, "public", "q = batch-size / declared-examples"),
+        "metrics.sample-rate": Field(float, "public", "q = batch-size / declared-examples or declared-users"),
         "metrics.noise-multiplier": Field(float, "public", "σ (run config)"),
         "metrics.max-grad-norm": Field(float, "public", "C (run config)"),
         "metrics.count-noise-multiplier": Field(float, "public", "σ_n (run config)"),
@@ -74,7 +78,9 @@ REPLIES: dict[str, dict[str, Field]] = {
     },
     "prior": {
         "arrays": Field("tensors", "dp", "Gaussian histogram of training targets: + N(0, σ_h²) per item, "
-                                         "sensitivity 1; (σ_h, 1, 1)"),
+                                         "sensitivity 1 (one count per example, or a user's counts scaled to "
+                                         "unit L2 norm); (σ_h, 1, 1). Under central-dp (dp = false): the "
+                                         "histogram scaled to L2 norm ≤ 1, noised once by the server"),
         "metrics.noise-multiplier": Field(float, "public", "σ_h (run config prior-noise-multiplier)"),
         "metrics.sample-rate": Field(float, "public", "1"),
         "metrics.steps": Field(int, "public", "1"),

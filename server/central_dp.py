@@ -91,6 +91,26 @@ class ClientLevelDP:
         return {k: (total[k] / self.expected_clients).to(v.dtype) if k in total else torch.zeros_like(v)
                 for k, v in sent.items()}
 
+    def compose(self, noise_multiplier: float, sample_rate: float) -> None:
+        """Add one recorded release to the accountant: a round (rate q = m/N) or, at rate 1, the
+        prior (a Gaussian on the sum of every client's unit-norm histogram)."""
+        if sample_rate < 1.0:
+            self.accountant.compose(self.event)
+        else:
+            self.accountant.compose(GaussianPrivacyEvent(noise_multiplier=noise_multiplier,
+                                                         sample_size=self.population, population_size=self.population))
+
+    def noisy_histogram_sum(self, histograms: list[torch.Tensor], noise_multiplier: float) -> torch.Tensor:
+        """Σ_k h_k / max(1, ‖h_k‖) + N(0, σ_h²·I), and its release accounted: the popularity prior
+        under central DP. Every client asked (q = 1) adds at most 1 in L2, so σ_h is the noise
+        multiplier whatever the number of clients; the server clips, as it does updates."""
+        total = torch.zeros_like(histograms[0], dtype=torch.float64) if histograms else None
+        for h in histograms:
+            total += h.double() / max(1.0, float(h.double().norm()))
+        total += noise_multiplier * torch.randn(total.shape, dtype=torch.float64, generator=self.generator)
+        self.compose(noise_multiplier, 1.0)
+        return total.float()
+
     def release(self) -> float:
         """Record one round's release with the accountant; the cumulative ε at ``delta``."""
         self.accountant.compose(self.event)

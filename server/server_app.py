@@ -29,7 +29,7 @@ from common.config import Settings, fedrec_home, partition_root
 from common.data import catalog_fingerprint, load_movielens, read_catalog, write_catalog
 from common.model import (adapter_config, adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
                           resolve_model_path)
-from common.privacy import CLIENT_UNIT, UNIT
+from common.privacy import ADJACENCY, UNITS, central_unit
 from server.aggregators import choose
 from server.central_dp import CentralDP
 from server.ledger import Ledger
@@ -77,7 +77,8 @@ def main(grid: Grid, context: Context) -> None:
                                 "restore-s": round(time.time() - started, 3)}) + "\n")
         log.warning("resumed %s from round %s (restored in %.1f s)", run.path, resumed_from, time.time() - started)
     elif s.popularity_prior:
-        strategy.exhausted |= popularity_prior(grid, model, checks, s, run, record, names)
+        central = aggregator.strategy.mechanism if isinstance(aggregator.strategy, CentralDP) else None
+        strategy.exhausted |= popularity_prior(grid, model, checks, s, run, record, names, central)
     else:
         run.checkpoint(0, ArrayRecord(adapter_state(model)))
     if s.secure_aggregation:
@@ -112,8 +113,8 @@ def start_run_directory(run: RunDirectory, catalog, run_config: dict, s: Setting
     write_catalog(catalog, run.path / "catalog.csv")
     (run.path / "config.json").write_text(json.dumps({
         "run-config": run_config, **checks, "num-items": len(catalog), "flwr": flwr.__version__,
-        "privacy-unit": UNIT if s.dp else "none (dp = false)",
-        "central-privacy-unit": CLIENT_UNIT if s.central_dp else "none (central-dp = false)",
+        "privacy-unit": UNITS[s.privacy_unit] if s.dp else "none (dp = false)",
+        "central-privacy-unit": central_unit(s.partition) if s.central_dp else "none (central-dp = false)",
     }, indent=1))
     run.metrics.unlink(missing_ok=True)
     (run.path / "ledger.sqlite").unlink(missing_ok=True)
@@ -122,15 +123,15 @@ def start_run_directory(run: RunDirectory, catalog, run_config: dict, s: Setting
 def write_ledger_meta(ledger: Ledger, run_config: dict, s: Settings, aggregator, checks: dict) -> None:
     """The ledger's header. INSERT OR IGNORE: a resumed run keeps its first start's values (its
     pseudonym key too), and its central-DP accountant composes the releases already committed."""
-    ledger.set_meta(**{"run-config": run_config, "unit": UNIT if s.dp else "none (dp = false)",
-                       "adjacency": "add/remove one training example of one client",
+    ledger.set_meta(**{"run-config": run_config, "unit": UNITS[s.privacy_unit] if s.dp else "none (dp = false)",
+                       "privacy-unit": s.privacy_unit, "adjacency": ADJACENCY[s.privacy_unit],
                        "accountant": s.accountant, "pseudonym-key": secrets.token_hex(16), **checks})
     if isinstance(aggregator.strategy, CentralDP):
         mechanism = aggregator.strategy.mechanism
-        ledger.set_meta(**{"central-unit": CLIENT_UNIT, "central-population": mechanism.population,
+        ledger.set_meta(**{"central-unit": central_unit(s.partition), "central-population": mechanism.population,
                            "central-expected-clients": mechanism.expected_clients})
-        for _ in ledger.releases("server"):
-            mechanism.accountant.compose(mechanism.event)
+        for sigma, q, _ in ledger.releases("server"):
+            mechanism.compose(sigma, q)
 
 
 def whole_or_fraction(x: float) -> int | float:

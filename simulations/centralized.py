@@ -23,10 +23,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from client.train import evaluate, train
+from client.train import evaluate, privacy_units, train
 from common.config import Settings, defaults, parse_overrides
 from common.data import leave_last_out, load_movielens
-from common.metrics import item_counts
+from common.metrics import unit_histogram
 from common.model import adapter_config, build_model, load_encoder, refresh_item_embeddings, set_item_bias
 from common.privacy import statement
 from simulations.partition import popularity_reference, select_users
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
                         init_scale=s.initial_score_scale)
     history = []
     if s.popularity_prior:  # the federated run's prior, from one histogram
-        counts = item_counts([ex.target for ex in train_ex], len(catalog))
+        counts = unit_histogram(train_ex, len(catalog), s.privacy_unit)
         if s.dp:
             noise = torch.randn(len(catalog), generator=torch.Generator().manual_seed(secrets.randbits(63)))
             counts += s.prior_noise_multiplier * noise
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         set_item_bias(model, counts)
 
     # One dataset whose size is public (the whole of MovieLens' split): q from it.
-    q = min(1.0, s.batch_size / len(train_ex))
+    q = min(1.0, s.batch_size / len(privacy_units(train_ex, s.privacy_unit)))
     console = Console()
     curve, started, done = [], time.time(), 0
     with Progress(console=console) as progress:
@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     table.add_row("popularity", *(f"{popularity['test'][k]:.4f}" for k in test_metrics))
     console.print(table)
     if s.dp:
-        console.print(f"Privacy: {statement(result.epsilon, s.delta, s.accountant)}, over the prior and "
-                      f"{args.steps} DP-SGD steps on all users' examples as one dataset.")
+        privacy = statement(result.epsilon, s.delta, s.accountant, s.privacy_unit)
+        console.print(f"Privacy: {privacy}, over the prior and {args.steps} DP-SGD steps on all users' examples "
+                      "as one dataset.")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(figures, indent=1))

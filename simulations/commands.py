@@ -253,31 +253,31 @@ def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path)
     console.print(table)
     final = final_epsilons(run_dir, rows)
     if s.dp and final:
-        from common.privacy import UNIT
+        from common.privacy import UNITS
 
         values = list(final.values())
         released = ([f"the popularity histogram (Gaussian, σ_h = {s.prior_noise_multiplier:g})"]
                     if s.popularity_prior else []) + [
-            f"every adapter (DP-SGD: Poisson rate q = batch-size / declared-examples, σ = {s.noise_multiplier:g}, "
-            f"C = {s.max_grad_norm:g})",
-            f"every example count (Gaussian, σ_n = {s.count_noise_multiplier:g})",
+            f"every adapter (DP-SGD: Poisson rate q = batch-size / declared-{s.privacy_unit}s, σ = "
+            f"{s.noise_multiplier:g}, C = {s.max_grad_norm:g})",
+            f"every {s.privacy_unit} count (Gaussian, σ_n = {s.count_noise_multiplier:g})",
             f"every evaluation (Gaussian on 8 sums, sensitivity √8, σ_e = {s.eval_noise_multiplier:g})"]
         console.print(
             f"Privacy: client ε max {max(values):.3f}, median {statistics.median(values):.3f} over all {len(values)} "
-            f"clients at δ = {s.delta:g}, {UNIT}, Opacus {s.accountant.upper()} accountant. It covers everything "
-            f"the sites released, composed: {'; '.join(released)}; the rest of every reply is public "
+            f"clients at δ = {s.delta:g}, {UNITS[s.privacy_unit]}, Opacus {s.accountant.upper()} accountant. It covers "
+            f"everything the sites released, composed: {'; '.join(released)}; the rest of every reply is public "
             "(common/releases.py). Each simulated site is fresh for this run (a deployed site's accountant spans "
             "all its runs). Simulated sites also sent exact metrics: their data is the simulator's, not private.")
     else:
         console.print("[yellow]Example-level privacy: none — clients trained without DP-SGD (dp = false).[/yellow]")
     if s.central_dp and last.get("central-epsilon") is not None:
-        from common.privacy import CLIENT_UNIT
+        from common.privacy import central_unit
 
         q = s.expected_clients(clients) / clients
         console.print(
             f"Client-level privacy (server, a separate guarantee, not added to the one above): ε = "
             f"{last['central-epsilon']:.3f} at δ = {s.central_delta:g} for the global adapters of all {len(rows)} "
-            f"rounds ({CLIENT_UNIT}; Poisson client sampling q = {q:.3g}, updates clipped to C = "
+            f"rounds ({central_unit(s.partition)}; Poisson client sampling q = {q:.3g}, updates clipped to C = "
             f"{s.central_clipping_norm:g}, Gaussian noise z = {s.central_noise_multiplier:g}; Flower RdpAccountant). "
             "The server sees each update and is trusted to add the noise.")
     failed, rejected = sum(r.get("failures", 0) for r in rows), sum(r.get("rejected", 0) for r in rows)

@@ -5,7 +5,7 @@ The partitioner plays the part of the users producing the data: it writes
     <root>/catalog.csv                 the public catalog
     <root>/client-<k>/interactions.csv client k's private data (same format as a deployment)
     <root>/client-<k>/budget.json      client k's own privacy budget (client-epsilon-max, delta) and
-                                       declared-examples (the split's mean per client, public)
+                                       declared-examples and declared-users (the split's means per client, public)
     <root>/reference.json              the popularity baseline on the same split
     <root>/audit-canaries.json         with ``canaries`` > 0: the planted canaries and which
                                        were included (the auditor's secret; see audit/empirical.py)
@@ -132,16 +132,18 @@ def materialize(s, num_clients: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         write_catalog(catalog, tmp / "catalog.csv")
         eps_max, delta = simulated_budget(s)
-        # The size every simulated site declares (q = batch-size / declared-examples): the split's
-        # mean training examples per client, one public figure for all, never a site's own count.
+        # The sizes every simulated site declares (q = batch-size / declared-examples or
+        # declared-users): the split's mean training examples and users per client, one public
+        # figure each for all, never a site's own count.
         declared = max(1, round(len(leave_last_out(users, catalog, s.history_len)[0]) / num_clients))
-        canaries = (make_canaries(catalog, s.canaries, num_clients, phrase_words(resolve_model_path(s.model)))
-                    if s.canaries else [])
+        declared_users = max(1, round(len(users) / num_clients))
+        canaries = (make_canaries(catalog, s.canaries, num_clients, phrase_words(resolve_model_path(s.model)),
+                                  s.canary_examples) if s.canaries else [])
         for k, ids in enumerate(clients):
             planted = [it for c in canaries if c["client"] == k and c["included"] for it in canary_interactions(c)]
             write_interactions([it for u in ids for it in users[u]] + planted, tmp / f"client-{k}")
             write_budget(tmp / f"client-{k}", Budget(math.inf if eps_max is None else eps_max, delta,
-                                                      declared_examples=declared))
+                                                      declared_examples=declared, declared_users=declared_users))
         reference = popularity_reference(users, catalog, s.history_len)
         reference.update({"clients": num_clients, "scheme": s.partition, "skew-alpha": s.skew_alpha,
                           "users-per-client": [len(ids) for ids in clients]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import json
 import math
 
@@ -32,7 +33,7 @@ def test_the_budget_holds_under_the_prv_accountant_too():
     run_to_the_end(0.8, 9430, 256, 10, 12, True, 2.5, "prv")
 
 
-def run_to_the_end(sigma, examples, batch, steps, rounds, prior, eps_max, accountant):
+def run_to_the_end(sigma, examples, batch, steps, rounds, prior, eps_max, accountant, state_dir=Path("/nonexistent")):
     """Drive the client's own budget check over a whole run: every round it either refuses or
     runs (and records) the mechanism it priced; the final ε is within ε_max whatever happens."""
     s = dataclasses.replace(Settings.from_run_config(defaults()), noise_multiplier=sigma, batch_size=batch,
@@ -43,7 +44,7 @@ def run_to_the_end(sigma, examples, batch, steps, rounds, prior, eps_max, accoun
         [(sigma, public_sample_rate(batch, budget), steps)] * rounds
     ran = 0
     for mechanism in requests:
-        if check_budget(s, budget, history, [mechanism]) is None:
+        if check_budget(s, budget, state_dir, history, [mechanism]) is None:
             if history and history[-1][:2] == mechanism[:2]:  # as Opacus' accountant records repeats
                 history[-1] = (*mechanism[:2], history[-1][2] + mechanism[2])
             else:
@@ -51,7 +52,7 @@ def run_to_the_end(sigma, examples, batch, steps, rounds, prior, eps_max, accoun
             ran += 1
     assert epsilon(history, budget.delta, accountant) <= eps_max
     if ran < len(requests):  # it stopped because the next mechanism would have crossed ε_max
-        assert check_budget(s, budget, history, [requests[ran]]) is not None
+        assert check_budget(s, budget, state_dir, history, [requests[ran]]) is not None
 
 
 def test_budget_file_and_node_config(tmp_path):

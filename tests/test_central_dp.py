@@ -107,5 +107,31 @@ def test_the_population_is_declared_and_checked_and_delta_is_below_one_over_n():
         s.check_population(11)
     with pytest.raises(ConfigError, match=r"central-delta = 0.1 must be < 1/N = 0.1 for N = central-population = 10"):
         Settings.from_run_config({**central, "central-delta": 0.1, "central-population": 10}).check_population(10)
-    with pytest.raises(ConfigError, match="set popularity-prior=false with central-dp=true"):
+    with pytest.raises(ConfigError, match="set dp = false .* or popularity-prior = false"):
         Settings.from_run_config({**defaults(), "central-dp": True})
+    Settings.from_run_config({**defaults(), "central-dp": True, "dp": False})  # the central prior
+
+
+def test_the_central_prior_clips_each_histogram_to_one_and_adds_one_noise():
+    """Σ_k h_k / max(1, ‖h_k‖) + N(0, σ_h²): a histogram of norm 5 counts as norm 1, one of norm
+    ½ as itself; the noise has std σ_h whatever the number of clients; the release is one
+    Gaussian (q = 1) in the central accountant, equal to Opacus' RDP for the same history."""
+    histograms = [torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.0, 0.0, 0.5])]
+    dp = mechanism(population=10, expected=5)
+    exact = dp.noisy_histogram_sum(histograms, 1e-9)
+    assert torch.allclose(exact, torch.tensor([0.6, 0.8, 0.5]), atol=1e-6)
+    draws = torch.cat([mechanism(seed=k).noisy_histogram_sum([torch.zeros(4000)] * 50, 2.0) for k in range(5)])
+    assert abs(draws.double().std().item() / 2.0 - 1) < 0.02  # 20,000 draws: relative s.e. 0.5 %
+    dp = mechanism(z=1.0, population=10, expected=5)
+    dp.noisy_histogram_sum(histograms, 3.0)
+    for _ in range(4):
+        dp.release()
+    history = [(3.0, 1.0, 1), (1.0, 0.5, 4)]
+    assert dp.accountant.get_epsilon(1e-5) == pytest.approx(epsilon(history, 1e-5, "rdp"), rel=1e-2)
+
+
+def test_one_client_per_user_is_refused_under_local_dp_with_the_settings_to_use():
+    with pytest.raises(ConfigError, match="one client per user.*dp = false central-dp = true central-population"):
+        Settings.from_run_config({**defaults(), "partition": "user"})
+    Settings.from_run_config({**defaults(), "partition": "user", "dp": False, "central-dp": True,
+                              "central-population": 100})

@@ -25,7 +25,10 @@ def fedrec_lines(err: str) -> list[str]:
      "central-delta = 0.2 must be < 1/N = 0.2 for N = central-population = 5 clients"),
     (["simulate", "--clients", "5", "--set", "central-dp=true", "popularity-prior=false", "central-population=4"],
      "5 clients are connected, more than central-population = 4"),
-    (["simulate", "--set", "central-dp=true"], "set popularity-prior=false with central-dp=true"),
+    (["simulate", "--set", "central-dp=true"],
+     "set dp = false (the central guarantee alone) or popularity-prior = false"),
+    (["simulate", "--clients", "5", "--set", "partition=user", "max-users=5"],
+     "Protect each person at the server instead, where one client is one user: dp = false central-dp = true"),
     (["simulate", "--set", "model=/nonexistent/encoder"], "'/nonexistent/encoder' is neither 'all-MiniLM-L6-v2' nor"),
     (["simulate", "--set", "model-layers=-1"], "model-layers must be >= 0"),
     (["simulate", "--set", "model-layers=7"], "model-layers: 7 is not in 1..6"),
@@ -175,7 +178,7 @@ def test_only_a_local_command_starts_a_new_accountant_and_it_is_logged(tmp_path)
     from common.privacy import load_history, save_history
 
     state = tmp_path / "state"
-    save_history(state, [(1.0, 0.01, 40), (50.0, 1.0, 1)], "prv", 1e-5)
+    save_history(state, [(1.0, 0.01, 40), (50.0, 1.0, 1)], "prv", 1e-5, "example")
     assert main(["client", "reset-accountant", str(state), "--reason", "new data export, DPO approved"]) == 0
     assert load_history(state) == []
     (retired,) = state.glob("accountant-retired-*.json")

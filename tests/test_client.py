@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -324,3 +326,31 @@ def test_a_site_with_no_evaluable_user_answers_evaluate_cleanly(tmp_path, small_
         with pytest.raises(client_app.SiteError, match=r"site error \(data\)"):
             client_app.app(server_message(catalog, run_config, 2), context)
         assert len(load_history(data_dir / "state")) == 1
+
+
+def test_a_user_level_site_samples_users_counts_users_and_refuses_to_mix_units(node):
+    """privacy-unit = user: q = batch-size / declared-users, FedAvg's weight is the noisy number
+    of users, the accountant records its unit; then an example-level request is declined (the
+    two ε would not compose as one) and a site whose budget names a unit keeps to it."""
+    catalog, _, data_dir, context = node
+    # No limit and the RDP accountant: σ_n = 0.05 makes the noisy count readable (P[|N| > ½] < 1e-20).
+    write_budget(data_dir, Budget(float("inf"), 1e-5, declared_examples=64, declared_users=4))
+    context.run_config.update({"privacy-unit": "user", "batch-size": 2, "examples-per-user": 3,
+                               "count-noise-multiplier": 0.05, "accountant": "rdp"})
+    reply = client_app.app(server_message(catalog, context.run_config, 1), context)
+    assert not reply.has_error(), reply.error
+    m = reply.content["metrics"]
+    assert m["sample-rate"] == 2 / 4 and m["history-sample-rate"] == [2 / 4, 1.0]
+    assert round(m["num-examples"]) == 3 and m["num-examples"] != 3  # 3 users, noisy
+    stored = json.loads((data_dir / "state" / "accountant.json").read_text())
+    assert stored["privacy-unit"] == "user" and stored["unit"].startswith("user-level")
+
+    context.run_config["privacy-unit"] = "example"
+    reply = client_app.app(server_message(catalog, context.run_config, 2), context)
+    assert "arrays" not in reply.content and "holds user-level releases" in str(reply.content["decline"]["reason"])
+    assert len(load_history(data_dir / "state")) == 2  # nothing more was spent
+
+    context.node_config["privacy-unit"] = "user"  # the site's own setting: user level only
+    context.node_config["state-dir"] = str(data_dir / "fresh-state")
+    reply = client_app.app(server_message(catalog, context.run_config, 3, kind="evaluate"), context)
+    assert "user level only" in str(reply.content["decline"]["reason"])

@@ -61,3 +61,32 @@ def test_canaries_are_planted_as_one_training_example_each(tmp_path):
                 train, valid, test = leave_last_out({c["user"]: users[c["user"]]}, catalog, s.history_len)
                 assert len(train) == 1 and not valid and not test
                 assert c["phrase"] in train[0].text and train[0].target == catalog.index[c["target-item"]]
+
+
+def test_user_level_canaries_are_users_of_several_examples(tmp_path):
+    """canary-examples = 4: each included canary is one user with 4 training examples, each
+    with its phrase and predicting its target; its user-level histogram adds exactly 1 to the
+    target (sensitivity 1), and the example-level setting refuses such canaries."""
+    from client.train import privacy_units
+    from common.config import ConfigError
+    from common.metrics import unit_histogram
+
+    config = {**defaults(), "max-users": 12, "canaries": 12, "canary-examples": 4,
+              "partition-dir": str(tmp_path / "parts")}
+    with pytest.raises(ConfigError, match="canary-examples = 4 .* set privacy-unit = user"):
+        Settings.from_run_config(config)
+    s = Settings.from_run_config({**config, "privacy-unit": "user"})
+    root = materialize(s, 2)
+    canaries = json.loads((root / CANARY_FILE).read_text())["canaries"]
+    catalog = read_catalog(root / "catalog.csv")
+    included = [c for c in canaries if c["included"]]
+    assert included and all(c["examples"] == 4 for c in canaries)
+    for c in included:
+        users = read_interactions(root / f"client-{c['client']}", catalog)
+        train, valid, test = leave_last_out({c["user"]: users[c["user"]]}, catalog, s.history_len)
+        target = catalog.index[c["target-item"]]
+        assert len(train) == 4 and len(privacy_units(train, "user")) == 1
+        assert all(c["phrase"] in ex.text and ex.target == target for ex in train)
+        assert [ex.target for ex in valid + test] == [target, target]
+        histogram = unit_histogram(train, len(catalog), "user")
+        assert float(histogram[target]) == pytest.approx(1.0) and float(histogram.sum()) == pytest.approx(1.0)

@@ -22,12 +22,12 @@ RTOL, ATOL = 1e-3, 1e-5
 def test_per_sample_gradients_equal_single_example_autograd(model_and_tokenizer, small_split, settings):
     model, tokenizer = model_and_tokenizer
     _, _, train_ex, _, _ = small_split
-    batch = [(ex.text, ex.target, ex.seen) for ex in train_ex[:6]]
+    batch = train_ex[:6]
     # Different history lengths, so padding, attention masks and seen-item masks are exercised.
-    assert len({len(tokenizer(t)["input_ids"]) for t, _, _ in batch}) > 1
+    assert len({len(tokenizer(ex.text)["input_ids"]) for ex in batch}) > 1
     collate = _collate(tokenizer, settings.max_length, model.get_base_model().item_embeddings.shape[0])
     input_ids, mask, targets, seen = collate(batch)
-    assert seen.sum(dim=1).tolist() == [len(set(items)) for _, _, items in batch]
+    assert seen.sum(dim=1).tolist() == [len(set(ex.seen)) for ex in batch]
     # PEFT starts lora_B at zero, which makes lora_A's gradient zero; use a trained-like
     # state so that every tensor's gradient is non-trivial.
     with torch.no_grad():
@@ -95,9 +95,9 @@ def test_epsilon_is_cumulative_and_matches_a_fresh_accountant(model_and_tokenize
     state = tmp_path / "state"
 
     round1 = train(model, tokenizer, train_ex, s, load_history(state), seed=1, q=0.01)
-    save_history(state, round1.history, s.accountant, s.delta)
+    save_history(state, round1.history, s.accountant, s.delta, s.privacy_unit)
     round2 = train(model, tokenizer, train_ex, s, load_history(state), seed=2, q=0.01)
-    save_history(state, round2.history, s.accountant, s.delta)
+    save_history(state, round2.history, s.accountant, s.delta, s.privacy_unit)
 
     assert round2.epsilon > round1.epsilon > 0
     assert round1.sample_rate == round2.sample_rate == 0.01

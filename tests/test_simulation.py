@@ -275,39 +275,45 @@ def test_clients_enforce_their_budgets_and_the_run_stops_cleanly(tmp_path):
     assert run_audit(run).returncode == 0
 
 
-def test_central_dp_run_is_accounted_and_audited_as_its_own_guarantee(tmp_path):
-    """Client-level DP at the server on a real simulation: Poisson sampling at q = 2/3, every
-    release in the ledger, its ε printed apart from the clients' and recomputed by the audit."""
+def test_one_client_per_user_with_central_dp_is_user_level_and_audited(tmp_path):
+    """Cross-device: one client per user, client-level DP at the server (= user-level here) on a
+    real simulation. The prior is the server's release (unit-norm histograms, one N(0, σ_h²));
+    then Poisson sampling at q = 4/8 each round. Every release is in the ledger, its ε printed
+    apart from the clients' (user-level, said so) and recomputed by the audit."""
     import sqlite3
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "common.cli", "simulate", "--rounds", "3", "--clients", "3", "--run-dir", str(run),
-           "--set", "model-layers=2", "max-users=24", "batch-size=8", "max-length=64", "history-len=4", "local-steps=2",
-           "fraction-train=0.6", "central-dp=true", "popularity-prior=false", "central-noise-multiplier=1.5",
-           "central-clipping-norm=5"]
+    cmd = [sys.executable, "-m", "common.cli", "simulate", "--rounds", "3", "--clients", "8", "--run-dir", str(run),
+           "--set", "model-layers=2", "max-users=8", "partition=user", "batch-size=8", "max-length=64",
+           "history-len=4", "local-steps=2", "fraction-train=0.6", "dp=false", "central-dp=true",
+           "central-population=8", "central-noise-multiplier=1.5", "central-clipping-norm=5",
+           "prior-noise-multiplier=2.0"]
     proc = subprocess.run(cmd, env={**os.environ, "FEDREC_HOME": str(tmp_path / "home"), "COLUMNS": "250"},
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     central = [r["central-epsilon"] for r in rows]
     assert len(central) == 3 and 0 < central[0] < central[1] < central[2]
-    # q = m/N = 2/3: the Poisson-subsampled Gaussian, three releases, by Opacus' RDP for comparison.
-    assert central[-1] == pytest.approx(epsilon([(1.5, 2 / 3, 3)], 1e-5, "rdp"), rel=1e-3)
-    assert all(0 <= r["central-clients"] == r["clients"] <= 3 for r in rows)
+    # The prior (q = 1), then q = m/N = 4/8 three times, by Opacus' RDP for comparison.
+    assert central[-1] == pytest.approx(epsilon([(2.0, 1.0, 1), (1.5, 0.5, 3)], 1e-5, "rdp"), rel=1e-3)
+    assert all(0 <= r["central-clients"] == r["clients"] <= 8 for r in rows)
+    assert json.loads((run / "prior.json").read_text())["answered"] == 8
     assert "Client-level privacy (server, a separate guarantee" in proc.stdout
+    assert "one client is one user (partition = user), so it is user-level DP" in " ".join(proc.stdout.split())
     assert f"ε = {central[-1]:.3f} at δ = 1e-05" in proc.stdout
 
     db = sqlite3.connect(run / "ledger.sqlite")
     releases = db.execute("SELECT noise_multiplier, sample_rate, max_grad_norm, accountant FROM mechanisms "
                           "WHERE node = 'server' ORDER BY round").fetchall()
     db.close()
-    assert releases == [(1.5, pytest.approx(2 / 3), 5.0, "flwr-rdp")] * 3
+    assert releases == [(2.0, 1.0, 1.0, "flwr-rdp")] + [(1.5, 0.5, 5.0, "flwr-rdp")] * 3
 
     audit = run_audit(run)
     assert audit.returncode == 0, audit.stdout[-3000:]
     report = json.loads((run / "report.json").read_text())
     assert report["central"]["final-epsilon"] == pytest.approx(central[-1], rel=1e-3)
-    assert report["central"]["releases"] == 3 and "client-level" in report["central"]["unit"]
+    assert report["central"]["releases"] == 4 and "user-level" in report["central"]["unit"]
+    assert not report["findings"]
     assert "server" not in {c["node"] for c in report["clients"]}  # never mixed with the example-level ones
     assert "Client-level guarantee" in (run / "report.html").read_text()
 

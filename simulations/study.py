@@ -1,0 +1,178 @@
+"""The privacy-unit study: NDCG@10 against ε, example-level beside user-level DP, 10 silos.
+
+    python -m simulations.study --out runs/study          # runs what is missing, then reports
+    python -m simulations.study --out runs/study --report-only
+
+Each configuration is one ``fedrec simulate`` run of MovieLens-100K in 10 silos (its own run
+directory under ``--out``; a finished one is never run again, so the command resumes). For a
+target ε the noise multiplier σ is solved so that a site's whole-run ε, every release composed
+(the prior, each round's DP-SGD and count, each round's evaluation; Opacus PRV, δ = 1e-5),
+is at most the target: ε is fixed in advance, never tuned on results.
+
+* example level: the defaults (64 examples per step, 40 steps per round, σ_h = 10), σ solved;
+* user level: 32 users per step, at most 2 examples each, 10 steps per round; one σ for the
+  DP-SGD steps and the prior (σ_h = σ), solved;
+* non-private: ``dp = false``.
+
+Protocol: the configurations and the round reported (the last) are fixed before any run.
+Validation figures are for choices; the test column is read here, once per configuration, and
+is the one to quote. Writes ``study.md`` (table) and ``study.png`` (NDCG@10 against ε).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from common.config import Settings, defaults, fedrec_home
+from common.privacy import epsilon
+
+TARGETS = (1.0, 3.0, 8.0)
+SILOS, SITE_USERS, SITE_EXAMPLES = 10, 94, 9717  # MovieLens-100K in 10 silos: the declared sizes
+UNIT_SETTINGS = {
+    "example": {},
+    "user": {"privacy-unit": "user", "batch-size": 32, "examples-per-user": 2, "local-steps": 10},
+}
+METRICS = ("ndcg@10", "hr@10", "recall@20")
+console = Console()
+
+
+def site_history(s: Settings, declared: int) -> list[tuple[float, float, int]]:
+    """Every release one site makes in a run of ``s``, as its accountant records them."""
+    q = min(1.0, s.batch_size / declared)
+    rounds = s.num_server_rounds
+    prior = [(s.prior_noise_multiplier, 1.0, 1)] if s.popularity_prior else []
+    return (prior + [(s.noise_multiplier, q, s.local_steps), (s.count_noise_multiplier, 1.0, 1)] * rounds
+            + [(s.eval_noise_multiplier, 1.0, 1)] * rounds)
+
+
+def solve_sigma(unit: str, target: float) -> tuple[float, float]:
+    """The smallest σ (to 0.5 %) whose whole-run site ε is at most ``target``; (σ, that ε)."""
+    overrides = UNIT_SETTINGS[unit]
+    declared = SITE_USERS if unit == "user" else SITE_EXAMPLES
+
+    def eps(sigma: float) -> float:
+        config = {**defaults(), **overrides, "noise-multiplier": sigma}
+        if unit == "user":
+            config["prior-noise-multiplier"] = sigma
+        s = Settings.from_run_config(config)
+        return epsilon(site_history(s, declared), s.delta, s.accountant)
+
+    low, high = 0.2, 64.0
+    while high / low > 1.005:
+        mid = (low * high) ** 0.5
+        low, high = (low, mid) if eps(mid) <= target else (mid, high)
+    return high, eps(high)
+
+
+def configurations() -> list[dict]:
+    runs = []
+    for unit in ("user", "example"):
+        for target in reversed(TARGETS):
+            sigma, eps = solve_sigma(unit, target)
+            chosen = {**UNIT_SETTINGS[unit], "noise-multiplier": round(sigma, 4)}
+            if unit == "user":
+                chosen["prior-noise-multiplier"] = round(sigma, 4)
+            runs.append({"name": f"{unit}-eps{target:g}", "unit": unit, "target": target, "planned-epsilon": eps,
+                         "set": chosen})
+    return runs[:1] + [{"name": "non-private", "unit": "none", "target": None, "set": {"dp": "false"}}] + runs[1:]
+
+
+def run(config: dict, out: Path) -> None:
+    run_dir = out / config["name"]
+    if (run_dir / "summary.json").is_file():
+        return
+    if run_dir.exists():  # an interrupted run: start it again from nothing, its simulated sites too
+        shutil.rmtree(run_dir)
+        for state in (fedrec_home() / "partitions").glob(f"*/client-*/state/{run_dir.name}"):
+            shutil.rmtree(state)
+    overrides = [f"{k}={v}" for k, v in config["set"].items()]
+    console.print(f"[bold]{config['name']}[/bold]: fedrec simulate --clients {SILOS} --set {' '.join(overrides)}")
+    fedrec = Path(sys.executable).with_name("fedrec")
+    subprocess.run([str(fedrec), "simulate", "--clients", str(SILOS), "--run-dir", str(run_dir), "--set",
+                    *overrides], check=True)
+
+
+def result(config: dict, out: Path) -> dict:
+    run_dir = out / config["name"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    last = rows[-1]
+    return {**config, "rounds": len(rows), "wall-s": summary.get("wall-s"),
+            "epsilon": summary.get("client-epsilon-max"),
+            "valid": {k: last[f"val-{k}"] for k in METRICS}, "test": {k: last[k] for k in METRICS},
+            "valid-curve": [r["val-ndcg@10"] for r in rows],
+            "popularity-test": {k: last.get(f"popularity-{k}") for k in METRICS}}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| run | unit | ε (δ = 1e-5, PRV, per site) | σ | val NDCG@10 | test NDCG@10 | test HR@10 | "
+             "test Recall@20 | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        eps = "∞ (no DP)" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
+        sigma = r["set"].get("noise-multiplier", "–")
+        lines.append(f"| {r['name']} | {r['unit']} | {eps} | {sigma} | {r['valid']['ndcg@10']:.4f} | "
+                     f"{r['test']['ndcg@10']:.4f} | {r['test']['hr@10']:.4f} | {r['test']['recall@20']:.4f} | "
+                     f"{r['wall-s']} |")
+    pop = results[0]["popularity-test"]
+    lines.append(f"| popularity | – | 0 (exact counts) | – | – | {pop['ndcg@10']:.4f} | {pop['hr@10']:.4f} | "
+                 f"{pop['recall@20']:.4f} | – |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for unit, marker in (("example", "o"), ("user", "s")):
+        rows = sorted((r for r in results if r["unit"] == unit), key=lambda r: r["epsilon"])
+        ax.plot([r["epsilon"] for r in rows], [r["test"]["ndcg@10"] for r in rows], marker=marker,
+                label=f"{unit}-level DP")
+    free = next(r for r in results if r["unit"] == "none")
+    ax.axhline(free["test"]["ndcg@10"], color="grey", linestyle="--", label="non-private federated")
+    ax.axhline(free["popularity-test"]["ndcg@10"], color="black", linestyle=":", label="popularity")
+    ax.set(xscale="log", xlabel="ε per site (δ = 1e-5, PRV)", ylabel="test NDCG@10",
+           title="MovieLens-100K, 10 silos, final round")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/study"))
+    parser.add_argument("--report-only", action="store_true", help="report the runs that finished; run nothing")
+    parser.add_argument("--only", nargs="*", default=[], help="run only these configurations (names)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plan_file = args.out / "plan.json"  # solving σ takes minutes: once per study folder
+    plan = json.loads(plan_file.read_text()) if plan_file.is_file() else configurations()
+    plan_file.write_text(json.dumps(plan, indent=1))
+    if not args.report_only:
+        for config in plan:
+            if not args.only or config["name"] in args.only:
+                run(config, args.out)
+    done = [result(c, args.out) for c in plan if (args.out / c["name"] / "summary.json").is_file()]
+    if not done:
+        console.print("no finished runs yet")
+        return 1
+    console.print("Test figures are read here, once per configuration (the final round, fixed in advance).")
+    (args.out / "study.json").write_text(json.dumps(done, indent=1))
+    (args.out / "study.md").write_text(table(done))
+    console.print(table(done))
+    if any(r["unit"] == "none" for r in done):
+        figure(done, args.out / "study.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
