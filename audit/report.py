@@ -63,10 +63,15 @@ NOT_COVERED = [
      "sizes), which the sites make public by choice."),
     ("Floating-point effects and the PRNG: the noise comes from torch's generator seeded from the OS "
      "entropy pool, not from a cryptographically secure generator."),
-    ("Guarantees per rating or per user: the unit is one training example. A rating is masked out of the softmax "
-     "of every later example of its user, so one rating touches up to all of that user's examples (20 to 737 in "
-     "MovieLens-100K); per-rating or per-user protection follows only by group privacy over that many examples."),
 ]
+UNIT_NOT_COVERED = {
+    "example": ("Guarantees per rating or per user: the unit is one training example. A rating is masked out of the "
+                "softmax of every later example of its user, so one rating touches up to all of that user's examples "
+                "(20 to 737 in MovieLens-100K); per-rating or per-user protection follows only by group privacy over "
+                "that many examples."),
+    "user": ("A person with data at several sites: the unit is one user at one site, so such a person's protection "
+             "is the composition of each site's ε."),
+}
 # What the run config asked each kind of release to be: (σ key, steps key or fixed steps).
 EXPECTED = {
     "dp-sgd": ("noise-multiplier", "local-steps"),
@@ -218,7 +223,7 @@ def audit(run_dir: Path, empirical: bool = False) -> dict:
         "adjacency": ledger["meta"].get("adjacency", ADJACENCY["example"]),
         "trust-model": TRUST_MODEL,
         "released": RELEASED,
-        "not-covered": NOT_COVERED,
+        "not-covered": NOT_COVERED + [UNIT_NOT_COVERED[ledger["meta"].get("privacy-unit", "example")]],
         "accountant": f"Opacus {accountant.upper()} (the clients' own)",
         "independent-accountant": ("dp-accounting 0.6 " + ("PLD" if accountant == "prv" else "RDP")
                                    + ", shown as a band"),

@@ -335,3 +335,38 @@ def test_significance_rescores_the_run_exactly_and_bootstraps_the_lift(run_dir, 
         assert figures[k]["model"] == pytest.approx(last[k], abs=1e-9), k
         assert figures[k]["popularity"] == pytest.approx(last[f"popularity-{k}"], abs=1e-12), k
         assert figures[k]["lift-low"] <= figures[k]["lift"] <= figures[k]["lift-high"], k
+
+
+def test_a_user_level_run_is_user_level_from_the_sites_to_the_audit(tmp_path):
+    """privacy-unit = user on a real simulation with user-level canaries (3 examples each): each
+    site's accountant, the ledger, the printed statement and `fedrec audit --empirical` all speak
+    of users, every site's ε replays, and the canary bound stays below the user-level ε."""
+    import sqlite3
+
+    run, home = tmp_path / "run", tmp_path / "home"
+    cmd = [sys.executable, "-m", "common.cli", "simulate", "--rounds", "2", "--clients", "3", "--run-dir", str(run),
+           "--set", "model-layers=2", "max-users=24", "max-length=64", "history-len=4", "privacy-unit=user",
+           "batch-size=3", "examples-per-user=2", "local-steps=3", "noise-multiplier=1.5",
+           "prior-noise-multiplier=1.5", "canaries=12", "canary-examples=3"]
+    proc = subprocess.run(cmd, env={**os.environ, "FEDREC_HOME": str(home), "COLUMNS": "250"},
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    statement = " ".join(proc.stdout.split())
+    assert "user-level (all the data of one user at one site" in statement and "every user count" in statement
+    (site_state,) = {p.parent for p in home.glob("partitions/*/client-0/state/run/accountant.json")}
+    assert json.loads((site_state / "accountant.json").read_text())["privacy-unit"] == "user"
+    db = sqlite3.connect(run / "ledger.sqlite")
+    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    rates = {q for (q,) in db.execute("SELECT sample_rate FROM mechanisms WHERE mechanism = 'dp-sgd'")}
+    db.close()
+    assert json.loads(meta["privacy-unit"]) == "user" and "one user at one site" in meta["adjacency"]
+    assert rates == {3 / 8}  # q = batch-size / declared-users: the split's 24 users over 3 sites (canaries aside)
+
+    audit = subprocess.run([sys.executable, "-m", "common.cli", "audit", "--empirical", str(run)],
+                           capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-2000:]
+    report = json.loads((run / "report.json").read_text())
+    assert report["privacy-unit"] == "user" and not report["findings"]
+    assert any("several sites" in line for line in report["not-covered"])
+    assert report["empirical"]["canaries"] == 12
+    assert report["empirical"]["epsilon-lb"] <= max(c["final-epsilon"] for c in report["clients"])
