@@ -245,7 +245,7 @@ def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path)
     exact = last.get("metrics-source", "").startswith("exact")
     table.add_row("federated global adapter" + (" (exact: simulated sites)" if exact else " (sites' DP releases)"),
                   *(f"{last.get(k, float('nan')):.4f}" for k in keys))
-    if exact:
+    if exact and s.dp:  # without DP the sites' releases are the exact figures
         table.add_row(f"  the same from the sites' DP releases (noise σ = {last['eval-noise-std-per-sum']:.0f} per "
                       "site sum)", *(f"{last.get('dp-' + k, float('nan')):.4f}" for k in keys))
     if "popularity-hr@10" in last:
@@ -269,17 +269,20 @@ def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path)
             "(common/releases.py). Each simulated site is fresh for this run (a deployed site's accountant spans "
             "all its runs). Simulated sites also sent exact metrics: their data is the simulator's, not private.")
     else:
-        console.print("[yellow]Example-level privacy: none — clients trained without DP-SGD (dp = false).[/yellow]")
+        console.print("[yellow]Site-level privacy: none — clients trained without DP-SGD (dp = false); their "
+                      "evaluation figures are exact.[/yellow]")
     if s.central_dp and last.get("central-epsilon") is not None:
         from common.privacy import central_unit
 
         q = s.expected_clients(clients) / clients
+        prior = (f"the popularity prior (unit-norm histograms, σ_h = {s.prior_noise_multiplier:g}) and "
+                 if s.popularity_prior else "")
         console.print(
             f"Client-level privacy (server, a separate guarantee, not added to the one above): ε = "
-            f"{last['central-epsilon']:.3f} at δ = {s.central_delta:g} for the global adapters of all {len(rows)} "
-            f"rounds ({central_unit(s.partition)}; Poisson client sampling q = {q:.3g}, updates clipped to C = "
-            f"{s.central_clipping_norm:g}, Gaussian noise z = {s.central_noise_multiplier:g}; Flower RdpAccountant). "
-            "The server sees each update and is trusted to add the noise.")
+            f"{last['central-epsilon']:.3f} at δ = {s.central_delta:g} for {prior}the global adapters of all "
+            f"{len(rows)} rounds ({central_unit(s.partition)}; Poisson client sampling q = {q:.3g}, updates clipped "
+            f"to C = {s.central_clipping_norm:g}, Gaussian noise z = {s.central_noise_multiplier:g}; Flower "
+            "RdpAccountant). The server sees each update and is trusted to add the noise.")
     failed, rejected = sum(r.get("failures", 0) for r in rows), sum(r.get("rejected", 0) for r in rows)
     if failed or rejected:
         console.print(f"[yellow]Dropped replies over the run: {failed} failed (crash, timeout), {rejected} rejected "
