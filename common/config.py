@@ -215,7 +215,9 @@ class Settings:
                 "partition = user is one client per user, and local DP-SGD on one person's own data is local DP: "
                 "every client reaches ε ≈ 7 in one round and its noisy histogram swamps the prior. Protect each "
                 "person at the server instead, where one client is one user: dp = false central-dp = true "
-                "central-population = <the number of users> (client-level DP = user-level DP here)")
+                "central-population = <the number of users> (client-level DP = user-level DP here); measured on all "
+                "943 MovieLens users with fraction-train = 0.1 central-clipping-norm = 0.2 prior-noise-multiplier = 2 "
+                "local-steps = 2: user-level ε = 3.5, NDCG@10 0.064 (README, User-level DP)")
         require(not (self.secure_aggregation and self.central_dp),
                 "secure-aggregation hides each client's update from the server, and central-dp must clip each "
                 "one there; they cannot combine. Client-side DP-SGD (dp = true) does combine with SecAgg+")

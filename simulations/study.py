@@ -158,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = json.loads(plan_file.read_text()) if plan_file.is_file() else configurations()
     plan_file.write_text(json.dumps(plan, indent=1))
     if not args.report_only:
-        for config in plan:
-            if not args.only or config["name"] in args.only:
-                run(config, args.out)
+        named = {c["name"]: c for c in plan}
+        for config in [named[name] for name in args.only] if args.only else plan:
+            run(config, args.out)
     done = [result(c, args.out) for c in plan if (args.out / c["name"] / "summary.json").is_file()]
     if not done:
         console.print("no finished runs yet")
