@@ -354,7 +354,13 @@ def test_a_user_level_run_is_user_level_from_the_sites_to_the_audit(tmp_path):
     statement = " ".join(proc.stdout.split())
     assert "user-level (all the data of one user at one site" in statement and "every user count" in statement
     (site_state,) = {p.parent for p in home.glob("partitions/*/client-0/state/run/accountant.json")}
-    assert json.loads((site_state / "accountant.json").read_text())["privacy-unit"] == "user"
+    stored = json.loads((site_state / "accountant.json").read_text())
+    assert stored["privacy-unit"] == "user"
+    # What `python -m simulations.study` plans a site to release is what a site released.
+    from simulations.study import site_history
+
+    s = Settings.from_run_config(json.loads((run / "config.json").read_text())["run-config"])
+    assert sorted(site_history(s, declared=8)) == sorted(tuple(step) for step in stored["history"])
     db = sqlite3.connect(run / "ledger.sqlite")
     meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
     rates = {q for (q,) in db.execute("SELECT sample_rate FROM mechanisms WHERE mechanism = 'dp-sgd'")}
