@@ -31,7 +31,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
 
-from common.data import DataError, Example
+from common.data import DataError, Example, privacy_units
 from common.metrics import METRICS, metrics_from_ranks, per_user_metrics, target_ranks
 from common.model import device, is_trained, score_users
 from common.privacy import History, epsilon
@@ -113,17 +113,6 @@ def adam(model, s) -> torch.optim.Adam:
     if s.scale_learning_rate > 0:
         groups.append({"params": scale, "lr": s.scale_learning_rate})
     return torch.optim.Adam(groups)
-
-
-def privacy_units(examples: list[Example], unit: str) -> list[list[int]]:
-    """The indices of ``examples`` grouped into the units DP-SGD samples: one per example, or
-    one per user (in order of first appearance)."""
-    if unit == "example":
-        return [[i] for i in range(len(examples))]
-    users: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        users.setdefault(ex.user, []).append(i)
-    return list(users.values())
 
 
 def dp_steps(model, optimizer, examples, collate, s, q, generator) -> list[float]:

@@ -416,6 +416,17 @@ class Example:
     user: str = ""  # whose example it is: user-level DP samples and clips by user
 
 
+def privacy_units(examples: list[Example], unit: str) -> list[list[int]]:
+    """The indices of ``examples`` grouped into privacy units: one per example, or one per user
+    (in order of first appearance)."""
+    if unit == "example":
+        return [[i] for i in range(len(examples))]
+    users: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        users.setdefault(ex.user, []).append(i)
+    return list(users.values())
+
+
 def leave_last_out(
     users: dict[str, list[Interaction]], catalog: Catalog, history_len: int
 ) -> tuple[list[Example], list[Example], list[Example]]:

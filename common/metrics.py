@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from common.data import privacy_units
+
 METRICS = ("hr@10", "ndcg@10", "recall@20")
 
 
@@ -80,11 +82,8 @@ def unit_histogram(examples, num_items: int, unit: str) -> torch.Tensor:
     if unit == "example":
         return item_counts([ex.target for ex in examples], num_items)
     total = torch.zeros(num_items, dtype=torch.float64)
-    by_user: dict[str, list[int]] = {}
-    for ex in examples:
-        by_user.setdefault(ex.user, []).append(ex.target)
-    for targets in by_user.values():
-        counts = item_counts(targets, num_items).double()
+    for user in privacy_units(examples, "user"):
+        counts = item_counts([examples[i].target for i in user], num_items).double()
         total += counts / counts.norm()
     return total.float()
 
