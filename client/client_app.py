@@ -149,11 +149,11 @@ MODEL_LOADS = 0  # how many times this process loaded the base model (once per c
 def load_model(s: Settings, num_items: int):
     """The base model is loaded once per process and reused across rounds."""
     global MODEL_LOADS
-    key = (s.model, s.model_layers, s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_layers, num_items)
+    key = (s.model, s.model_layers, s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_layers, num_items, s.prefix_cache_mb)
     if key not in _MODELS:
         encoder, tokenizer = load_encoder(s.model, s.model_layers)
         base_sha = fingerprint(encoder)  # before LoRA is injected into it
-        model = build_model(encoder, num_items, adapter_config(s, encoder))
+        model = build_model(encoder, num_items, adapter_config(s, encoder), prefix_cache_mb=s.prefix_cache_mb)
         _MODELS[key] = {"model": model, "tokenizer": tokenizer, "base-sha256": base_sha, "items-of": None}
         MODEL_LOADS += 1
     return _MODELS[key]
@@ -216,7 +216,11 @@ def prepare(msg: Message, context: Context):
     # per distinct global adapter in this process.
     digest = hashlib.sha256(b"".join(t.numpy().tobytes() for _, t in sorted(state.items()))).hexdigest()
     if entry["items-of"] != digest:
-        refresh_item_embeddings(model, tokenizer, catalog.texts())
+        # A deployed site runs a new process per message: the catalog's frozen-prefix states are
+        # kept on its disk so that each message does not re-encode the catalog. Simulated sites
+        # share their worker process's memory instead.
+        cache_file = None if is_simulated(context) else state_dir / "prefix-cache" / f"catalog-{entry['base-sha256'][:16]}.pt"
+        refresh_item_embeddings(model, tokenizer, catalog.texts(), cache_file=cache_file)
         entry["items-of"] = digest
     return s, budget, state_dir, model, tokenizer, train, valid, test
 

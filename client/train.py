@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from common.data import DataError, Example, privacy_units
 from common.metrics import METRICS, metrics_from_ranks, per_user_metrics, target_ranks
-from common.model import device, is_trained, score_users
+from common.model import device, is_trained, score_users, text_inputs
 from common.privacy import History, epsilon
 
 
@@ -46,10 +46,9 @@ class TrainResult:
     epsilon: float
 
 
-def _collate(tokenizer, max_length, num_items):
+def _collate(model, tokenizer, max_length, num_items):
     def collate(batch: list[Example]):
-        enc = tokenizer([ex.text for ex in batch], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        inputs = text_inputs(model, tokenizer, [ex.text for ex in batch], max_length)
         targets = torch.tensor([ex.target for ex in batch], dtype=torch.long)
         # The user's own history is excluded when ranking, so it is excluded from the softmax
         # too: the model learns to rank the target among the items it will compete with.
@@ -57,7 +56,7 @@ def _collate(tokenizer, max_length, num_items):
         for row, ex in enumerate(batch):
             seen[row, list(ex.seen)] = True
             seen[row, ex.target] = False  # a repeat interaction stays a valid target
-        return enc["input_ids"], enc["attention_mask"], targets, seen
+        return inputs, targets.to(device()), seen.to(device())
     return collate
 
 
@@ -73,7 +72,7 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
     # come from the OS entropy pool; only non-private training is reproducible from `seed`.
     generator = torch.Generator().manual_seed(secrets.randbits(63) if s.dp else seed)
     num_items = model.get_base_model().item_embeddings.shape[0]
-    collate = _collate(tokenizer, s.max_length, num_items)
+    collate = _collate(model, tokenizer, s.max_length, num_items)
     if s.dp:
         losses = dp_steps(model, optimizer, examples, collate, s, q, generator)
         # Each step was one noisy DPOptimizer step at rate q: exactly what is accounted.
@@ -158,10 +157,10 @@ def capped_rows(sampled: list[list[int]], cap: int, generator) -> tuple[list[int
 def unit_gradients(module, batch, owner: torch.Tensor, num_units: int) -> float:
     """Backward on the rows of the sampled units; leaves each unit's mean gradient in
     ``p.grad_sample`` (one row per unit, which DPOptimizer clips and noises). The mean loss."""
-    input_ids, attention_mask, targets, seen = (t.to(device()) for t in batch)
+    inputs, targets, seen = batch
     owner = owner.to(device())
     rows_per_unit = torch.bincount(owner, minlength=num_units).to(torch.float32)
-    logits = module(input_ids=input_ids, attention_mask=attention_mask).masked_fill(seen, float("-inf"))
+    logits = module(**inputs).masked_fill(seen, float("-inf"))
     losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
     # Σ_u (1/k_u) Σ_{i∈u} ℓ_i: each row's per-example gradient comes out already divided by k_u.
     weighted = (losses / rows_per_unit[owner]).sum()
@@ -181,11 +180,10 @@ def plain_steps(model, optimizer, examples, collate, s, generator) -> list[float
                         collate_fn=collate)
     losses, steps = [], 0
     while steps < s.local_steps:
-        for input_ids, attention_mask, targets, seen in loader:
+        for inputs, targets, seen in loader:
             optimizer.zero_grad(set_to_none=True)
-            logits = model(input_ids=input_ids.to(device()), attention_mask=attention_mask.to(device()))
-            logits = logits.masked_fill(seen.to(device()), float("-inf"))
-            loss = torch.nn.functional.cross_entropy(logits, targets.to(device()))
+            logits = model(**inputs).masked_fill(seen, float("-inf"))
+            loss = torch.nn.functional.cross_entropy(logits, targets)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())

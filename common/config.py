@@ -102,6 +102,7 @@ class Settings:
     lora_train_a: bool
     initial_score_scale: float
     max_length: int
+    prefix_cache_mb: int  # per model per process: the frozen lower layers' states (common/prefix_cache.py); 0 = off
     # local training with DP-SGD
     dp: bool
     noise_multiplier: float
@@ -182,6 +183,7 @@ class Settings:
         require(self.lora_layers >= 0, "lora-layers must be >= 0 (0 = every encoder layer)")
         require(self.initial_score_scale > 0, "initial-score-scale must be > 0")
         require(self.max_length >= 16, "max-length must be >= 16")
+        require(self.prefix_cache_mb >= 0, "prefix-cache-mb must be >= 0 (0 = no frozen-prefix cache)")
         require(self.noise_multiplier >= 0, "noise-multiplier must be >= 0")
         require(self.max_grad_norm > 0, "max-grad-norm must be > 0")
         require(0 < self.delta < 1, "delta must be in (0, 1)")

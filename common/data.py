@@ -390,6 +390,19 @@ def csv_records(path: Path, required: list[str], names: dict[str, str] | None = 
 # --- from histories to training and evaluation examples -----------------------------------
 
 
+def user_histories(interactions: list[Interaction]) -> dict[str, list[Interaction]]:
+    """Each user's interactions oldest first, users in id order.
+
+    The sort is stable: interactions with one timestamp keep their file order, so the split
+    (and a reference model's copy of it) is one and the same everywhere.
+    """
+    users: dict[str, list[Interaction]] = {}
+    for it in interactions:
+        users.setdefault(it.user_id, []).append(it)
+    ids = sorted(users, key=lambda u: int(u) if u.isdigit() else u)
+    return {u: sorted(users[u], key=lambda it: it.timestamp) for u in ids}
+
+
 def user_text(history: list[Interaction], catalog: Catalog, history_len: int) -> str:
     """A user as text: their last ``history_len`` items, most recent last.
 

@@ -27,6 +27,8 @@ from torch import nn
 import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from common.prefix_cache import PrefixCache, cacheable_layers, run_layers
+
 transformers.logging.set_verbosity_error()  # the truncated-layer load report is expected
 transformers.utils.logging.disable_progress_bar()
 
@@ -104,23 +106,52 @@ def _item_scorer_grad_sample(layer: ItemScorer, activations, backprops):
 
 
 class Recommender(nn.Module):
-    def __init__(self, encoder: nn.Module, num_items: int, init_scale: float = 20.0):
+    def __init__(self, encoder: nn.Module, num_items: int, init_scale: float = 20.0, prefix_cache_mb: int = 1024):
         super().__init__()
         self.encoder = encoder
         self.scorer = ItemScorer(num_items, init_scale)
         hidden = encoder.config.hidden_size
         # Not a parameter and not persistent: recomputed from the public catalog.
         self.register_buffer("item_embeddings", torch.zeros(num_items, hidden), persistent=False)
+        self.prefix_cache_bytes = prefix_cache_mb << 20
+        self.prefix_cache: PrefixCache | None = None  # made on first use, once LoRA is in place
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def embed(self, input_ids=None, attention_mask=None, prefix_states=None) -> torch.Tensor:
+        """Mean-pooled, normalised encoder output, from tokens or from cached frozen-prefix states."""
+        if prefix_states is None:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            top = self.encoder.encoder.layer[self.prefix_cache.layers:]
+            hidden = run_layers(self.encoder, prefix_states, attention_mask, top)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return nn.functional.normalize(pooled, dim=-1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        users = self.embed(input_ids, attention_mask)
+    def forward(self, input_ids=None, attention_mask=None, prefix_states=None) -> torch.Tensor:
+        users = self.embed(input_ids, attention_mask, prefix_states)
         return self.scorer(users @ self.item_embeddings.T)
+
+
+def prefix_cache(model: PeftModel, tokenizer) -> PrefixCache | None:
+    """The model's frozen-prefix cache, made on first use (LoRA must be in place by then), or None
+    when it is off: ``prefix-cache-mb`` = 0, or nothing below LoRA to cache."""
+    recommender = model.get_base_model()
+    if recommender.prefix_cache is None and recommender.prefix_cache_bytes > 0:
+        layers = cacheable_layers(recommender.encoder)
+        if layers:
+            recommender.prefix_cache = PrefixCache(recommender.encoder, tokenizer, layers, recommender.prefix_cache_bytes)
+        else:  # LoRA reaches the first layer (or dropout is on): nothing to cache, and never will be
+            recommender.prefix_cache_bytes = 0
+    return recommender.prefix_cache
+
+
+def text_inputs(model: PeftModel, tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs for ``texts``, on its device: frozen-prefix states from the
+    cache (common.prefix_cache) where the lower layers are frozen and LoRA-free, else tokens."""
+    if cache := prefix_cache(model, tokenizer):
+        return cache.inputs(texts, max_length)
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device())
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 def load_encoder(model: str, num_layers: int = 0):
@@ -174,10 +205,10 @@ def adapter_config(s, encoder: nn.Module) -> LoraConfig:
 
 
 def build_model(encoder: nn.Module, num_items: int, config: LoraConfig, seed: int = 0,
-                init_scale: float = 20.0) -> PeftModel:
+                init_scale: float = 20.0, prefix_cache_mb: int = 1024) -> PeftModel:
     """Wrap base model with LoRA. Moves to the device *before* wrapping (opacus issue 820)."""
     torch.manual_seed(seed)
-    base = Recommender(encoder, num_items, init_scale).to(device())
+    base = Recommender(encoder, num_items, init_scale, prefix_cache_mb).to(device())
     return get_peft_model(base, config)
 
 
@@ -220,17 +251,21 @@ def encode_texts(model: PeftModel, tokenizer, texts: list[str], max_length: int,
     recommender = model.get_base_model()
     was_training = recommender.training
     recommender.eval()
-    out = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
-                          max_length=max_length, return_tensors="pt").to(device())
-        out.append(recommender.embed(batch["input_ids"], batch["attention_mask"]))
+    out = [recommender.embed(**text_inputs(model, tokenizer, texts[start:start + batch_size], max_length))
+           for start in range(0, len(texts), batch_size)]
     recommender.train(was_training)
     return torch.cat(out)
 
 
-def refresh_item_embeddings(model: PeftModel, tokenizer, item_texts: list[str], max_length: int = 48) -> None:
-    """Recompute the catalog embeddings with the current adapter (public data, no gradient)."""
+def refresh_item_embeddings(model: PeftModel, tokenizer, item_texts: list[str], max_length: int = 48,
+                            cache_file: Path | None = None) -> None:
+    """Recompute the catalog embeddings with the current adapter (public data, no gradient).
+
+    ``cache_file``: where a site keeps the catalog's frozen-prefix states across processes (a
+    deployed ClientApp is a new process per message); name it by the base model's SHA-256."""
+    cache = prefix_cache(model, tokenizer)
+    if cache and cache_file is not None:
+        cache.load_or_compute(item_texts, max_length, cache_file)
     model.get_base_model().item_embeddings.copy_(encode_texts(model, tokenizer, item_texts, max_length))
 
 

@@ -33,6 +33,8 @@ or RDP over orders up to 1,024.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 import os
@@ -72,10 +74,18 @@ RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 100)) + [128
 
 def epsilon(history: History, delta: float, accountant: str = "prv") -> float:
     """ε(δ) of the composition of all releases in ``history`` (0 if nothing has run)."""
+    return _epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=1024)
+def _epsilon(history: tuple, delta: float, accountant: str) -> float:
+    # Memoised, as a pure function of its arguments: a PRV computation takes about a second, and
+    # a process asks for the same history many times (a site's checks before and after a release,
+    # and in a simulation every silo with the same declared size has the same history).
     if not history:
         return 0.0
     acc = create_accountant(accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = list(history)
     if accountant == "rdp":
         return float(acc.get_epsilon(delta=delta, alphas=RDP_ORDERS))
     with warnings.catch_warnings(), numpy.errstate(divide="ignore"):

@@ -37,6 +37,7 @@ from common.data import (
     Interaction,
     leave_last_out,
     load_movielens,
+    user_histories,
     write_catalog,
     write_interactions,
 )
@@ -47,15 +48,11 @@ from audit.empirical import CANARY_FILE, canary_interactions, make_canaries, phr
 
 
 def select_users(interactions: list[Interaction], max_users: int, seed: int) -> dict[str, list[Interaction]]:
-    users: dict[str, list[Interaction]] = {}
-    for it in interactions:
-        users.setdefault(it.user_id, []).append(it)
-    ids = sorted(users, key=lambda u: int(u) if u.isdigit() else u)
+    users = user_histories(interactions)
+    ids = list(users)
     if max_users and max_users < len(ids):
         rng = np.random.default_rng(seed)
         ids = sorted(rng.choice(ids, size=max_users, replace=False).tolist(), key=ids.index)
-    for u in ids:
-        users[u].sort(key=lambda it: it.timestamp)
     return {u: users[u] for u in ids}
 
 

@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
 
 from common.config import Settings, defaults
+from common.data import read_catalog
 from deployment.localhost import LocalDeployment
 from simulations.partition import materialize
 
@@ -80,7 +82,8 @@ def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leav
     sites = [tmp_path / "data" / f"client-{k}" for k in range(3)]
     canaries = [c for site in sites[:2] for c in plant_canaries(site)]
     bad_row = break_a_row(sites[2])
-    overrides = {"model-layers": 2, "num-server-rounds": 1, "local-steps": 2, "batch-size": 8, "max-users": 45}
+    overrides = {"model-layers": 2, "lora-layers": 1, "num-server-rounds": 1, "local-steps": 2, "batch-size": 8,
+                 "max-users": 45}
     run_s = Settings.from_run_config({**defaults(), **overrides})
     two_runs = first_run_history(run_s, read_budget(sites[0], {}).declared_examples) * 2
     site0_budget = epsilon(two_runs, 1e-5, run_s.accountant) * (1 + 1e-9)
@@ -130,6 +133,11 @@ def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leav
     assert load_history(sites[0] / "state") == two_runs
     assert epsilon(load_history(sites[0] / "state"), 1e-5, run_s.accountant) <= site0_budget
     assert not (sites[0] / "state" / "run1").exists()
+    # The catalog's frozen-prefix states (layer 0 carries no LoRA) were kept on the site's disk
+    # by the first message that needed them and read by every later process: one file, the catalog's.
+    (cached,) = (sites[0] / "state" / "prefix-cache").glob("catalog-*.pt")
+    assert [text for text, _ in torch.load(cached)["keys"]] == read_catalog(tmp_path / "data" / "catalog.csv").texts()
+    assert cached.stat().st_mtime < (tmp_path / "run2" / "config.json").stat().st_mtime  # run 2 read, never rewrote it
     # Run 2's ledger records run 1's releases (phase unrecorded), so its audit replays every ε
     # over the sites' whole lives and finds nothing.
     audit = subprocess.run([sys.executable, "-m", "common.cli", "audit", str(tmp_path / "run2")],

@@ -25,8 +25,8 @@ def test_per_sample_gradients_equal_single_example_autograd(model_and_tokenizer,
     batch = train_ex[:6]
     # Different history lengths, so padding, attention masks and seen-item masks are exercised.
     assert len({len(tokenizer(ex.text)["input_ids"]) for ex in batch}) > 1
-    collate = _collate(tokenizer, settings.max_length, model.get_base_model().item_embeddings.shape[0])
-    input_ids, mask, targets, seen = collate(batch)
+    collate = _collate(model, tokenizer, settings.max_length, model.get_base_model().item_embeddings.shape[0])
+    inputs, targets, seen = collate(batch)
     assert seen.sum(dim=1).tolist() == [len(set(ex.seen)) for ex in batch]
     # PEFT starts lora_B at zero, which makes lora_A's gradient zero; use a trained-like
     # state so that every tensor's gradient is non-trivial.
@@ -36,7 +36,7 @@ def test_per_sample_gradients_equal_single_example_autograd(model_and_tokenizer,
                 p.add_(0.05 * torch.randn_like(p))
     model.train()
     gsm = GradSampleModule(model, loss_reduction="sum")
-    logits = gsm(input_ids=input_ids, attention_mask=mask).masked_fill(seen, float("-inf"))
+    logits = gsm(**inputs).masked_fill(seen, float("-inf"))
     loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
     loss.backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -47,8 +47,8 @@ def test_per_sample_gradients_equal_single_example_autograd(model_and_tokenizer,
 
     for i, example in enumerate(batch):
         model.zero_grad(set_to_none=True)
-        ids_i, mask_i, target_i, seen_i = collate([example])
-        logits = model(input_ids=ids_i, attention_mask=mask_i).masked_fill(seen_i, float("-inf"))
+        inputs_i, target_i, seen_i = collate([example])
+        logits = model(**inputs_i).masked_fill(seen_i, float("-inf"))
         torch.nn.functional.cross_entropy(logits, target_i, reduction="sum").backward()
         for name, p in trainable.items():
             expected = p.grad.detach()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from simulations.bench_robust import main as bench
 
-SETTINGS = ["model-layers=2", "history-len=3", "initial-score-scale=2", "dp=false", "popularity-prior=false", "bias-learning-rate=0.05", "learning-rate=0.005",
+SETTINGS = ["model-layers=2", "lora-layers=1", "history-len=3", "initial-score-scale=2", "dp=false", "popularity-prior=false", "bias-learning-rate=0.05", "learning-rate=0.005",
             "server-learning-rate=1.0", "local-steps=20", "batch-size=64", "max-users=300"]
 
 

@@ -32,8 +32,8 @@ def perturbed(model):
 def mean_loss_gradient(model, collate, rows) -> dict[str, torch.Tensor]:
     """Autograd on one user's rows alone: ∇ (1/k) Σ_i ℓ_i."""
     model.zero_grad(set_to_none=True)
-    input_ids, mask, targets, seen = collate(rows)
-    logits = model(input_ids=input_ids, attention_mask=mask).masked_fill(seen, float("-inf"))
+    inputs, targets, seen = collate(rows)
+    logits = model(**inputs).masked_fill(seen, float("-inf"))
     torch.nn.functional.cross_entropy(logits, targets, reduction="mean").backward()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -50,7 +50,7 @@ def test_a_users_clipped_contribution_is_the_clip_of_its_own_gradient(model_and_
     rows, owner = capped_rows(sampled, cap=3, generator=torch.Generator().manual_seed(1))
     assert owner.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # every one of them has more than 3 examples
     assert all(r in unit for r, u in zip(rows, owner.tolist()) for unit in [sampled[u]])
-    collate = _collate(tokenizer, settings.max_length, model.get_base_model().item_embeddings.shape[0])
+    collate = _collate(model, tokenizer, settings.max_length, model.get_base_model().item_embeddings.shape[0])
     by_user = [[train_ex[r] for r, u in zip(rows, owner.tolist()) if u == k] for k in range(3)]
     alone = [mean_loss_gradient(model, collate, user_rows) for user_rows in by_user]
     norms = [torch.cat([g.flatten() for g in a.values()]).norm() for a in alone]

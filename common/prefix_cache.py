@@ -1,0 +1,135 @@
+"""Frozen-prefix caching: the encoder's lower, LoRA-free layers run once per distinct text.
+
+LoRA sits in the top ``lora-layers`` of the encoder; the embeddings and every layer below the
+first adapted one are frozen, carry no adapter and (dropout 0, as ``load_encoder`` builds them)
+are deterministic functions of the text alone. So for a text t with tokens x_1..x_n,
+
+    h(t) = layer_{k-1} ∘ … ∘ layer_0 ∘ embeddings (x_1..x_n)          (k = first adapted layer)
+
+is the same in every round, every step and for every adapter, and the model's output on t is
+``top_layers(h(t))``. A bidirectional encoder's hidden state at a real token never depends on
+padding (padded keys are masked out), so h(t) is computed unpadded, stored once, and re-padded
+with zeros for any batch: logits and per-sample gradients are those of the uncached model
+(tested to 1e-5). The cache holds tensors on the model's device, least recently used evicted
+beyond ``max_bytes``. Nothing private leaves the process: it is the site's own computation,
+kept in its own memory (and, for the public catalog only, on its own disk).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
+
+
+def first_adapted_layer(encoder: nn.Module) -> int:
+    """Index of the lowest encoder layer holding a LoRA module (the layer count if none)."""
+    layers = encoder.encoder.layer
+    for i, layer in enumerate(layers):
+        if any("lora_" in name for name, _ in layer.named_modules()):
+            return i
+    return len(layers)
+
+
+def cacheable_layers(encoder: nn.Module) -> int:
+    """How many lower layers can be cached: 0 (the cache is off) when LoRA reaches layer 0, the
+    encoder is not a BERT-style stack (``embeddings`` + ``encoder.layer``), or dropout is on."""
+    config = encoder.config
+    if not (hasattr(encoder, "embeddings") and hasattr(getattr(encoder, "encoder", None), "layer")):
+        return 0
+    if config.is_decoder or config.hidden_dropout_prob or config.attention_probs_dropout_prob:
+        return 0
+    return first_adapted_layer(encoder)
+
+
+def run_layers(encoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, layers) -> torch.Tensor:
+    mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
+    for layer in layers:
+        hidden = layer(hidden, mask)
+    return hidden
+
+
+class PrefixCache:
+    """h(t) for each distinct (text, max_length), LRU-bounded by ``max_bytes``."""
+
+    def __init__(self, encoder: nn.Module, tokenizer, layers: int, max_bytes: int):
+        self.encoder, self.tokenizer, self.layers, self.max_bytes = encoder, tokenizer, layers, max_bytes
+        self.states: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    @torch.no_grad()
+    def compute(self, texts: list[str], max_length: int, batch_size: int = 128) -> list[torch.Tensor]:
+        """h(t) of each text, unpadded: [tokens, hidden] each. Texts are batched by token count, so
+        little of the work is padding."""
+        if not texts:
+            return []
+        device = next(self.encoder.parameters()).device
+        tokens = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: len(tokens[i]))
+        out: list[torch.Tensor | None] = [None] * len(texts)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = self.tokenizer.pad({"input_ids": [tokens[i] for i in rows]}, return_tensors="pt").to(device)
+            hidden = self.encoder.embeddings(input_ids=batch["input_ids"])
+            hidden = run_layers(self.encoder, hidden, batch["attention_mask"], self.encoder.encoder.layer[:self.layers])
+            for i, h, n in zip(rows, hidden, batch["attention_mask"].sum(1).tolist()):
+                out[i] = h[:n].clone()
+        return out
+
+    def remember(self, key: tuple[str, int], state: torch.Tensor) -> None:
+        size = state.numel() * state.element_size()
+        if size > self.max_bytes:
+            return
+        self.states[key] = state
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, evicted = self.states.popitem(last=False)
+            self.bytes -= evicted.numel() * evicted.element_size()
+
+    def lookup(self, texts: list[str], max_length: int) -> list[torch.Tensor]:
+        keys = [(t, max_length) for t in texts]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.states))
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        computed = dict(zip(missing, self.compute([t for t, _ in missing], max_length)))
+        for key, state in computed.items():
+            self.remember(key, state)
+        found = []
+        for key in keys:
+            if key in self.states:
+                self.states.move_to_end(key)
+                found.append(self.states[key])
+            else:  # larger than the whole bound, or evicted by this very batch
+                found.append(computed[key])
+        return found
+
+    def inputs(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        """The model's keyword inputs for ``texts``: h(t) zero-padded to the longest, and the mask."""
+        states = self.lookup(texts, max_length)
+        longest = max(s.shape[0] for s in states)
+        hidden = states[0].new_zeros((len(states), longest, states[0].shape[1]))
+        mask = torch.zeros((len(states), longest), dtype=torch.long, device=hidden.device)
+        for row, state in enumerate(states):
+            hidden[row, :state.shape[0]] = state
+            mask[row, :state.shape[0]] = 1
+        return {"prefix_states": hidden, "attention_mask": mask}
+
+    def load_or_compute(self, texts: list[str], max_length: int, path: Path) -> None:
+        """Public texts (the catalog): h(t) from ``path`` when it holds them, else computed and saved
+        there, so a new process at the same site skips the lower layers entirely."""
+        keys = [(t, max_length) for t in texts]
+        if path.is_file():
+            saved = torch.load(path, map_location=next(self.encoder.parameters()).device)
+            if saved.get("keys") == keys and saved.get("layers") == self.layers:
+                for key, state in zip(keys, saved["states"]):
+                    self.remember(key, state)
+                return
+        states = self.lookup(texts, max_length)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"keys": keys, "layers": self.layers, "states": [s.cpu() for s in states]}, tmp)
+        tmp.replace(path)

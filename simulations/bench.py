@@ -1,0 +1,232 @@
+"""Where the time goes: fedrec's costs measured side by side, on the same inputs, on this machine.
+
+    python -m simulations.bench                  # writes BENCHMARKS.md and runs/bench/bench.json
+    python -m simulations.bench --simulate       # and two default `fedrec simulate` runs: cache on, off
+
+Every case runs the default model (all-MiniLM-L6-v2, 6 layers, LoRA on the top 2) on one silo
+of MovieLens-100K (94 users, the first of the 10-silo partition's size), with one torch thread,
+as one Ray worker runs one client. A case runs in a fresh process, so its peak memory (the
+process's peak RSS after the work minus after loading) is its own. Figures are medians over
+``--repeats``, with min–max.
+
+* step: local_steps of DP-SGD (Poisson rate 64 / declared examples, σ = 1, C = 1) against plain
+  Adam on batches of 64, with the frozen-prefix cache off, and on and warm (every training text
+  of the site already cached: the steady state from a site's second round on). "warm-up" is
+  what filling it costs once: the frozen lower layers over each distinct training text;
+* catalog refresh: the 1,682 item texts through the encoder, cache off / cold / warm;
+* full-ranking evaluation: all 943 users' test examples over all 1,682 items;
+* bytes on the wire: the adapter tensors a client sends per round against the full fp32 model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+SITE_USERS = 94
+
+
+def setup(cache_mb: int, users: int = SITE_USERS):
+    import torch
+
+    from common.config import Settings, defaults
+    from common.data import leave_last_out, load_movielens
+    from common.model import adapter_config, build_model, load_encoder
+    from simulations.partition import select_users
+
+    torch.set_num_threads(1)
+    s = dataclasses.replace(Settings.from_run_config(defaults()), prefix_cache_mb=cache_mb)
+    catalog, interactions = load_movielens()
+    train, _, test = leave_last_out(select_users(interactions, users, s.seed), catalog, s.history_len)
+    encoder, tokenizer = load_encoder(s.model, s.model_layers)
+    model = build_model(encoder, len(catalog), adapter_config(s, encoder), prefix_cache_mb=cache_mb)
+    return s, catalog, train, test, model, tokenizer
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def step_case(dp: bool, cache: bool, steps: int, repeats: int) -> dict:
+    """Seconds per step of ``train`` (median over repeats of ``steps`` steps) and peak memory."""
+    from client.train import train
+    from common.model import refresh_item_embeddings, text_inputs
+
+    s, catalog, examples, _, model, tokenizer = setup(1024 if cache else 0)
+    refresh_item_embeddings(model, tokenizer, catalog.texts())
+    warm_up = None
+    if cache:
+        texts = sorted({ex.text for ex in examples})
+        warm_up = timed(lambda: text_inputs(model, tokenizer, texts, s.max_length), 1)[0]
+    s = dataclasses.replace(s, dp=dp, local_steps=steps)
+    q = s.batch_size / len(examples)
+    train(model, tokenizer, examples, dataclasses.replace(s, local_steps=1), [], 0, q)  # first-call overheads
+    before = peak_mb()
+    times = [t / steps for t in timed(lambda: train(model, tokenizer, examples, s, [], 0, q), repeats)]
+    cache_mb = model.get_base_model().prefix_cache.bytes / 2**20 if cache else 0.0
+    return {"seconds": times, "peak-mb": peak_mb(), "peak-mb-over-load": peak_mb() - before, "cache-mb": cache_mb,
+            "warm-up-seconds": warm_up, "distinct-texts": len({ex.text for ex in examples})}
+
+
+def catalog_case(cache: bool, repeats: int) -> dict:
+    from common.model import refresh_item_embeddings
+
+    _, catalog, _, _, model, tokenizer = setup(1024 if cache else 0)
+    first = timed(lambda: refresh_item_embeddings(model, tokenizer, catalog.texts()), 1)
+    return {"seconds": first + timed(lambda: refresh_item_embeddings(model, tokenizer, catalog.texts()), repeats),
+            "items": len(catalog)}
+
+
+def evaluation_case(cache: bool, repeats: int) -> dict:
+    from client.train import evaluate
+    from common.model import refresh_item_embeddings
+
+    s, catalog, _, test, model, tokenizer = setup(1024 if cache else 0, users=0)
+    refresh_item_embeddings(model, tokenizer, catalog.texts())
+    first = timed(lambda: evaluate(model, tokenizer, test, s.max_length), 1)
+    return {"seconds": first + timed(lambda: evaluate(model, tokenizer, test, s.max_length), repeats),
+            "users": len(test), "items": len(catalog)}
+
+
+def wire_case() -> dict:
+    from flwr.app import ArrayRecord
+
+    from common.model import adapter_state
+
+    _, _, _, _, model, _ = setup(0)
+    sent = ArrayRecord(adapter_state(model))
+    full = sum(p.numel() for p in model.get_base_model().parameters()) * 4
+    return {"adapter-bytes": sum(len(a.data) for a in sent.values()), "adapter-numbers": sum(t.numel() for t in adapter_state(model).values()),
+            "full-model-fp32-bytes": full}
+
+
+def in_fresh_process(fn, *args) -> dict:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def simulate_case(cache_mb: int, out: Path) -> dict:
+    """One default ``fedrec simulate``, wall time and final metrics, in a fresh FEDREC_HOME."""
+    run_dir = out / f"simulate-cache-{cache_mb}-{int(time.time())}"
+    env = {**os.environ, "FEDREC_HOME": str(out / f"home-{run_dir.name}")}
+    started = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).parent / "fedrec"), "simulate", "--run-dir", str(run_dir),
+                    "--set", f"prefix-cache-mb={cache_mb}"], env=env, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    updates = sum(r.get("clients", 0) for r in rounds)
+    return {"wall-seconds": wall, "ndcg@10": summary["ndcg@10"], "hr@10": summary["hr@10"],
+            "recall@20": summary["recall@20"], "epsilon-max": summary["client-epsilon-max"],
+            "client-updates-per-minute": updates / (wall / 60), "run-dir": str(run_dir)}
+
+
+def median_range(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    values = [v * scale for v in values]
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def report(results: dict, command: str) -> str:
+    steps = results["steps"]
+    lines = [f"Measured by `{command}` on {results['machine']}, {results['date']}. "
+             "Medians over repeats (min–max); one torch thread per case, as one Ray worker runs one client.", "",
+             "| case | time | memory |", "| --- | ---: | ---: |"]
+    for name, r in steps.items():
+        lines.append(f"| {name} | {median_range(r['seconds'])} s per step | peak RSS {r['peak-mb']:.0f} MB; "
+                     f"+{r['peak-mb-over-load']:.0f} MB during the timed steps |")
+    for key in ("dp", "plain"):
+        off, on = steps[f"{key} step, cache off"], steps[f"{key} step, cache on (warm)"]
+        lines.append(f"| {key} step: cache off / on | {statistics.median(off['seconds']) / statistics.median(on['seconds']):.2f}× | |")
+    for cache in ("off", "on (warm)"):
+        dp, plain = steps[f"dp step, cache {cache}"], steps[f"plain step, cache {cache}"]
+        lines.append(f"| DP / non-DP step, cache {cache} | {statistics.median(dp['seconds']) / statistics.median(plain['seconds']):.2f}× | "
+                     f"{dp['peak-mb'] / plain['peak-mb']:.2f}× (whole-process peak) |")
+    warm = steps["dp step, cache on (warm)"]
+    held = f"{warm['cache-mb']:.0f} MB held (catalog and training texts)" if "cache-mb" in warm else ""
+    lines.append(f"| cache warm-up: {warm['distinct-texts']} distinct training texts of the site, once | {warm['warm-up-seconds']:.1f} s | {held} |")
+    for cache, r in results["catalog"].items():
+        lines.append(f"| catalog refresh ({r['items']} items), cache {cache} | first {r['seconds'][0]:.1f} s, then {median_range(r['seconds'][1:], digits=1)} s | |")
+    for cache, r in results["evaluation"].items():
+        lines.append(f"| full-ranking evaluation ({r['users']} users × {r['items']} items), cache {cache} | first {r['seconds'][0]:.1f} s, then {median_range(r['seconds'][1:], digits=1)} s | |")
+    wire = results["wire"]
+    lines.append(f"| bytes a client sends per round: the adapter ({wire['adapter-numbers']:,} numbers) | {wire['adapter-bytes']:,} B "
+                 f"({wire['adapter-bytes'] / wire['full-model-fp32-bytes']:.2%} of the full fp32 model's {wire['full-model-fp32-bytes']:,} B) | |")
+    for cache, r in results.get("simulate", {}).items():
+        lines.append(f"| default `fedrec simulate`, cache {cache} | {r['wall-seconds']:.0f} s wall, "
+                     f"{r['client-updates-per-minute']:.1f} client updates/min; NDCG@10 {r['ndcg@10']:.4f}, ε {r['epsilon-max']:.3f} | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--steps", type=int, default=8, help="steps per repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--simulate", action="store_true", help="also two default simulations, cache on and off")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from OUT/bench.json")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        results = json.loads((args.out / "bench.json").read_text())
+        command = "python -m simulations.bench" + (" --simulate" if "simulate" in results else "")
+        args.markdown.write_text("# Benchmarks\n\n" + report(results, command))
+        return results
+    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "steps": {}, "catalog": {}, "evaluation": {}}
+    for key, dp in (("dp", True), ("plain", False)):
+        for cache, label in ((False, "off"), (True, "on (warm)")):
+            console.print(f"{key} step, cache {label}")
+            results["steps"][f"{key} step, cache {label}"] = in_fresh_process(step_case, dp, cache, args.steps, args.repeats)
+    for cache, label in ((False, "off"), (True, "on")):
+        console.print(f"catalog refresh and evaluation, cache {label}")
+        results["catalog"][label] = in_fresh_process(catalog_case, cache, args.repeats)
+        results["evaluation"][label] = in_fresh_process(evaluation_case, cache, max(1, args.repeats // 2))
+    results["wire"] = in_fresh_process(wire_case)
+    if args.simulate:
+        results["simulate"] = {}
+        for cache_mb, label in ((1024, "on"), (0, "off")):
+            console.print(f"default fedrec simulate, cache {label}")
+            results["simulate"][label] = simulate_case(cache_mb, args.out)
+    command = "python -m simulations.bench" + (" --simulate" if args.simulate else "")
+    (args.out / "bench.json").write_text(json.dumps(results, indent=2))
+    markdown = report(results, command)
+    args.markdown.write_text("# Benchmarks\n\n" + markdown)
+    table = Table("case", "figure")
+    for line in markdown.splitlines()[4:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        table.add_row(cells[0], " ".join(cells[1:]))
+    console.print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""The field's reference models on fedrec's exact split: RecBole's SASRec, GRU4Rec and BPR-MF.
+
+    python -m simulations.references --out runs/references          # tune on validation, then 3 seeds
+    python -m simulations.references --out runs/references --report-only
+
+RecBole 1.2.1 pins clash with fedrec's (it needs numpy < 2, pandas < 2.2 and ray), so it runs
+in its own environment, ``.venv-references`` beside ``.venv``, which this command creates with
+pip the first time (torch first, the local CPU wheel) and then re-runs itself inside.
+
+Same split: MovieLens-100K is grouped into user histories exactly as fedrec does
+(``common.data.user_histories``: a stable sort by timestamp), and RecBole is given each
+interaction's position in its user's history as the timestamp, so RecBole's leave-one-out
+(``LS: valid_and_test``, time order) holds out the same validation and test item per user as
+``common.data.leave_last_out``; the command checks that it does, user by user.
+
+Same metric: the trained model's full score matrix is ranked by fedrec's own rule
+(``common.metrics.target_ranks``: all 1,682 items, the user's earlier items excluded, ties
+against the target), not by RecBole's evaluator.
+
+Protocol: each model's grid below (its stated tuning budget) is trained with seed 0 and early
+stopping on RecBole's validation NDCG@10; the configuration with the best validation
+NDCG@10 (fedrec's rule) is then trained with seeds 0, 1, 2. The test split is scored only for
+those final runs, once each, and the report says so. Results: ``references.json`` and
+``references.md`` in ``--out``; every run is kept, so the command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = ROOT / ".venv-references"
+PINS = ["recbole==1.2.1", "numpy==1.26.4", "pandas==2.1.4", "scipy==1.11.4", "scikit-learn==1.3.2", "rich"]
+DATASET = "ml-100k-fedrec"
+SEEDS = (0, 1, 2)
+# Each model's tuning budget, seed 0, early stopping after 5 epochs without a better validation
+# NDCG@10: the dropout of the sequential models (an epoch of SASRec is about 3.5 minutes on 2
+# cores), embedding size and learning rate of BPR-MF.
+GRIDS = {
+    "SASRec": [{"hidden_dropout_prob": p, "attn_dropout_prob": p} for p in (0.2, 0.5)],
+    "GRU4Rec": [{"dropout_prob": p} for p in (0.1, 0.3)],
+    "BPR": [{"embedding_size": d, "learning_rate": lr} for d in (64, 128) for lr in (1e-3, 5e-3)],
+}
+COMMON = {
+    "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp",
+    "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+    "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
+    "metrics": ["NDCG", "Hit"], "topk": [10], "valid_metric": "NDCG@10",
+    "epochs": 100, "stopping_step": 5, "MAX_ITEM_LIST_LENGTH": 50, "eval_batch_size": 4096, "learning_rate": 1e-3,
+    "use_gpu": False, "show_progress": False, "reproducibility": True, "worker": 0,
+}
+
+
+def ensure_env() -> Path:
+    """``.venv-references`` with RecBole and its pins; returns its python."""
+    python = ENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(ENV)], check=True)
+    marker = ENV / "fedrec-pins.txt"
+    if not marker.exists() or marker.read_text() != "\n".join(PINS):
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *PINS], check=True)
+        marker.write_text("\n".join(PINS))
+    return python
+
+
+def write_split(folder: Path) -> dict[str, dict]:
+    """RecBole's atomic file of fedrec's split, and fedrec's own held-out examples per user."""
+    from common.data import leave_last_out, load_movielens, user_histories
+
+    catalog, interactions = load_movielens()
+    users = user_histories(interactions)
+    (folder / DATASET).mkdir(parents=True, exist_ok=True)
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    for user, history in users.items():
+        lines += [f"{user}\t{it.item_id}\t{position}" for position, it in enumerate(history)]
+    (folder / DATASET / f"{DATASET}.inter").write_text("\n".join(lines) + "\n")
+    _, valid, test = leave_last_out(users, catalog, 1)
+    item_ids = [item.item_id for item in catalog.items]
+    return {"items": item_ids,
+            "valid": {ex.user: (ex.target, ex.seen) for ex in valid},
+            "test": {ex.user: (ex.target, ex.seen) for ex in test}}
+
+
+def recbole_setup(model_name: str, params: dict, seed: int, data: Path):
+    """RecBole's config, dataset and loaders for one run (the same split every time)."""
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import init_seed
+
+    negatives = {"train_neg_sample_args": None} if model_name != "BPR" else {}
+    config = Config(model=model_name, dataset=DATASET, config_dict={
+        **COMMON, **negatives, **params, "seed": seed, "data_path": str(data),
+        "checkpoint_dir": str(data.parent / "checkpoints")})
+    init_seed(seed, True)
+    dataset = create_dataset(config)
+    return config, dataset, *data_preparation(config, dataset)
+
+
+def train_run(model_name: str, params: dict, seed: int, data: Path, split: dict, checkpoint: Path) -> dict:
+    """Train one RecBole model with early stopping on validation; fedrec's validation metrics."""
+    import torch
+    from recbole.utils import get_model, get_trainer
+
+    config, dataset, train_data, valid_data, _ = recbole_setup(model_name, params, seed, data)
+    model = get_model(model_name)(config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
+    started = time.time()
+    trainer.fit(train_data, valid_data, saved=True, show_progress=False, verbose=False)
+    os.replace(trainer.saved_model_file, checkpoint)
+    model.load_state_dict(torch.load(checkpoint, weights_only=False)["state_dict"])
+    return {"model": model_name, "params": params, "seed": seed, "train_seconds": time.time() - started,
+            "checkpoint": checkpoint.name, "valid": fedrec_metrics(model, valid_data, dataset, split["valid"], split["items"])}
+
+
+def score_test(run: dict, data: Path, split: dict) -> dict:
+    """The test split, read for a final configuration's trained model."""
+    import torch
+    from recbole.utils import get_model
+
+    config, dataset, train_data, _, test_data = recbole_setup(run["model"], run["params"], run["seed"], data)
+    model = get_model(run["model"])(config, train_data._dataset).to(config["device"])
+    model.load_state_dict(torch.load(data.parent / "checkpoints" / run["checkpoint"], weights_only=False)["state_dict"])
+    return fedrec_metrics(model, test_data, dataset, split["test"], split["items"])
+
+
+def fedrec_metrics(model, loader, dataset, held_out: dict, item_ids: list[str]) -> dict:
+    """Rank RecBole's scores by fedrec's rule; checks RecBole holds out fedrec's item."""
+    import numpy as np
+    import torch
+
+    from common.metrics import metrics_from_ranks, target_ranks
+
+    columns = torch.as_tensor(dataset.token2id("item_id", item_ids))  # catalog order -> RecBole id
+    model.eval()
+    ranks = []
+    with torch.no_grad():
+        for interaction, _, positive_u, positive_i in loader:
+            scores = model.full_sort_predict(interaction).view(-1, dataset.item_num)[:, columns]
+            tokens = np.atleast_1d(dataset.id2token("user_id", interaction["user_id"].view(-1)))
+            targets = [held_out[str(u)][0] for u in tokens]
+            recbole_targets = np.atleast_1d(dataset.id2token("item_id", positive_i.view(-1)))
+            if sorted(item_ids[t] for t in targets) != sorted(str(t) for t in recbole_targets):
+                raise SystemExit("RecBole's held-out items are not fedrec's: the split differs")
+            seen = [held_out[str(u)][1] for u in tokens]
+            ranks.append(target_ranks(scores, torch.as_tensor(targets), seen))
+    ranks = torch.cat(ranks)
+    if len(ranks) != len(held_out):
+        raise SystemExit(f"RecBole scored {len(ranks)} users, fedrec holds out {len(held_out)}")
+    return metrics_from_ranks(ranks)
+
+
+def run_all(out: Path, models: list[str]) -> None:
+    from rich.console import Console
+
+    console = Console()
+    data = out / "data"
+    split = write_split(data)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    runs_file = out / "runs.jsonl"
+    runs = [json.loads(line) for line in runs_file.read_text().splitlines()] if runs_file.exists() else []
+
+    def save():
+        runs_file.write_text("".join(json.dumps(r) + "\n" for r in runs))
+
+    def trained(model_name, params, seed):
+        for r in runs:
+            if (r["model"], r["params"], r["seed"]) == (model_name, params, seed):
+                return r
+        console.print(f"[bold]{model_name}[/] {params} seed {seed}: training, early stopping on validation")
+        checkpoint = out / "checkpoints" / f"{model_name}-{len(runs)}.pth"
+        r = train_run(model_name, params, seed, data, split, checkpoint)
+        console.print(f"  valid NDCG@10 {r['valid']['ndcg@10']:.4f} ({r['train_seconds']:.0f} s)")
+        runs.append(r)
+        save()
+        return r
+
+    for model_name in models:
+        tuned = [trained(model_name, params, 0) for params in GRIDS[model_name]]
+        best = max(tuned, key=lambda r: r["valid"]["ndcg@10"])["params"]
+        for seed in SEEDS:
+            r = trained(model_name, best, seed)
+            if "test" not in r:
+                console.print(f"[bold]{model_name}[/] seed {seed}: reading the test split (final configuration {best})")
+                r["test"] = score_test(r, data, split)
+                console.print(f"  test NDCG@10 {r['test']['ndcg@10']:.4f}")
+                save()
+    report(out)
+
+
+def report(out: Path) -> dict:
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    summary = {}
+    for model_name in GRIDS:
+        final = [r for r in runs if r["model"] == model_name and "test" in r]
+        if not final:
+            continue
+        row = {"params": final[0]["params"], "seeds": [r["seed"] for r in final],
+               "tuned": len({json.dumps(r["params"], sort_keys=True) for r in runs
+                             if r["model"] == model_name and r["seed"] == 0})}
+        for split_name in ("valid", "test"):
+            for metric in ("ndcg@10", "hr@10", "recall@20"):
+                values = [r[split_name][metric] for r in final]
+                row[f"{split_name} {metric}"] = [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+        summary[model_name] = row
+    (out / "references.json").write_text(json.dumps(summary, indent=2))
+    lines = ["| model (RecBole 1.2.1) | configurations tuned | chosen on validation | seeds | "
+             "valid NDCG@10 | test NDCG@10 | test HR@10 | test Recall@20 |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in summary.items():
+        cell = lambda key: f"{row[key][0]:.4f} ± {row[key][1]:.4f}"  # noqa: E731
+        params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
+        lines.append(f"| {name} | {row['tuned']} | {params} | {len(row['seeds'])} | {cell('valid ndcg@10')} | "
+                     f"{cell('test ndcg@10')} | {cell('test hr@10')} | {cell('test recall@20')} |")
+    (out / "references.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/references"))
+    parser.add_argument("--models", nargs="*", default=list(GRIDS), choices=list(GRIDS))
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--in-env", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        report(args.out)
+    elif args.in_env:
+        run_all(args.out.resolve(), args.models)
+    else:
+        python = ensure_env()
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        command = [str(python), "-m", "simulations.references", "--in-env", "--out", str(args.out.resolve()),
+                   "--models", *args.models]
+        # RecBole writes its logs and TensorBoard files into the working directory: --out.
+        sys.exit(subprocess.run(command, env=env, cwd=args.out.resolve()).returncode)
+
+
+if __name__ == "__main__":
+    main()

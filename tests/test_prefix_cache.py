@@ -1,0 +1,109 @@
+"""Frozen-prefix caching is exact: the same logits, per-sample gradients and catalog embeddings
+as running the whole encoder, on the real model (2 layers, LoRA on the top one)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from opacus import GradSampleModule
+
+from client.train import _collate
+from common.model import adapter_config, build_model, encode_texts, load_encoder
+from common.prefix_cache import PrefixCache
+
+EXACT = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def model_pair(settings, num_items, lora_layers=1, prefix_cache_mb=1024):
+    s = dataclasses.replace(settings, lora_layers=lora_layers, lora_train_a=True)
+    encoder, tokenizer = load_encoder(s.model, s.model_layers)
+    model = build_model(encoder, num_items, adapter_config(s, encoder), prefix_cache_mb=prefix_cache_mb)
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at 0: perturb, so that every gradient is non-trivial
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        model.get_base_model().item_embeddings.normal_()
+    return model, tokenizer
+
+
+def per_sample(model, inputs, targets, seen):
+    model.train()
+    module = GradSampleModule(model, loss_reduction="sum")
+    logits = module(**inputs).masked_fill(seen, float("-inf"))
+    torch.nn.functional.cross_entropy(logits, targets, reduction="sum").backward()
+    grads = {n: p.grad_sample.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    module.to_standard_module()
+    model.zero_grad(set_to_none=True)
+    return logits.detach(), grads
+
+
+def test_cached_logits_and_per_sample_gradients_equal_the_whole_encoders(movielens, small_split, settings):
+    catalog, _ = movielens
+    _, _, train_ex, _, _ = small_split
+    batch = train_ex[:8]
+    model, tokenizer = model_pair(settings, len(catalog))
+    recommender = model.get_base_model()
+    collate = _collate(model, tokenizer, settings.max_length, len(catalog))
+    cached_inputs, targets, seen = collate(batch)
+    assert set(cached_inputs) == {"prefix_states", "attention_mask"}
+    assert recommender.prefix_cache.layers == 1  # layer 0 carries no LoRA: it is the cached prefix
+    lengths = cached_inputs["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max()  # padding is exercised
+
+    enc = tokenizer([ex.text for ex in batch], padding=True, truncation=True, max_length=settings.max_length,
+                    return_tensors="pt")
+    token_inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    logits_cached, grads_cached = per_sample(model, cached_inputs, targets, seen)
+    logits_whole, grads_whole = per_sample(model, token_inputs, targets, seen)
+    finite = torch.isfinite(logits_whole)
+    assert torch.allclose(logits_cached[finite], logits_whole[finite], **EXACT)
+    assert grads_cached.keys() == grads_whole.keys() and any("lora_A" in n for n in grads_cached)
+    for name in grads_whole:
+        assert grads_whole[name].abs().max() > 0, name
+        assert torch.allclose(grads_cached[name], grads_whole[name], **EXACT), (
+            f"{name}: max |Δ| {(grads_cached[name] - grads_whole[name]).abs().max():.2e}")
+    # A second pass is served from the cache and is bit-identical.
+    misses = recommender.prefix_cache.misses
+    again, _, _ = collate(batch)
+    assert recommender.prefix_cache.misses == misses and torch.equal(again["prefix_states"], cached_inputs["prefix_states"])
+
+
+def test_cached_catalog_embeddings_equal_uncached_and_respect_the_memory_bound(movielens, settings):
+    catalog, _ = movielens
+    texts = catalog.texts()[:200]
+    cached, tokenizer = model_pair(settings, len(catalog))
+    uncached, _ = model_pair(settings, len(catalog), prefix_cache_mb=0)
+    uncached.load_state_dict(cached.state_dict())
+    a = encode_texts(cached, tokenizer, texts, 48)
+    b = encode_texts(uncached, tokenizer, texts, 48)
+    assert uncached.get_base_model().prefix_cache is None
+    assert torch.allclose(a, b, **EXACT)
+    cache = cached.get_base_model().prefix_cache
+    assert cache.misses == len(set(texts)) and len(cache.states) == len(set(texts))
+
+    small = PrefixCache(cache.encoder, tokenizer, cache.layers, max_bytes=cache.bytes // 4)
+    states = small.lookup(texts, 48)
+    assert 0 < small.bytes <= small.max_bytes and len(small.states) < len(texts)  # the oldest were evicted
+    assert all(torch.allclose(x, cache.states[(t, 48)], **EXACT) for x, t in zip(states, texts))
+
+
+def test_the_cache_is_off_when_lora_reaches_the_first_layer(movielens, settings):
+    catalog, _ = movielens
+    model, tokenizer = model_pair(settings, len(catalog), lora_layers=0)
+    encode_texts(model, tokenizer, catalog.texts()[:5], 48)
+    assert model.get_base_model().prefix_cache is None and model.get_base_model().prefix_cache_bytes == 0
+
+
+def test_a_new_process_reads_the_catalogs_states_from_disk(movielens, settings, tmp_path):
+    catalog, _ = movielens
+    texts = catalog.texts()[:50]
+    model, tokenizer = model_pair(settings, len(catalog))
+    cache = PrefixCache(model.get_base_model().encoder, tokenizer, 1, 1 << 30)
+    path = tmp_path / "catalog.pt"
+    cache.load_or_compute(texts, 48, path)
+    assert path.is_file() and cache.misses == len(texts)
+    fresh = PrefixCache(cache.encoder, tokenizer, cache.layers, 1 << 30)
+    fresh.load_or_compute(texts, 48, path)
+    assert fresh.misses == 0 and all(torch.equal(fresh.states[(t, 48)], cache.states[(t, 48)]) for t in texts)
