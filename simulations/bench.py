@@ -62,16 +62,22 @@ def peak_mb() -> float:
 
 
 def timed(fn, repeats: int) -> list[float]:
+    import torch
+
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         fn()
+        if torch.cuda.is_available():  # CUDA runs asynchronously: wait for it before reading the clock
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     return times
 
 
 def step_case(dp: bool, cache: bool, steps: int, repeats: int) -> dict:
     """Seconds per step of ``train`` (median over repeats of ``steps`` steps) and peak memory."""
+    import torch
+
     from client.train import train
     from common.model import refresh_item_embeddings, text_inputs
 
@@ -87,8 +93,50 @@ def step_case(dp: bool, cache: bool, steps: int, repeats: int) -> dict:
     before = peak_mb()
     times = [t / steps for t in timed(lambda: train(model, tokenizer, examples, s, [], 0, q), repeats)]
     cache_mb = model.get_base_model().prefix_cache.bytes / 2**20 if cache else 0.0
+    cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return {"seconds": times, "peak-mb": peak_mb(), "peak-mb-over-load": peak_mb() - before, "cache-mb": cache_mb,
+            "cuda-peak-mb": cuda_mb,
             "warm-up-seconds": warm_up, "distinct-texts": len({ex.text for ex in examples})}
+
+
+def ghost_step_case(steps: int, repeats: int) -> dict:
+    """DP-SGD steps with Opacus' ghost clipping (example level, where it applies), cache on and warm:
+    per-sample gradient norms from activations and backprops, two backward passes, no per-sample
+    gradients stored."""
+    import torch
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    from client.train import _collate, adam
+    from common.model import refresh_item_embeddings, text_inputs
+
+    s, catalog, examples, _, model, tokenizer = setup(1024)
+    refresh_item_embeddings(model, tokenizer, catalog.texts())
+    text_inputs(model, tokenizer, sorted({ex.text for ex in examples}), s.max_length)
+    model.train()
+    optimizer = adam(model, s)
+    module = GradSampleModuleFastGradientClipping(model, max_grad_norm=s.max_grad_norm, use_ghost_clipping=True,
+                                                  loss_reduction="mean")
+    optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=s.noise_multiplier,
+                                                max_grad_norm=s.max_grad_norm, expected_batch_size=s.batch_size,
+                                                loss_reduction="mean")
+    criterion = DPLossFastGradientClipping(module, optimizer, torch.nn.CrossEntropyLoss(), loss_reduction="mean")
+    collate = _collate(model, tokenizer, s.max_length, len(catalog))
+
+    def run(n):
+        for sampled in UniformWithReplacementSampler(num_samples=len(examples), sample_rate=s.batch_size / len(examples),
+                                                     steps=n):
+            optimizer.zero_grad()
+            inputs, targets, seen = collate([examples[i] for i in sampled])
+            criterion(module(**inputs).masked_fill(seen, float("-inf")), targets).backward()
+            optimizer.step()
+
+    run(1)
+    before = peak_mb()
+    times = [t / steps for t in timed(lambda: run(steps), repeats)]
+    return {"seconds": times, "peak-mb": peak_mb(), "peak-mb-over-load": peak_mb() - before}
 
 
 def catalog_case(cache: bool, repeats: int) -> dict:
@@ -123,6 +171,66 @@ def wire_case() -> dict:
             "full-model-fp32-bytes": full}
 
 
+def round_case() -> dict:
+    """One silo's share of the first two default rounds, phase by phase, as its ClientApp runs
+    them (client/client_app.py): round 1 in a fresh process, round 2 with what it kept."""
+    import torch
+
+    from client.client_app import load_data
+    from client.train import evaluation_sums, train
+    from common.config import Settings, defaults
+    from common.model import adapter_config, build_model, load_encoder, refresh_item_embeddings
+    from common.privacy import epsilon, read_budget
+    from simulations.partition import materialize
+
+    torch.set_num_threads(1)
+    s = Settings.from_run_config(defaults())
+    root = materialize(s, 10)
+    phases: dict[str, list[float]] = {}
+
+    def phase(name, fn):
+        started = time.perf_counter()
+        out = fn()
+        phases.setdefault(name, []).append(time.perf_counter() - started)
+        return out
+
+    def load_model():
+        encoder, tokenizer = load_encoder(s.model, s.model_layers)
+        return build_model(encoder, 1682, adapter_config(s, encoder)), tokenizer
+
+    model, tokenizer = phase("model load (once per process)", load_model)
+    catalog, train_ex, valid, test = phase("data load (once per process)",
+                                           lambda: load_data(root / "client-0", root / "catalog.csv", s.history_len))
+    q = s.batch_size / read_budget(root / "client-0", {}).declared_examples
+    history = []
+    for _ in range(2):
+        phase("catalog refresh", lambda: refresh_item_embeddings(model, tokenizer, catalog.texts()))
+        history = phase("training", lambda: train(model, tokenizer, train_ex, s, history, 0, q)).history
+        phase("accounting (PRV)", lambda: epsilon(history + [(s.eval_noise_multiplier, 1.0, 1)], s.delta, s.accountant))
+        phase("evaluation", lambda: [evaluation_sums(model, tokenizer, ex, s.max_length) for ex in (test, valid)])
+    return {"phases": phases, "site-examples": len(train_ex), "site-users": len(test)}
+
+
+def server_share(flower_log: Path) -> dict:
+    """Per round, from Flower's log timestamps: the whole round, and the server's own part (after
+    the train replies are in until evaluation is sent, and after the evaluation replies are in
+    until the next round starts: aggregation, validation, ledger, checkpoint)."""
+    import datetime
+
+    stamped = [(datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f"), line[24:])
+               for line in flower_log.read_text().splitlines() if line[:2] == "20"]
+    starts = [t for t, text in stamped if "[ROUND" in text]
+    server, busy_from = 0.0, None
+    for t, text in stamped:
+        if "aggregate_train: Received" in text or text.strip().startswith("└──> Aggregated MetricRecord: {'hr@10'"):
+            busy_from = t
+        elif busy_from and ("configure_evaluate" in text or "[ROUND" in text or "Triggered stop" in text):
+            server += (t - busy_from).total_seconds()
+            busy_from = None
+    rounds = (stamped[-1][0] - starts[0]).total_seconds() if starts else 0.0
+    return {"round-seconds": rounds / max(len(starts), 1), "server-seconds-per-round": server / max(len(starts), 1)}
+
+
 def in_fresh_process(fn, *args) -> dict:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(fn, args)
@@ -141,7 +249,8 @@ def simulate_case(cache_mb: int, out: Path) -> dict:
     updates = sum(r.get("clients", 0) for r in rounds)
     return {"wall-seconds": wall, "ndcg@10": summary["ndcg@10"], "hr@10": summary["hr@10"],
             "recall@20": summary["recall@20"], "epsilon-max": summary["client-epsilon-max"],
-            "client-updates-per-minute": updates / (wall / 60), "run-dir": str(run_dir)}
+            "client-updates-per-minute": updates / (wall / 60), "run-dir": str(run_dir),
+            **server_share(run_dir / "flower.log")}
 
 
 def median_range(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
@@ -152,7 +261,10 @@ def median_range(values: list[float], scale: float = 1.0, digits: int = 3) -> st
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    import torch
+
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
 def report(results: dict, command: str) -> str:
@@ -161,8 +273,9 @@ def report(results: dict, command: str) -> str:
              "Medians over repeats (min–max); one torch thread per case, as one Ray worker runs one client.", "",
              "| case | time | memory |", "| --- | ---: | ---: |"]
     for name, r in steps.items():
+        cuda = f"; CUDA peak {r['cuda-peak-mb']:.0f} MB" if r.get("cuda-peak-mb") else ""
         lines.append(f"| {name} | {median_range(r['seconds'])} s per step | peak RSS {r['peak-mb']:.0f} MB; "
-                     f"+{r['peak-mb-over-load']:.0f} MB during the timed steps |")
+                     f"+{r['peak-mb-over-load']:.0f} MB during the timed steps{cuda} |")
     for key in ("dp", "plain"):
         off, on = steps[f"{key} step, cache off"], steps[f"{key} step, cache on (warm)"]
         lines.append(f"| {key} step: cache off / on | {statistics.median(off['seconds']) / statistics.median(on['seconds']):.2f}× | |")
@@ -170,6 +283,10 @@ def report(results: dict, command: str) -> str:
         dp, plain = steps[f"dp step, cache {cache}"], steps[f"plain step, cache {cache}"]
         lines.append(f"| DP / non-DP step, cache {cache} | {statistics.median(dp['seconds']) / statistics.median(plain['seconds']):.2f}× | "
                      f"{dp['peak-mb'] / plain['peak-mb']:.2f}× (whole-process peak) |")
+    if "dp step, ghost clipping, cache on (warm)" in steps:
+        ghost, hooks = steps["dp step, ghost clipping, cache on (warm)"], steps["dp step, cache on (warm)"]
+        lines.append(f"| DP step: ghost clipping / Opacus hooks, cache on | {statistics.median(ghost['seconds']) / statistics.median(hooks['seconds']):.2f}× | "
+                     f"{ghost['peak-mb'] / hooks['peak-mb']:.2f}× (whole-process peak) |")
     warm = steps["dp step, cache on (warm)"]
     held = f"{warm['cache-mb']:.0f} MB held (catalog and training texts)" if "cache-mb" in warm else ""
     lines.append(f"| cache warm-up: {warm['distinct-texts']} distinct training texts of the site, once | {warm['warm-up-seconds']:.1f} s | {held} |")
@@ -180,9 +297,18 @@ def report(results: dict, command: str) -> str:
     wire = results["wire"]
     lines.append(f"| bytes a client sends per round: the adapter ({wire['adapter-numbers']:,} numbers) | {wire['adapter-bytes']:,} B "
                  f"({wire['adapter-bytes'] / wire['full-model-fp32-bytes']:.2%} of the full fp32 model's {wire['full-model-fp32-bytes']:,} B) | |")
+    if "round" in results:
+        site = results["round"]
+        for name, times in site["phases"].items():
+            shown = ", ".join(f"round {k}: {t:.2f} s" for k, t in enumerate(times, start=1)) if len(times) > 1 else f"{times[0]:.2f} s"
+            lines.append(f"| one silo ({site['site-examples']} examples, {site['site-users']} users): {name} | {shown} | |")
     for cache, r in results.get("simulate", {}).items():
         lines.append(f"| default `fedrec simulate`, cache {cache} | {r['wall-seconds']:.0f} s wall, "
                      f"{r['client-updates-per-minute']:.1f} client updates/min; NDCG@10 {r['ndcg@10']:.4f}, ε {r['epsilon-max']:.3f} | |")
+        if "server-seconds-per-round" in r:
+            lines.append(f"| … its server side per round (aggregation, validation, ledger, checkpoint) | "
+                         f"{r['server-seconds-per-round']:.2f} s of a {r['round-seconds']:.0f} s round "
+                         f"({r['server-seconds-per-round'] / r['round-seconds']:.2%}) | |")
     return "\n".join(lines) + "\n"
 
 
@@ -206,11 +332,15 @@ def main(argv: list[str] | None = None) -> dict:
         for cache, label in ((False, "off"), (True, "on (warm)")):
             console.print(f"{key} step, cache {label}")
             results["steps"][f"{key} step, cache {label}"] = in_fresh_process(step_case, dp, cache, args.steps, args.repeats)
+    console.print("dp step with ghost clipping, cache on (warm)")
+    results["steps"]["dp step, ghost clipping, cache on (warm)"] = in_fresh_process(ghost_step_case, args.steps, args.repeats)
     for cache, label in ((False, "off"), (True, "on")):
         console.print(f"catalog refresh and evaluation, cache {label}")
         results["catalog"][label] = in_fresh_process(catalog_case, cache, args.repeats)
         results["evaluation"][label] = in_fresh_process(evaluation_case, cache, max(1, args.repeats // 2))
     results["wire"] = in_fresh_process(wire_case)
+    console.print("one silo's first two rounds, phase by phase")
+    results["round"] = in_fresh_process(round_case)
     if args.simulate:
         results["simulate"] = {}
         for cache_mb, label in ((1024, "on"), (0, "off")):
