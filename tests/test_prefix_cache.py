@@ -107,3 +107,28 @@ def test_a_new_process_reads_the_catalogs_states_from_disk(movielens, settings, 
     fresh = PrefixCache(cache.encoder, tokenizer, cache.layers, 1 << 30)
     fresh.load_or_compute(texts, 48, path)
     assert fresh.misses == 0 and all(torch.equal(fresh.states[(t, 48)], cache.states[(t, 48)]) for t in texts)
+
+
+def test_training_and_evaluation_with_the_cache_replay_those_without_it(movielens, small_split, settings):
+    """Non-private training is reproducible from its seed: the same steps with the cache on and
+    off end at the same adapter and the same full-ranking ranks."""
+    from client.train import ranks, train
+    from common.model import adapter_state, refresh_item_embeddings
+
+    catalog, _ = movielens
+    _, _, train_ex, valid, _ = small_split
+    s = dataclasses.replace(settings, dp=False, local_steps=6, lora_layers=1, learning_rate=0.01)
+    results = []
+    for cache_mb in (1024, 0):
+        model, tokenizer = model_pair(s, len(catalog), prefix_cache_mb=cache_mb)
+        refresh_item_embeddings(model, tokenizer, catalog.texts())
+        train(model, tokenizer, train_ex, s, [], seed=3, q=0.0)
+        refresh_item_embeddings(model, tokenizer, catalog.texts())
+        results.append((adapter_state(model), ranks(model, tokenizer, valid, s.max_length)))
+        assert (model.get_base_model().prefix_cache is None) == (cache_mb == 0)
+    (cached, cached_ranks), (whole, whole_ranks) = results
+    moved = model_pair(s, len(catalog))[0]
+    assert any(not torch.allclose(whole[k], v.cpu()) for k, v in adapter_state(moved).items())  # training moved it
+    for key in whole:
+        assert torch.allclose(cached[key], whole[key], rtol=1e-4, atol=1e-5), key
+    assert torch.equal(cached_ranks, whole_ranks)
