@@ -17,6 +17,7 @@ kept in its own memory (and, for the public catalog only, on its own disk).
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -84,6 +85,9 @@ class PrefixCache:
         size = state.numel() * state.element_size()
         if size > self.max_bytes:
             return
+        if key in self.states:
+            old = self.states.pop(key)
+            self.bytes -= old.numel() * old.element_size()
         self.states[key] = state
         self.bytes += size
         while self.bytes > self.max_bytes:
@@ -129,7 +133,10 @@ class PrefixCache:
                     self.remember(key, state)
                 return
         states = self.lookup(texts, max_length)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"keys": keys, "layers": self.layers, "states": [s.cpu() for s in states]}, tmp)
-        tmp.replace(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two processes of one site may race
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"keys": keys, "layers": self.layers, "states": [s.cpu() for s in states]}, tmp)
+            tmp.replace(path)
+        except OSError:  # an unwritable state folder only costs the next process the encoding
+            tmp.unlink(missing_ok=True)

@@ -107,6 +107,9 @@ def test_a_new_process_reads_the_catalogs_states_from_disk(movielens, settings, 
     fresh = PrefixCache(cache.encoder, tokenizer, cache.layers, 1 << 30)
     fresh.load_or_compute(texts, 48, path)
     assert fresh.misses == 0 and all(torch.equal(fresh.states[(t, 48)], cache.states[(t, 48)]) for t in texts)
+    held = fresh.bytes
+    fresh.load_or_compute(texts, 48, path)  # read again into a cache that holds them: counted once
+    assert fresh.bytes == held == sum(x.numel() * x.element_size() for x in fresh.states.values())
 
 
 def test_training_and_evaluation_with_the_cache_replay_those_without_it(movielens, small_split, settings):
