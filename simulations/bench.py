@@ -165,9 +165,10 @@ def wire_case() -> dict:
     from common.model import adapter_state
 
     _, _, _, _, model, _ = setup(0)
-    sent = ArrayRecord(adapter_state(model))
+    adapter = adapter_state(model)
+    sent = ArrayRecord(adapter)  # what a train reply carries
     full = sum(p.numel() for p in model.get_base_model().parameters()) * 4
-    return {"adapter-bytes": sum(len(a.data) for a in sent.values()), "adapter-numbers": sum(t.numel() for t in adapter_state(model).values()),
+    return {"adapter-bytes": sum(len(a.data) for a in sent.values()), "adapter-numbers": sum(t.numel() for t in adapter.values()),
             "full-model-fp32-bytes": full}
 
 
@@ -194,13 +195,14 @@ def round_case() -> dict:
         phases.setdefault(name, []).append(time.perf_counter() - started)
         return out
 
-    def load_model():
-        encoder, tokenizer = load_encoder(s.model, s.model_layers)
-        return build_model(encoder, 1682, adapter_config(s, encoder)), tokenizer
-
-    model, tokenizer = phase("model load (once per process)", load_model)
     catalog, train_ex, valid, test = phase("data load (once per process)",
                                            lambda: load_data(root / "client-0", root / "catalog.csv", s.history_len))
+
+    def load_model():
+        encoder, tokenizer = load_encoder(s.model, s.model_layers)
+        return build_model(encoder, len(catalog), adapter_config(s, encoder)), tokenizer
+
+    model, tokenizer = phase("model load (once per process)", load_model)
     q = s.batch_size / read_budget(root / "client-0", {}).declared_examples
     history = []
     for _ in range(2):
