@@ -181,12 +181,13 @@ def canary_scores(run_dir: Path, canaries: list[dict], partition_dir: Path) -> d
     (bias,) = [v for k, v in adapter_state(model).items() if k.endswith("scorer.bias")]
     prior_counts = torch.expm1(bias.double()).cpu().numpy()
     texts = [user_text(canary_interactions(c)[:1], catalog, s.history_len) for c in canaries]
+    sequences = [(catalog.index[c["history-item"]],) for c in canaries]
     log_probs = []
     for adapter in (initial, latest_adapter(run_dir)):
         if adapter != initial:
             load_adapter_state(model, load_file(str(adapter / "adapter_model.safetensors")))
             refresh_item_embeddings(model, tokenizer, catalog.texts())
-        logits = score_users(model, tokenizer, texts, s.max_length)
+        logits = score_users(model, tokenizer, texts, s.max_length, sequences=sequences)
         seen = torch.tensor([catalog.index[c["history-item"]] for c in canaries])
         logits[torch.arange(len(canaries)), seen] = float("-inf")  # as in training: seen items are masked
         log_probs.append(torch.log_softmax(logits.double(), dim=1))

@@ -46,7 +46,7 @@ from client.train import train as train_local
 from common.config import ConfigError, Settings, partition_root
 from common.data import DataError, catalog_fingerprint, leave_last_out, read_catalog, read_interactions
 from common.model import (adapter_config, adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
-                          refresh_item_embeddings)
+                          refresh_item_embeddings, sequence_options)
 from common.metrics import METRICS, unit_histogram
 from common.privacy import (UNITS, Budget, BudgetError, client_id, epsilon, history_metrics, load_history,
                             public_sample_rate, read_budget, save_history, spend, unit_conflict)
@@ -149,11 +149,13 @@ MODEL_LOADS = 0  # how many times this process loaded the base model (once per c
 def load_model(s: Settings, num_items: int):
     """The base model is loaded once per process and reused across rounds."""
     global MODEL_LOADS
-    key = (s.model, s.model_layers, s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_layers, num_items, s.prefix_cache_mb)
+    key = (s.model, s.model_layers, s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_layers, num_items, s.prefix_cache_mb,
+           *sequence_options(s).values())
     if key not in _MODELS:
         encoder, tokenizer = load_encoder(s.model, s.model_layers)
         base_sha = fingerprint(encoder)  # before LoRA is injected into it
-        model = build_model(encoder, num_items, adapter_config(s, encoder), prefix_cache_mb=s.prefix_cache_mb)
+        model = build_model(encoder, num_items, adapter_config(s, encoder), prefix_cache_mb=s.prefix_cache_mb,
+                            **sequence_options(s))
         _MODELS[key] = {"model": model, "tokenizer": tokenizer, "base-sha256": base_sha, "items-of": None}
         MODEL_LOADS += 1
     return _MODELS[key]

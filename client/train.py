@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from common.data import DataError, Example, privacy_units
 from common.metrics import METRICS, metrics_from_ranks, per_user_metrics, target_ranks
-from common.model import device, is_trained, score_users, text_inputs
+from common.model import device, history_inputs, is_trained, score_users, text_inputs
 from common.privacy import History, epsilon
 
 
@@ -49,6 +49,7 @@ class TrainResult:
 def _collate(model, tokenizer, max_length, num_items):
     def collate(batch: list[Example]):
         inputs = text_inputs(model, tokenizer, [ex.text for ex in batch], max_length)
+        inputs |= history_inputs(model, [ex.seen for ex in batch])
         targets = torch.tensor([ex.target for ex in batch], dtype=torch.long)
         # The user's own history is excluded when ranking, so it is excluded from the softmax
         # too: the model learns to rank the target among the items it will compete with.
@@ -206,6 +207,7 @@ def evaluation_sums(model, tokenizer, examples: list[Example], max_length: int) 
 
 
 def ranks(model, tokenizer, examples: list[Example], max_length: int) -> torch.Tensor:
-    scores = score_users(model, tokenizer, [ex.text for ex in examples], max_length)
+    scores = score_users(model, tokenizer, [ex.text for ex in examples], max_length,
+                         sequences=[ex.seen for ex in examples])
     targets = torch.tensor([ex.target for ex in examples])
     return target_ranks(scores, targets, [ex.seen for ex in examples])

@@ -102,6 +102,9 @@ class Settings:
     lora_train_a: bool
     initial_score_scale: float
     max_length: int
+    sequence_length: int  # the sequence tower reads a user's last this-many items (common/sequence.py); 0 = no tower
+    sequence_dim: int
+    sequence_layers: int
     prefix_cache_mb: int  # per model per process: the frozen lower layers' states (common/prefix_cache.py); 0 = off
     # local training with DP-SGD
     dp: bool
@@ -183,6 +186,10 @@ class Settings:
         require(self.lora_layers >= 0, "lora-layers must be >= 0 (0 = every encoder layer)")
         require(self.initial_score_scale > 0, "initial-score-scale must be > 0")
         require(self.max_length >= 16, "max-length must be >= 16")
+        require(self.sequence_length >= 0, "sequence-length must be >= 0 (0 = no sequence tower)")
+        require(self.sequence_dim >= 2 and self.sequence_dim % 2 == 0,
+                "sequence-dim must be an even number >= 2 (the tower's two attention heads split it)")
+        require(self.sequence_layers >= 1, "sequence-layers must be >= 1")
         require(self.prefix_cache_mb >= 0, "prefix-cache-mb must be >= 0 (0 = no frozen-prefix cache)")
         require(self.noise_multiplier >= 0, "noise-multiplier must be >= 0")
         require(self.max_grad_norm > 0, "max-grad-norm must be > 0")

@@ -1,14 +1,16 @@
 """The recommender: one frozen sentence encoder, two towers, a LoRA adapter.
 
-score(user, item) = s · cos(u, e_item) + b_item
+score(user, item) = s · cos(u, e_item) + δ(history) · e_item + b_item
 
 * ``u`` = mean-pooled encoder output of the user's history text (private, trained on),
+* ``δ`` = the optional sequence tower over the user's last ``sequence-length`` items
+  (common/sequence.py; zero at initialisation, absent when ``sequence-length`` = 0),
 * ``e_item`` = mean-pooled encoder output of the item's catalog text (public), computed
   under ``no_grad`` once per round with the current adapter and held as a buffer,
 * ``s`` (a learned scale) and ``b`` (a learned per-item bias) live in ``ItemScorer``.
 
-The adapter is LoRA on the attention projections plus ``ItemScorer`` (PEFT's
-``modules_to_save``), so ``save_pretrained`` writes exactly what is trained and sent.
+The adapter is LoRA on the attention projections plus ``ItemScorer`` and the sequence tower
+(PEFT's ``modules_to_save``), so ``save_pretrained`` writes exactly what is trained and sent.
 Because item embeddings carry no gradient, the gradient of example i flows only through
 example i's own user text: per-sample gradients are those of independent examples,
 which is what Opacus' DP-SGD needs.
@@ -28,6 +30,7 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from common.prefix_cache import PrefixCache, cacheable_layers, run_layers
+from common.sequence import SequenceTower, histories
 
 transformers.logging.set_verbosity_error()  # the truncated-layer load report is expected
 transformers.utils.logging.disable_progress_bar()
@@ -106,11 +109,15 @@ def _item_scorer_grad_sample(layer: ItemScorer, activations, backprops):
 
 
 class Recommender(nn.Module):
-    def __init__(self, encoder: nn.Module, num_items: int, init_scale: float = 20.0, prefix_cache_mb: int = 1024):
+    def __init__(self, encoder: nn.Module, num_items: int, init_scale: float = 20.0, prefix_cache_mb: int = 1024,
+                 sequence_length: int = 0, sequence_dim: int = 32, sequence_layers: int = 1):
         super().__init__()
         self.encoder = encoder
         self.scorer = ItemScorer(num_items, init_scale)
         hidden = encoder.config.hidden_size
+        self.sequence_length = sequence_length
+        if sequence_length:
+            self.sequence = SequenceTower(hidden, sequence_length, sequence_dim, sequence_layers)
         # Not a parameter and not persistent: recomputed from the public catalog.
         self.register_buffer("item_embeddings", torch.zeros(num_items, hidden), persistent=False)
         self.prefix_cache_bytes = prefix_cache_mb << 20
@@ -127,9 +134,12 @@ class Recommender(nn.Module):
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return nn.functional.normalize(pooled, dim=-1)
 
-    def forward(self, input_ids=None, attention_mask=None, prefix_states=None) -> torch.Tensor:
+    def forward(self, input_ids=None, attention_mask=None, prefix_states=None, history=None) -> torch.Tensor:
         users = self.embed(input_ids, attention_mask, prefix_states)
-        return self.scorer(users @ self.item_embeddings.T)
+        logits = self.scorer(users @ self.item_embeddings.T)
+        if hasattr(self, "sequence"):
+            logits = logits + self.sequence(history, self.item_embeddings) @ self.item_embeddings.T
+        return logits
 
 
 def prefix_cache(model: PeftModel, tokenizer) -> PrefixCache | None:
@@ -152,6 +162,13 @@ def text_inputs(model: PeftModel, tokenizer, texts: list[str], max_length: int) 
         return cache.inputs(texts, max_length)
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device())
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def history_inputs(model: PeftModel, sequences: list[tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The sequence tower's keyword input for these users' item sequences (oldest first), on the
+    model's device; nothing when the model has no tower."""
+    length = model.get_base_model().sequence_length
+    return {"history": histories(sequences, length).to(device())} if length else {}
 
 
 def load_encoder(model: str, num_layers: int = 0):
@@ -178,8 +195,10 @@ def fingerprint(encoder: nn.Module) -> str:
     return h.hexdigest()
 
 
-def lora_config(rank: int, alpha: float, targets: str, top_layers: int = 0, num_layers: int = 0) -> LoraConfig:
-    """LoRA on ``targets`` in the top ``top_layers`` of ``num_layers`` encoder layers (0 = all).
+def lora_config(rank: int, alpha: float, targets: str, top_layers: int = 0, num_layers: int = 0,
+                sequence: bool = False) -> LoraConfig:
+    """LoRA on ``targets`` in the top ``top_layers`` of ``num_layers`` encoder layers (0 = all);
+    the scorer (and the sequence tower, when the model has one) trained and saved whole.
 
     Only the top layers: the gradient then stops there, so the lower layers run forward only,
     and DP-SGD noise lands on fewer numbers."""
@@ -195,20 +214,27 @@ def lora_config(rank: int, alpha: float, targets: str, top_layers: int = 0, num_
         target_modules=[t.strip() for t in targets.split(",") if t.strip()],
         layers_to_transform=layers,
         layers_pattern="layer" if layers else None,
-        modules_to_save=["scorer"],
+        modules_to_save=["scorer", "sequence"] if sequence else ["scorer"],
     )
 
 
 def adapter_config(s, encoder: nn.Module) -> LoraConfig:
     """The run's LoRA config (``lora-rank``, ``lora-alpha``, ``lora-targets``, ``lora-layers``)."""
-    return lora_config(s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_layers, encoder.config.num_hidden_layers)
+    return lora_config(s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_layers, encoder.config.num_hidden_layers,
+                       sequence=s.sequence_length > 0)
+
+
+def sequence_options(s) -> dict:
+    """The sequence tower's shape from the settings, as ``build_model`` / ``Recommender`` keywords."""
+    return {"sequence_length": s.sequence_length, "sequence_dim": s.sequence_dim, "sequence_layers": s.sequence_layers}
 
 
 def build_model(encoder: nn.Module, num_items: int, config: LoraConfig, seed: int = 0,
-                init_scale: float = 20.0, prefix_cache_mb: int = 1024) -> PeftModel:
-    """Wrap base model with LoRA. Moves to the device *before* wrapping (opacus issue 820)."""
+                init_scale: float = 20.0, prefix_cache_mb: int = 1024, **sequence) -> PeftModel:
+    """Wrap base model with LoRA. Moves to the device *before* wrapping (opacus issue 820).
+    ``sequence``: the sequence tower's shape (``sequence_options``); none by default."""
     torch.manual_seed(seed)
-    base = Recommender(encoder, num_items, init_scale, prefix_cache_mb).to(device())
+    base = Recommender(encoder, num_items, init_scale, prefix_cache_mb, **sequence).to(device())
     return get_peft_model(base, config)
 
 
@@ -270,8 +296,22 @@ def refresh_item_embeddings(model: PeftModel, tokenizer, item_texts: list[str], 
 
 
 @torch.no_grad()
-def score_users(model: PeftModel, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> torch.Tensor:
-    """Scores of every catalog item for each user text (item embeddings must be fresh)."""
+def score_users(model: PeftModel, tokenizer, texts: list[str], max_length: int, batch_size: int = 64,
+                sequences: list[tuple[int, ...]] | None = None) -> torch.Tensor:
+    """Scores of every catalog item for each user: their text, and with a sequence tower their
+    item sequence (catalog indices, oldest first). Item embeddings must be fresh."""
     recommender = model.get_base_model()
+    items = recommender.item_embeddings
     users = encode_texts(model, tokenizer, texts, max_length, batch_size)
-    return recommender.scorer(users @ recommender.item_embeddings.T).cpu()
+    scores = recommender.scorer(users @ items.T)
+    if recommender.sequence_length:
+        if sequences is None or len(sequences) != len(texts):
+            raise ValueError("this model has a sequence tower (sequence-length > 0): score each user's item "
+                             "sequence along with their text")
+        was_training = recommender.training
+        recommender.eval()
+        for start in range(0, len(texts), batch_size):
+            chunk = history_inputs(model, sequences[start:start + batch_size])["history"]
+            scores[start:start + len(chunk)] += recommender.sequence(chunk, items) @ items.T
+        recommender.train(was_training)
+    return scores.cpu()

@@ -10,7 +10,7 @@ from peft import PeftModel
 
 from common.config import Settings, defaults
 from common.data import Interaction, read_catalog, user_text
-from common.model import Recommender, device, load_encoder, refresh_item_embeddings, score_users
+from common.model import Recommender, device, load_encoder, refresh_item_embeddings, score_users, sequence_options
 
 
 def latest_adapter(run_dir: Path) -> Path:
@@ -33,7 +33,7 @@ def load_recommender(run_dir: Path, adapter: Path | None = None):
     s = Settings.from_run_config({**defaults(), **config})
     catalog = read_catalog(run_dir / "catalog.csv")
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
-    base = Recommender(encoder, len(catalog)).to(device())
+    base = Recommender(encoder, len(catalog), **sequence_options(s)).to(device())
     path = adapter or latest_adapter(run_dir)
     try:
         model = PeftModel.from_pretrained(base, str(path))
@@ -53,7 +53,9 @@ def recommend(model, tokenizer, catalog, s: Settings, history: list[tuple[str, f
     if unknown:
         raise ValueError(f"item id(s) not in the catalog: {', '.join(unknown)}")
     interactions = [Interaction("you", item, rating, t) for t, (item, rating) in enumerate(history)]
-    scores = score_users(model, tokenizer, [user_text(interactions, catalog, s.history_len)], s.max_length)[0]
+    sequence = tuple(catalog.index[item] for item, _ in history)
+    scores = score_users(model, tokenizer, [user_text(interactions, catalog, s.history_len)], s.max_length,
+                         sequences=[sequence])[0]
     for item, _ in history:
         scores[catalog.index[item]] = float("-inf")
     top = torch.topk(scores, k)

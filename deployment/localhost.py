@@ -281,7 +281,7 @@ def deploy(root: Path, data_dirs: list[Path], overrides: dict) -> dict:
     """Deploy one SuperNode per site folder under ``root``, run once; the figures of that run."""
     from common.data import read_catalog
     from common.config import Settings, defaults
-    from common.model import adapter_config, adapter_state, build_model, load_encoder
+    from common.model import adapter_config, adapter_state, build_model, load_encoder, sequence_options
 
     with LocalDeployment(root, data_dirs) as d:
         d.wait_for_nodes(len(data_dirs))
@@ -299,7 +299,7 @@ def deploy(root: Path, data_dirs: list[Path], overrides: dict) -> dict:
     elapsed = [r["elapsed-s"] for r in rows]
     s = Settings.from_run_config({**defaults(), **overrides})
     encoder, _ = load_encoder(s.model, s.model_layers)
-    model = build_model(encoder, len(read_catalog(run_dir / "catalog.csv")), adapter_config(s, encoder))
+    model = build_model(encoder, len(read_catalog(run_dir / "catalog.csv")), adapter_config(s, encoder), **sequence_options(s))
     adapter_bytes = sum(t.numel() * t.element_size() for t in adapter_state(model).values())
     return {"sites": len(data_dirs), "rounds": len(rows), "wall-s": round(wall, 1),
             "round-s": [round(b - a, 1) for a, b in zip(elapsed, elapsed[1:])], "first-round-s": elapsed[0],

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from common.config import Settings, fedrec_home, partition_root
 from common.data import catalog_fingerprint, load_movielens, read_catalog, write_catalog
 from common.model import (adapter_config, adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
-                          resolve_model_path)
+                          resolve_model_path, sequence_options)
 from common.privacy import ADJACENCY, UNITS, central_unit
 from server.aggregators import choose
 from server.central_dp import CentralDP
@@ -105,7 +105,7 @@ def global_model(s: Settings, num_items: int):
     encoder, _ = load_encoder(s.model, s.model_layers)
     checks = {"base-sha256": fingerprint(encoder)}  # before LoRA is injected into it
     model = build_model(encoder, num_items, adapter_config(s, encoder), seed=s.seed, init_scale=s.initial_score_scale,
-                        prefix_cache_mb=s.prefix_cache_mb)
+                        prefix_cache_mb=s.prefix_cache_mb, **sequence_options(s))
     model.peft_config["default"].base_model_name_or_path = str(resolve_model_path(s.model))
     return model, checks
 

@@ -27,7 +27,8 @@ from client.train import evaluate, privacy_units, train
 from common.config import Settings, defaults, parse_overrides
 from common.data import leave_last_out, load_movielens
 from common.metrics import unit_histogram
-from common.model import adapter_config, build_model, load_encoder, refresh_item_embeddings, set_item_bias
+from common.model import (adapter_config, build_model, load_encoder, refresh_item_embeddings, sequence_options,
+                          set_item_bias)
 from common.privacy import statement
 from simulations.partition import popularity_reference, select_users
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     popularity = popularity_reference(users, catalog, s.history_len)
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
     model = build_model(encoder, len(catalog), adapter_config(s, encoder), seed=s.seed,
-                        init_scale=s.initial_score_scale, prefix_cache_mb=s.prefix_cache_mb)
+                        init_scale=s.initial_score_scale, prefix_cache_mb=s.prefix_cache_mb, **sequence_options(s))
     history = []
     if s.popularity_prior:  # the federated run's prior, from one histogram
         counts = unit_histogram(train_ex, len(catalog), s.privacy_unit)

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     _, _, test = leave_last_out(users, catalog, s.history_len)
     targets = torch.tensor([ex.target for ex in test])
     seen = [ex.seen for ex in test]
-    scores = score_users(model, tokenizer, [ex.text for ex in test], s.max_length)
+    scores = score_users(model, tokenizer, [ex.text for ex in test], s.max_length, sequences=seen)
     popularity = popularity_model(users, catalog).expand(len(test), -1)
     result = paired_bootstrap(per_user_metrics(target_ranks(scores, targets, seen)),
                               per_user_metrics(target_ranks(popularity, targets, seen)), args.resamples)
