@@ -132,3 +132,37 @@ def test_the_trained_tower_reads_the_order_of_a_history(sequence_model, small_sp
     forward = score_users(model, tokenizer, texts, s.max_length, sequences=[ex.seen for ex in long])
     shuffled = [ex.seen[:-6] + ex.seen[-6:-1][::-1] + ex.seen[-1:] for ex in long]  # same items, other order
     assert not torch.allclose(forward, score_users(model, tokenizer, texts, s.max_length, sequences=shuffled), atol=1e-4)
+
+
+def test_recommend_reads_the_tower_from_a_run_directory(sequence_model, sequence_settings, movielens, tmp_path):
+    """``fedrec recommend``'s loader rebuilds the tower from the run's config and ranks by it:
+    the same top items as the trained model, and a different list when the order changes."""
+    import json
+
+    from common.config import defaults
+    from common.data import Interaction, user_text, write_catalog
+    from common.recommend import load_recommender, recommend
+
+    model, tokenizer = sequence_model
+    catalog, _ = movielens
+    s = sequence_settings
+    with torch.no_grad():  # a tower that is not zero, as after training
+        for name, p in model.named_parameters():
+            if ".sequence." in name and p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    run = tmp_path / "run"
+    model.save_pretrained(run / "adapters" / "round-001")
+    write_catalog(catalog, run / "catalog.csv")
+    config = {**defaults(), "model-layers": s.model_layers, "lora-layers": s.lora_layers, "history-len": s.history_len,
+              "max-length": s.max_length, "sequence-length": s.sequence_length, "sequence-dim": s.sequence_dim}
+    (run / "config.json").write_text(json.dumps({"run-config": config}))
+    loaded, loaded_tokenizer, _, loaded_settings = load_recommender(run)
+    history = [(catalog.items[i].item_id, 4.0) for i in (49, 180, 99, 257, 293)]
+    top = [item.item_id for item, _ in recommend(loaded, loaded_tokenizer, catalog, loaded_settings, history)]
+    refresh_item_embeddings(model, tokenizer, catalog.texts())
+    text = user_text([Interaction("you", i, r, t) for t, (i, r) in enumerate(history)], catalog, s.history_len)
+    scores = score_users(model, tokenizer, [text], s.max_length, sequences=[(49, 180, 99, 257, 293)])[0]
+    scores[[49, 180, 99, 257, 293]] = float("-inf")
+    assert top == [catalog.items[i].item_id for i in torch.topk(scores, 10).indices]
+    reordered = history[:3][::-1] + history[3:]  # same last item, so the same text: only the tower sees it
+    assert [item.item_id for item, _ in recommend(loaded, loaded_tokenizer, catalog, loaded_settings, reordered)] != top
