@@ -12,7 +12,7 @@ score(user, item) = s · cos(u, e_item) + δ(history) · e_item + b_item
 The adapter is LoRA on the attention projections plus ``ItemScorer`` and the sequence tower
 (PEFT's ``modules_to_save``), so ``save_pretrained`` writes exactly what is trained and sent.
 Because item embeddings carry no gradient, the gradient of example i flows only through
-example i's own user text: per-sample gradients are those of independent examples,
+example i's own user text (and item sequence): per-sample gradients are those of independent examples,
 which is what Opacus' DP-SGD needs.
 """
 
@@ -137,7 +137,7 @@ class Recommender(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, prefix_states=None, history=None) -> torch.Tensor:
         users = self.embed(input_ids, attention_mask, prefix_states)
         logits = self.scorer(users @ self.item_embeddings.T)
-        if hasattr(self, "sequence"):
+        if self.sequence_length:
             logits = logits + self.sequence(history, self.item_embeddings) @ self.item_embeddings.T
         return logits
 
@@ -219,7 +219,8 @@ def lora_config(rank: int, alpha: float, targets: str, top_layers: int = 0, num_
 
 
 def adapter_config(s, encoder: nn.Module) -> LoraConfig:
-    """The run's LoRA config (``lora-rank``, ``lora-alpha``, ``lora-targets``, ``lora-layers``)."""
+    """The run's LoRA config (``lora-rank``, ``lora-alpha``, ``lora-targets``, ``lora-layers``; the
+    sequence tower saved with the scorer when ``sequence-length`` > 0)."""
     return lora_config(s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_layers, encoder.config.num_hidden_layers,
                        sequence=s.sequence_length > 0)
 

@@ -55,6 +55,9 @@ class SequenceTower(nn.Module):
         self.length = length
         self.item_in = nn.Linear(text_dim, dim)
         self.position = nn.Embedding(length, dim)
+        # Small, as GPT-2 does: at N(0, 1) (torch's default) the positions would drown the items'
+        # projected embeddings (of order 1/√dim) and the tower would start out reading order only.
+        nn.init.normal_(self.position.weight, std=0.02)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, text_dim, bias=False)
