@@ -51,7 +51,7 @@ def test_the_untrained_tower_adds_nothing(sequence_model, small_split, sequence_
     with torch.no_grad():
         text_only = recommender.scorer(encode_texts(model, tokenizer, texts, sequence_settings.max_length) @ items.T)
         assert torch.count_nonzero(recommender.sequence(histories(sequences, 6), items)) == 0
-    assert torch.equal(with_tower, text_only)
+    assert torch.equal(with_tower, text_only.cpu())
     with pytest.raises(ValueError, match="sequence tower"):
         score_users(model, tokenizer, texts, sequence_settings.max_length)
 
