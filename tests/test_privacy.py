@@ -6,17 +6,13 @@ import dataclasses
 
 import pytest
 import torch
-from opacus import GradSampleModule
 from opacus.accountants import PRVAccountant
 from peft import PeftModel
 
 from client.train import _collate, train
 from common.model import Recommender, adapter_config, build_model, load_encoder, refresh_item_embeddings
 from common.privacy import epsilon, load_history, save_history
-
-# Opacus' hooks compute per-sample gradients analytically; against autograd on the single
-# example they agree to float32 round-off. Tolerance: |Δ| <= 1e-5 + 1e-3·|g|.
-RTOL, ATOL = 1e-3, 1e-5
+from tests.per_example import checked_per_example_gradients
 
 
 def test_per_sample_gradients_equal_single_example_autograd(model_and_tokenizer, small_split, settings):
@@ -26,7 +22,7 @@ def test_per_sample_gradients_equal_single_example_autograd(model_and_tokenizer,
     # Different history lengths, so padding, attention masks and seen-item masks are exercised.
     assert len({len(tokenizer(ex.text)["input_ids"]) for ex in batch}) > 1
     collate = _collate(model, tokenizer, settings.max_length, model.get_base_model().item_embeddings.shape[0])
-    inputs, targets, seen = collate(batch)
+    _, _, seen = collate(batch)
     assert seen.sum(dim=1).tolist() == [len(set(ex.seen)) for ex in batch]
     # PEFT starts lora_B at zero, which makes lora_A's gradient zero; use a trained-like
     # state so that every tensor's gradient is non-trivial.
@@ -34,28 +30,9 @@ def test_per_sample_gradients_equal_single_example_autograd(model_and_tokenizer,
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-    model.train()
-    gsm = GradSampleModule(model, loss_reduction="sum")
-    logits = gsm(**inputs).masked_fill(seen, float("-inf"))
-    loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-    loss.backward()
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    per_sample = {n: p.grad_sample.detach().clone() for n, p in trainable.items()}
-    gsm.to_standard_module()
-    assert any("lora_A" in n for n in trainable) and any("lora_B" in n for n in trainable)
-    assert any("scorer" in n for n in trainable)
-
-    for i, example in enumerate(batch):
-        model.zero_grad(set_to_none=True)
-        inputs_i, target_i, seen_i = collate([example])
-        logits = model(**inputs_i).masked_fill(seen_i, float("-inf"))
-        torch.nn.functional.cross_entropy(logits, target_i, reduction="sum").backward()
-        for name, p in trainable.items():
-            expected = p.grad.detach()
-            got = per_sample[name][i]
-            assert got.shape == expected.shape, name
-            assert torch.allclose(got, expected, rtol=RTOL, atol=ATOL), (
-                f"{name}: example {i} max |Δ| {(got - expected).abs().max():.3e}")
+    per_sample = checked_per_example_gradients(model, collate, batch)
+    assert any("lora_A" in n for n in per_sample) and any("lora_B" in n for n in per_sample)
+    assert any("scorer" in n for n in per_sample)
     for name, g in per_sample.items():  # non-trivial and example-specific, so the check has teeth
         assert g[0].abs().max() > 0, name
         assert not torch.allclose(g[0], g[1]), name

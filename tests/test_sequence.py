@@ -8,15 +8,13 @@ import dataclasses
 
 import pytest
 import torch
-from opacus import GradSampleModule
 from peft import PeftModel
 
 from client.train import _collate, train
 from common.model import (Recommender, adapter_config, build_model, encode_texts, load_encoder,
                           refresh_item_embeddings, score_users, sequence_options)
 from common.sequence import PAD, histories
-
-RTOL, ATOL = 1e-3, 1e-5  # as in test_privacy: float32 round-off between hooks and autograd
+from tests.per_example import checked_per_example_gradients
 
 
 @pytest.fixture()
@@ -63,29 +61,14 @@ def test_per_example_gradients_of_the_tower_equal_single_example_autograd(sequen
     batch = [ex for ex in train_ex if len(ex.seen) < 6][:3] + [ex for ex in train_ex if len(ex.seen) > 6][:3]
     assert len({min(len(ex.seen), 6) for ex in batch}) > 2  # padded and full histories both
     collate = _collate(model, tokenizer, sequence_settings.max_length, model.get_base_model().item_embeddings.shape[0])
-    inputs, targets, seen = collate(batch)
     with torch.no_grad():  # away from the zero start, so every gradient is non-trivial
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-    gsm = GradSampleModule(model, loss_reduction="sum")
-    logits = gsm(**inputs).masked_fill(seen, float("-inf"))
-    torch.nn.functional.cross_entropy(logits, targets, reduction="sum").backward()
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    per_example = {n: p.grad_sample.detach().clone() for n, p in trainable.items()}
-    gsm.to_standard_module()
-    tower = [n for n in trainable if ".sequence." in n]
+    per_example = checked_per_example_gradients(model, collate, batch)
+    tower = [n for n in per_example if ".sequence." in n]
     assert any("item_in" in n for n in tower) and any("position" in n for n in tower)
     assert any("qkv" in n for n in tower) and any(n.endswith("out.weight") and "attention" not in n for n in tower)
-    for i, example in enumerate(batch):
-        model.zero_grad(set_to_none=True)
-        inputs_i, target_i, seen_i = collate([example])
-        logits = model(**inputs_i).masked_fill(seen_i, float("-inf"))
-        torch.nn.functional.cross_entropy(logits, target_i, reduction="sum").backward()
-        for name, p in trainable.items():
-            got, expected = per_example[name][i], p.grad.detach()
-            assert torch.allclose(got, expected, rtol=RTOL, atol=ATOL), (
-                f"{name}: example {i} max |Δ| {(got - expected).abs().max():.3e}")
     for name in tower:
         assert per_example[name][0].abs().max() > 0 and not torch.allclose(per_example[name][0], per_example[name][1])
 
