@@ -270,13 +270,15 @@ def plots(report: dict) -> dict[str, str]:
     out["final-epsilon"] = _figure_png(fig)
     plt.close(fig)
 
-    rounds = [r for r in report["metrics"] if "ndcg@10" in report["metrics"][r]]
+    rounds = [r for r in report["metrics"] if "val-ndcg@10" in report["metrics"][r]]
     fig, ax = plt.subplots(figsize=(6.4, 3.0))
-    for key, style in (("ndcg@10", "-o"), ("hr@10", "-s"), ("popularity-ndcg@10", "--"), ("popularity-hr@10", ":")):
+    for key, style in (("val-ndcg@10", "-o"), ("val-hr@10", "-s"), ("popularity-val-ndcg@10", "--"),
+                       ("popularity-val-hr@10", ":"), ("ndcg@10", "D"), ("hr@10", "^")):
         ys = [report["metrics"][r].get(key) for r in rounds]
-        if any(y is not None for y in ys):
-            ax.plot([int(r) for r in rounds], ys, style, label=key)
-    ax.set(xlabel="round", ylabel="test metric", title="Utility over rounds")
+        if any(y is not None for y in ys):  # the test split (no prefix) is scored at a final run's last round only
+            ax.plot([int(r) for r in rounds], ys, style, label=key if key.startswith(("val-", "popularity-val-"))
+                    else f"test {key}")
+    ax.set(xlabel="round", ylabel="metric", title="Utility over rounds (validation; test where read)")
     ax.legend(fontsize=8)
     out["utility"] = _figure_png(fig)
     plt.close(fig)

@@ -50,7 +50,7 @@ from common.model import (adapter_config, adapter_state, build_model, fingerprin
 from common.metrics import METRICS, unit_histogram
 from common.privacy import (UNITS, Budget, BudgetError, client_id, epsilon, history_metrics, load_history,
                             public_sample_rate, read_budget, save_history, spend, unit_conflict)
-from common.releases import ERROR_CATEGORIES, EVAL_SENSITIVITY, check_reply
+from common.releases import ERROR_CATEGORIES, EVAL_SPLITS, check_reply, eval_sensitivity
 
 app = ClientApp(mods=[secure_aggregation_mod])  # a no-op unless the round is a SecAgg+ round
 
@@ -329,22 +329,26 @@ def popularity(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @site_errors
 def evaluate(msg: Message, context: Context) -> Message:
-    """Noisy sums of HR@10, NDCG@10, Recall@20 and the user count, on test and validation users.
+    """Noisy sums of HR@10, NDCG@10, Recall@20 and the user count, on the splits asked for.
 
-    Gaussian mechanism on the 8 sums together: each user adds at most 1 to each, so removing
-    any part of one user's data moves the vector by at most √8 in L2; N(0, (σ_e·√8)²) goes on
-    each sum, accounted as (σ_e, 1.0, 1). The server divides noisy sums by noisy counts. A
-    simulated site also sends the exact means (its data is the simulator's, not private).
+    The request's ``splits`` names them: ``val`` every round, ``val,test`` at the last round of
+    a run that evaluates the test split (server/rounds.py). Gaussian mechanism on all the sums
+    together: each user adds at most 1 to each of the 4 sums per split, so removing any part of
+    one user's data moves the vector by at most √(4·splits) in L2; N(0, (σ_e·√(4·splits))²) goes
+    on each sum, accounted as (σ_e, 1.0, 1) whatever the splits. The server divides noisy sums by
+    noisy counts. A simulated site also sends the exact means (its data is the simulator's).
     """
     s, budget, state_dir, model, tokenizer, _, valid, test = prepare(msg, context)
+    splits = requested_splits(msg)
     history = load_history(state_dir)
     if reason := check_budget(s, budget, state_dir, history, [(s.eval_noise_multiplier, 1.0, 1)]):
         return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
-    sums = {f"{prefix}{k}": v for prefix, examples in (("", test), ("val-", valid))
-            for k, v in evaluation_sums(model, tokenizer, examples, s.max_length).items()}
+    examples = {"val": valid, "test": test}
+    sums = {f"{EVAL_SPLITS[split]}{k}": v for split in splits
+            for k, v in evaluation_sums(model, tokenizer, examples[split], s.max_length).items()}
     released, eps = dict(sums), math.inf
     if s.dp:
-        noise = secret_noise(len(sums), s.eval_noise_multiplier * EVAL_SENSITIVITY)
+        noise = secret_noise(len(sums), s.eval_noise_multiplier * eval_sensitivity(len(splits)))
         released = {k: v + float(e) for (k, v), e in zip(sums.items(), noise)}
         history = history + [(s.eval_noise_multiplier, 1.0, 1)]
         eps = save_history(state_dir, history, s.accountant, s.delta, s.privacy_unit)
@@ -352,10 +356,20 @@ def evaluate(msg: Message, context: Context) -> Message:
                "delta": s.delta,
                "epsilon-max": budget.epsilon_max, "declined": 0, **identity(state_dir, history)}
     if is_simulated(context):
-        for prefix in ("", "val-"):
+        for prefix in (EVAL_SPLITS[split] for split in splits):
             n = sums[f"{prefix}count"]
             metrics[f"exact-{prefix}count"] = n
             metrics.update({f"exact-{prefix}{k}": sums[f"{prefix}sum-{k}"] / max(n, 1) for k in METRICS})
     content = RecordDict({"metrics": MetricRecord(metrics)})
     check_reply("evaluate", content)
     return Message(content=content, reply_to=msg)
+
+
+def requested_splits(msg: Message) -> list[str]:
+    """The evaluation splits the server asked for (``val`` when it names none), checked."""
+    config = msg.content.config_records.get("config")
+    asked = str(config.get("splits", "val")) if config is not None else "val"
+    splits = [name.strip() for name in asked.split(",") if name.strip()]
+    if not splits or len(set(splits)) != len(splits) or not set(splits) <= set(EVAL_SPLITS):
+        raise ConfigError(f"evaluate: splits {asked!r}; expected a comma-separated subset of {sorted(EVAL_SPLITS)}")
+    return splits

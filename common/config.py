@@ -80,6 +80,7 @@ class Settings:
     fraction_train: float
     min_train_nodes: int
     fraction_evaluate: float
+    evaluate_test: bool  # the test split at the last round too (a final configuration's run); else validation only
     seed: int
     run_dir: str
     catalog: str

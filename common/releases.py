@@ -29,6 +29,7 @@ class Field:
     kind: type | str  # int, float, "list[int]", "list[float]", str, "tensors"
     status: str  # "dp", "public" or "simulation"
     why: str  # the mechanism and sensitivity (dp), or why it is independent of the data
+    per_split: bool = False  # an evaluation sum: present exactly when its split was asked for
 
 
 ACCOUNTING = {
@@ -44,11 +45,19 @@ ACCOUNTING = {
 }
 
 EVAL_SUMS = ("sum-hr@10", "sum-ndcg@10", "sum-recall@20", "count")
-EVAL_SPLITS = ("", "val-")  # test, validation
+# The splits an evaluate request may ask for, and their key prefixes. Validation is read every
+# round; the test split only when the run config says evaluate-test and only at the last round
+# (server/rounds.py), so that no choice can be made on it.
+EVAL_SPLITS = {"val": "val-", "test": ""}
 EXACT = ("hr@10", "ndcg@10", "recall@20", "count")
-# Each evaluated user adds at most 1 to each of the 8 sums (HR, NDCG, Recall ∈ [0, 1], count 1;
-# test and validation): removing any part of one user's data moves the vector by at most √8.
-EVAL_SENSITIVITY = 8 ** 0.5
+
+
+def eval_sensitivity(splits: int) -> float:
+    """L2 sensitivity of the evaluation sums of ``splits`` splits: each evaluated user adds at
+    most 1 to each of the 4 sums per split (HR, NDCG, Recall ∈ [0, 1], count 1), so removing
+    any part of one user's data moves the vector by at most √(4·splits)."""
+    return (4 * splits) ** 0.5
+
 
 REPLIES: dict[str, dict[str, Field]] = {
     "train": {
@@ -67,12 +76,14 @@ REPLIES: dict[str, dict[str, Field]] = {
         **{f"metrics.{k}": f for k, f in ACCOUNTING.items()},
     },
     "evaluate": {
-        **{f"metrics.{split}{k}": Field(float, "dp", "Gaussian sums over the site's users: + N(0, (σ_e·√8)²) "
-                                                      "each, L2 sensitivity √8 for all 8 sums together; (σ_e, 1, 1)")
-           for split in EVAL_SPLITS for k in EVAL_SUMS},
-        **{f"metrics.exact-{split}{k}": Field(float, "simulation", "exact mean (count: exact number of users) "
-                                                                    "of a simulated site")
-           for split in EVAL_SPLITS for k in EXACT},
+        **{f"metrics.{prefix}{k}": Field(float, "dp", "Gaussian sums over the site's users, on each split asked "
+                                                       "for (validation; test only at a final round): "
+                                                       "+ N(0, (σ_e·√(4·splits))²) each, L2 sensitivity "
+                                                       "√(4·splits) for all the sums together; (σ_e, 1, 1)", per_split=True)
+           for prefix in EVAL_SPLITS.values() for k in EVAL_SUMS},
+        **{f"metrics.exact-{prefix}{k}": Field(float, "simulation", "exact mean (count: exact number of users) "
+                                                                     "of a simulated site")
+           for prefix in EVAL_SPLITS.values() for k in EXACT},
         "metrics.noise-multiplier": Field(float, "public", "σ_e (run config eval-noise-multiplier)"),
         **{f"metrics.{k}": f for k, f in ACCOUNTING.items()},
     },

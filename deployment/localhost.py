@@ -304,4 +304,4 @@ def deploy(root: Path, data_dirs: list[Path], overrides: dict) -> dict:
     return {"sites": len(data_dirs), "rounds": len(rows), "wall-s": round(wall, 1),
             "round-s": [round(b - a, 1) for a, b in zip(elapsed, elapsed[1:])], "first-round-s": elapsed[0],
             "wire-bytes": wire, "wire-bytes-per-round": per_round, "adapter-bytes": adapter_bytes,
-            "final": {k: rows[-1].get(k) for k in ("ndcg@10", "hr@10", "epsilon-max")}}
+            "final": {k: rows[-1].get(k) for k in ("val-ndcg@10", "val-hr@10", "epsilon-max")}}

@@ -18,7 +18,7 @@ import math
 
 from flwr.app import MetricRecord
 
-from common.releases import EVAL_SENSITIVITY
+from common.releases import EVAL_SPLITS, eval_sensitivity
 from server.ledger import Ledger
 from server.replies import Reply
 
@@ -38,8 +38,9 @@ def own_releases(phase: str, m: MetricRecord) -> list[dict]:
                 {"mechanism": "gaussian-count", "noise_multiplier": m["count-noise-multiplier"], "sample_rate": 1.0,
                  "steps": 1, "max_grad_norm": 1.0}]
     if phase == "evaluate":
+        splits = sum(f"{prefix}count" in m for prefix in EVAL_SPLITS.values())
         return [{"mechanism": "gaussian-eval-sums", "noise_multiplier": m["noise-multiplier"], "sample_rate": 1.0,
-                 "steps": 1, "max_grad_norm": EVAL_SENSITIVITY}]
+                 "steps": 1, "max_grad_norm": eval_sensitivity(splits)}]
     return [{"mechanism": "gaussian-histogram", "noise_multiplier": m["noise-multiplier"], "sample_rate": 1.0,
              "steps": 1, "max_grad_norm": 1.0}]
 

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common.config import ConfigError, Settings
 from common.metrics import METRICS
-from common.releases import EVAL_SENSITIVITY
+from common.releases import EVAL_SPLITS, eval_sensitivity
 from server.aggregators import ServerStep, content_digest
 from server.records import RoundRecord, finite_or_none, json_metrics
 from server.replies import Names, Reply, accepted, classify, validate
@@ -55,6 +55,7 @@ class RoundPipeline(Strategy):
         self.sent: dict = {}
         self.instructions: list[Message] = []
         self.row: dict = {}
+        self.splits: list[str] = ["val"]
         self.started = time.time()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -108,24 +109,29 @@ class RoundPipeline(Strategy):
         return ok
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        return self.aggregator.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        server_round += self.round_offset
+        self.splits = evaluation_splits(server_round, self.s)
+        config = ConfigRecord({**config, "splits": ",".join(self.splits)})
+        return self.aggregator.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
-        noise_std = self.s.eval_noise_multiplier * EVAL_SENSITIVITY
+        noise_std = self.s.eval_noise_multiplier * eval_sensitivity(len(self.splits))
         replies = classify(replies, self.names)
-        validate(replies, lambda msg: check_evaluate_reply(msg.content, noise_std), "evaluation")
+        validate(replies, lambda msg: check_evaluate_reply(msg.content, noise_std, self.splits), "evaluation")
         self.record.replies("evaluate", replies)
         ok = accepted(replies)
-        row = {"round": server_round, **self.row, **evaluation_row([r.metrics for r in ok], noise_std),
+        row = {"round": server_round, **self.row, **evaluation_row([r.metrics for r in ok], noise_std, self.splits),
                "client-evaluations": [{"node": r.node, "epsilon": finite_or_none(r.metrics["epsilon"]),
                                        "delta": r.metrics["delta"]} for r in ok]}
         if self.reference and self.reference.is_file():
-            popularity = json.loads(self.reference.read_text())["test"]
-            row.update({f"popularity-{k}": v for k, v in popularity.items()})
+            popularity = json.loads(self.reference.read_text())
+            for split in self.splits:
+                reference = popularity["valid" if split == "val" else split]  # simulations/partition.py's keys
+                row.update({f"popularity-{EVAL_SPLITS[split]}{k}": v for k, v in reference.items()})
         row["elapsed-s"] = round(time.time() - self.started, 2)
         self.commit(server_round, row)
-        return MetricRecord({k: v for k, v in row.items() if k in METRICS})
+        return MetricRecord({k: v for k, v in row.items() if k.removeprefix("val-") in METRICS})
 
     def commit(self, server_round: int, row: dict) -> None:
         """The metrics row, then the ledger's transaction: the round's commit point."""
@@ -168,32 +174,43 @@ def train_row(server_round: int, replies: list[Reply], s: Settings, central: dic
     }
 
 
-def evaluation_row(replies: list[MetricRecord], noise_std: float) -> dict:
-    """The round's metrics from the sites' evaluation releases.
+def evaluation_splits(server_round: int, s: Settings) -> list[str]:
+    """What a round is scored on: validation every round; the test split too at the last round
+    of a run with ``evaluate-test`` (a final configuration's, fixed before it starts). Choices
+    (hyper-parameters, defaults, when to stop) are made on validation; the test figure is read
+    once, for the round fixed in advance."""
+    return ["val", "test"] if s.evaluate_test and server_round == s.num_server_rounds else ["val"]
+
+
+def evaluation_row(replies: list[MetricRecord], noise_std: float, splits: list[str]) -> dict:
+    """The round's metrics from the sites' evaluation releases, per split scored.
 
     DP estimate (any deployment): Σ noisy sums / Σ noisy counts per metric, clamped to [0, 1]
     (post-processing). Exact (simulation only, where every site sends exact means): the
-    user-weighted mean. The row's plain keys (``ndcg@10``…) hold the exact figures when every
-    site sent them, else the DP estimates; ``metrics-source`` says which.
+    user-weighted mean. The row's keys (``val-ndcg@10``…; the test split's without a prefix,
+    ``ndcg@10``…) hold the exact figures when every site sent them, else the DP estimates;
+    ``metrics-source`` says which.
     """
     if not replies:
         return {}
-    row = {"eval-sites": len(replies), "eval-noise-std-per-sum": noise_std}
-    for prefix in ("", "val-"):
+    prefixes = [EVAL_SPLITS[split] for split in splits]
+    row = {"eval-sites": len(replies), "eval-splits": ",".join(splits), "eval-noise-std-per-sum": noise_std}
+    for prefix in prefixes:
         count = sum(m[f"{prefix}count"] for m in replies)
         row[f"dp-{prefix}eval-users"] = count
         for k in METRICS:
             row[f"dp-{prefix}{k}"] = min(1.0, max(0.0, sum(m[f"{prefix}sum-{k}"] for m in replies) / max(count, 1.0)))
-    if all(f"exact-{k}" in m for m in replies for k in METRICS):
-        for prefix in ("", "val-"):
+    if all(f"exact-{prefix}{k}" in m for m in replies for prefix in prefixes for k in METRICS):
+        for prefix in prefixes:
             users = sum(m[f"exact-{prefix}count"] for m in replies)
             row[f"{prefix}eval-users"] = int(users)
             row.update({f"{prefix}{k}": sum(m[f"exact-{prefix}{k}"] * m[f"exact-{prefix}count"] for m in replies)
                         / max(users, 1) for k in METRICS})
         row["metrics-source"] = "exact (simulation: the simulator owns every site's data); dp-* are the DP releases"
     else:
-        row.update({f"{prefix}{k}": row[f"dp-{prefix}{k}"] for prefix in ("", "val-") for k in METRICS})
-        row["eval-users"] = round(row["dp-eval-users"])
+        for prefix in prefixes:
+            row.update({f"{prefix}{k}": row[f"dp-{prefix}{k}"] for k in METRICS})
+            row[f"{prefix}eval-users"] = round(row[f"dp-{prefix}eval-users"])
         row["metrics-source"] = "dp (Gaussian sums released by the sites)"
     return row
 

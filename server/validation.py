@@ -18,7 +18,7 @@ import math
 import torch
 from flwr.app import RecordDict
 
-from common.releases import REPLIES, fields_of
+from common.releases import EVAL_SPLITS, EVAL_SUMS, REPLIES, fields_of
 
 HISTORY = ("history-noise-multiplier", "history-sample-rate", "history-steps")
 # Largest |value| a noisy count or sum may have: far above any real site's counts, far below
@@ -40,7 +40,7 @@ def check_fields(kind: str, content: RecordDict) -> str | None:
         if field.kind == "tensors":
             continue
         if name not in present:
-            if field.status == "simulation":
+            if field.status == "simulation" or field.per_split:  # check_evaluate_reply: per split asked
                 continue
             return f"metric {name.split('.', 1)[1]!r} missing"
         record, key = name.split(".", 1)
@@ -93,11 +93,18 @@ def check_prior_reply(content: RecordDict, num_items: int, noise_multiplier: flo
     return None
 
 
-def check_evaluate_reply(content: RecordDict, noise_std: float) -> str | None:
-    """Why this evaluate reply must be dropped, or None: noisy sums within range, exact means in [0, 1]."""
+def check_evaluate_reply(content: RecordDict, noise_std: float, splits: list[str]) -> str | None:
+    """Why this evaluate reply must be dropped, or None: the sums of exactly the splits asked for,
+    noisy sums within range, exact means in [0, 1]."""
     if reason := check_fields("evaluate", content):
         return reason
     metrics = content["metrics"]
+    asked = {EVAL_SPLITS[split] for split in splits}
+    answered = {prefix for prefix in EVAL_SPLITS.values() if any(f"{prefix}{k}" in metrics for k in EVAL_SUMS)}
+    if answered != asked:
+        return f"splits answered {sorted(answered)}, asked {sorted(asked)} (key prefixes)"
+    if missing := [f"{prefix}{k}" for prefix in sorted(asked) for k in EVAL_SUMS if f"{prefix}{k}" not in metrics]:
+        return f"metric(s) {missing} missing"
     lowest = -10 * noise_std - 1
     for key, value in metrics.items():
         if key.startswith("exact-"):

@@ -224,7 +224,7 @@ def server_share(flower_log: Path) -> dict:
     starts = [t for t, text in stamped if "[ROUND" in text]
     server, busy_from = 0.0, None
     for t, text in stamped:
-        if "aggregate_train: Received" in text or text.strip().startswith("└──> Aggregated MetricRecord: {'hr@10'"):
+        if "aggregate_train: Received" in text or text.strip().startswith("└──> Aggregated MetricRecord: {'val-hr@10'"):
             busy_from = t
         elif busy_from and ("configure_evaluate" in text or "[ROUND" in text or "Triggered stop" in text):
             server += (t - busy_from).total_seconds()
@@ -249,8 +249,8 @@ def simulate_case(cache_mb: int, out: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     updates = sum(r.get("clients", 0) for r in rounds)
-    return {"wall-seconds": wall, "ndcg@10": summary["ndcg@10"], "hr@10": summary["hr@10"],
-            "recall@20": summary["recall@20"], "epsilon-max": summary["client-epsilon-max"],
+    return {"wall-seconds": wall, "val-ndcg@10": summary["val-ndcg@10"], "val-hr@10": summary["val-hr@10"],
+            "val-recall@20": summary["val-recall@20"], "epsilon-max": summary["client-epsilon-max"],
             "client-updates-per-minute": updates / (wall / 60), "run-dir": str(run_dir),
             **server_share(run_dir / "flower.log")}
 
@@ -306,7 +306,7 @@ def report(results: dict, command: str) -> str:
             lines.append(f"| one silo ({site['site-examples']} examples, {site['site-users']} users): {name} | {shown} | |")
     for cache, r in results.get("simulate", {}).items():
         lines.append(f"| default `fedrec simulate`, cache {cache} | {r['wall-seconds']:.0f} s wall, "
-                     f"{r['client-updates-per-minute']:.1f} client updates/min; NDCG@10 {r['ndcg@10']:.4f}, ε {r['epsilon-max']:.3f} | |")
+                     f"{r['client-updates-per-minute']:.1f} client updates/min; validation NDCG@10 {r['val-ndcg@10']:.4f}, ε {r['epsilon-max']:.3f} | |")
         if "server-seconds-per-round" in r:
             lines.append(f"| … its server side per round (aggregation, validation, ledger, checkpoint) | "
                          f"{r['server-seconds-per-round']:.2f} s of a {r['round-seconds']:.0f} s round "

@@ -50,7 +50,7 @@ def simulate(root: Path, sites: int, overrides: dict) -> dict:
     elapsed = [r["elapsed-s"] for r in rows]
     return {"rounds": len(rows), "wall-s": round(time.time() - started, 1), "first-round-s": elapsed[0],
             "round-s": [round(b - a, 1) for a, b in zip(elapsed, elapsed[1:])],
-            "final": {k: rows[-1].get(k) for k in ("ndcg@10", "hr@10", "epsilon-max")}}
+            "final": {k: rows[-1].get(k) for k in ("val-ndcg@10", "val-hr@10", "epsilon-max")}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = Table(title=f"{args.sites} clients, {args.rounds} rounds, {' '.join(args.set)} "
                         f"({os.cpu_count()} CPU cores)")
     for col in ("engine", "round 1 (s)", "median round 2+ (s)", "kB sent / received per site per round (median)",
-                "MB per site, whole run", "NDCG@10"):
+                "MB per site, whole run", "val NDCG@10"):
         table.add_column(col, justify="right")
     for name, r in results.items():
         per_round, wire = r.get("wire-bytes-per-round"), r.get("wire-bytes")
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
             for w in per_round.values())
         mb = "—" if not wire else " · ".join(f"{w['sent'] / 1e6:.2f} / {w['received'] / 1e6:.2f}" for w in wire.values())
         table.add_row(name, f"{r['first-round-s']:.1f}", f"{statistics.median(r['round-s']):.1f}", kb, mb,
-                      f"{r['final']['ndcg@10']:.4f}")
+                      f"{r['final']['val-ndcg@10']:.4f}")
     Console().print(table)
     (args.root / "bench.json").write_text(json.dumps(results, indent=1))
     return results

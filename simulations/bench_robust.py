@@ -34,8 +34,9 @@ def run(root: Path, name: str, clients: int, rounds: int, settings: list[str], s
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
-    return {"ndcg@10": rows[-1]["ndcg@10"], "hr@10": rows[-1]["hr@10"],
-            "popularity-ndcg@10": rows[-1].get("popularity-ndcg@10"), "curve": [r["ndcg@10"] for r in rows]}
+    return {"val-ndcg@10": rows[-1]["val-ndcg@10"], "val-hr@10": rows[-1]["val-hr@10"],
+            "popularity-val-ndcg@10": rows[-1].get("popularity-val-ndcg@10"),
+            "curve": [r["val-ndcg@10"] for r in rows]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,18 +55,18 @@ def main(argv: list[str] | None = None) -> dict:
     for aggregation in args.aggregators:
         results[f"attacked, {aggregation}"] = run(args.root, f"attacked-{aggregation}", args.clients, args.rounds,
                                                   [*settings, f"aggregation={aggregation}", *krum], args.attackers)
-    clean = results["clean, fedavg"]["ndcg@10"]
+    clean = results["clean, fedavg"]["val-ndcg@10"]
     table = Table(title=f"{args.clients} clients, attackers {' '.join(args.attackers)}, {args.rounds} rounds, "
                         f"{' '.join(args.set)}")
-    for col in ("run", "NDCG@10", "vs clean", "HR@10", "NDCG@10 by round"):
+    for col in ("run", "val NDCG@10", "vs clean", "val HR@10", "val NDCG@10 by round"):
         table.add_column(col, justify="right")
     for name, r in results.items():
-        table.add_row(name, f"{r['ndcg@10']:.4f}", f"{r['ndcg@10'] / clean:.0%}", f"{r['hr@10']:.4f}",
+        table.add_row(name, f"{r['val-ndcg@10']:.4f}", f"{r['val-ndcg@10'] / clean:.0%}", f"{r['val-hr@10']:.4f}",
                       " ".join(f"{v:.4f}" for v in r["curve"]))
     Console().print(table)
-    popularity = results["clean, fedavg"]["popularity-ndcg@10"]
+    popularity = results["clean, fedavg"]["popularity-val-ndcg@10"]
     if popularity is not None:
-        Console().print(f"popularity NDCG@10 on the same split: {popularity:.4f}")
+        Console().print(f"popularity validation NDCG@10 on the same split: {popularity:.4f}")
     (args.root / "robust.json").write_text(json.dumps(results, indent=1))
     return results
 

@@ -1,7 +1,11 @@
 """The simulator's command: ``fedrec simulate``, the App under Flower's simulation engine.
 
-    fedrec simulate [--rounds N] [--clients K] [--run-dir DIR] [--set key=value ...] [--scenario P:B ...]
+    fedrec simulate [--rounds N] [--clients K] [--run-dir DIR] [--set key=value ...] [--scenario P:B ...] [--test]
     fedrec simulate --resume RUN_DIR
+
+Every round is scored on the validation split, which is what choices are made on. ``--test``
+(run config ``evaluate-test``) also scores the last round on the test split: that is for a
+final configuration, fixed before the run, and the summary says the test split was read.
 
 It checks every setting against the model and the data, writes the simulated sites' folders
 (simulations/partition.py), runs the App (simulations/engine.py) with a progress bar, and
@@ -34,6 +38,8 @@ def register(commands) -> None:
     p.add_argument("--verbose", action="store_true", help="show Flower's logs instead of a progress bar")
     p.add_argument("--scenario", nargs="*", default=[], metavar="PARTITION:BEHAVIOUR",
                    help="make simulated clients misbehave, e.g. 0:sign-flip 1:nan (simulations/scenarios.py)")
+    p.add_argument("--test", action="store_true",
+                   help="also score the last round on the test split (a final configuration's run; evaluate-test)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a killed simulation from its last committed round, with its own settings")
     p.set_defaults(func=simulate)
@@ -63,8 +69,8 @@ def simulate(args) -> int:
                   f"{s.num_server_rounds} rounds, run directory [bold]{run_dir}[/bold]")
     started = time.time()
     stop = threading.Event()
-    watcher = threading.Thread(target=_progress, daemon=True,
-                               args=(run_dir / "metrics.jsonl", s.num_server_rounds, stop, s.accountant))
+    watcher = threading.Thread(target=_progress, daemon=True, args=(
+        run_dir / "metrics.jsonl", s.num_server_rounds, stop, s.accountant, s.privacy_unit))
     watcher.start()
     try:
         run(overrides, clients, args.scenario, args.verbose)
@@ -93,6 +99,8 @@ def plan(args):
             fail(str(e))
         if args.rounds is not None:
             overrides["num-server-rounds"] = args.rounds
+        if args.test:
+            overrides["evaluate-test"] = True
         run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
         overrides["run-dir"] = str(run_dir)
     try:
@@ -168,8 +176,8 @@ def resume_plan(args) -> tuple[Path, dict, int, list[str]]:
     from common.config import defaults
     from server.ledger import Ledger
 
-    if args.rounds is not None or args.clients is not None or args.set or args.run_dir or args.scenario:
-        fail("--resume takes no --rounds, --clients, --set, --run-dir or --scenario: a run resumes with its own")
+    if args.rounds is not None or args.clients is not None or args.set or args.run_dir or args.scenario or args.test:
+        fail("--resume takes no --rounds, --clients, --set, --run-dir, --scenario or --test: a run resumes with its own")
     run_dir = Path(args.resume).resolve()
     plan_file = run_dir / SIMULATION_FILE
     if not plan_file.is_file():
@@ -205,7 +213,7 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _progress(metrics: Path, rounds: int, stop: threading.Event, accountant: str) -> None:
+def _progress(metrics: Path, rounds: int, stop: threading.Event, accountant: str, unit: str) -> None:
     columns = [TextColumn("[bold]round {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}")]
     with Progress(*columns, console=console) as progress:
@@ -215,10 +223,10 @@ def _progress(metrics: Path, rounds: int, stop: threading.Event, accountant: str
             if rows:
                 r = rows[-1]
                 eps, delta = r.get("epsilon-max"), r.get("delta")
+                ndcg = f"validation NDCG@10 {r.get('val-ndcg@10', float('nan')):.4f}"
                 progress.update(task, completed=len(rows), description=(
-                    f"NDCG@10 {r.get('ndcg@10', float('nan')):.4f}  client ε max {eps:.2f} at δ = {delta:g} "
-                    f"(example-level, {accountant.upper()})"
-                    if eps is not None else f"NDCG@10 {r.get('ndcg@10', float('nan')):.4f}"))
+                    f"{ndcg}  client ε max {eps:.2f} at δ = {delta:g} ({unit}-level, {accountant.upper()})"
+                    if eps is not None else ndcg))
             stop.wait(1.0)
         progress.update(task, completed=len(_rows(metrics)))
 
@@ -239,17 +247,20 @@ def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path)
     last = rows[-1]
     table = Table(title=f"fedrec: {len(rows)} rounds, {clients} clients, {wall:.0f} s")
     table.add_column("model")
+    table.add_column("split")
     for name in ("HR@10", "NDCG@10", "Recall@20"):
         table.add_column(name, justify="right")
     keys = ("hr@10", "ndcg@10", "recall@20")
     exact = last.get("metrics-source", "").startswith("exact")
-    table.add_row("federated global adapter" + (" (exact: simulated sites)" if exact else " (sites' DP releases)"),
-                  *(f"{last.get(k, float('nan')):.4f}" for k in keys))
-    if exact and s.dp:  # without DP the sites' releases are the exact figures
-        table.add_row(f"  the same from the sites' DP releases (noise σ = {last['eval-noise-std-per-sum']:.0f} per "
-                      "site sum)", *(f"{last.get('dp-' + k, float('nan')):.4f}" for k in keys))
-    if "popularity-hr@10" in last:
-        table.add_row("popularity", *(f"{last['popularity-' + k]:.4f}" for k in keys))
+    splits = [("validation", "val-")] + ([("test (read once)", "")] if "ndcg@10" in last else [])
+    for split, prefix in splits:
+        table.add_row("federated global adapter" + (" (exact: simulated sites)" if exact else " (sites' DP releases)"),
+                      split, *(f"{last.get(prefix + k, float('nan')):.4f}" for k in keys))
+        if exact and s.dp:  # without DP the sites' releases are the exact figures
+            table.add_row(f"  the same from the sites' DP releases (noise σ = {last['eval-noise-std-per-sum']:.0f} "
+                          "per site sum)", split, *(f"{last.get('dp-' + prefix + k, float('nan')):.4f}" for k in keys))
+        if f"popularity-{prefix}hr@10" in last:
+            table.add_row("popularity", split, *(f"{last[f'popularity-{prefix}{k}']:.4f}" for k in keys))
     console.print(table)
     final = final_epsilons(run_dir, rows)
     if s.dp and final:
@@ -261,7 +272,8 @@ def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path)
             f"every adapter (DP-SGD: Poisson rate q = batch-size / declared-{s.privacy_unit}s, σ = "
             f"{s.noise_multiplier:g}, C = {s.max_grad_norm:g})",
             f"every {s.privacy_unit} count (Gaussian, σ_n = {s.count_noise_multiplier:g})",
-            f"every evaluation (Gaussian on 8 sums, sensitivity √8, σ_e = {s.eval_noise_multiplier:g})"]
+            f"every evaluation (Gaussian on 4 sums per split scored, sensitivity √(4·splits), "
+            f"σ_e = {s.eval_noise_multiplier:g})"]
         console.print(
             f"Privacy: client ε max {max(values):.3f}, median {statistics.median(values):.3f} over all {len(values)} "
             f"clients at δ = {s.delta:g}, {UNITS[s.privacy_unit]}, Opacus {s.accountant.upper()} accountant. It covers "
@@ -287,4 +299,7 @@ def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path)
     if failed or rejected:
         console.print(f"[yellow]Dropped replies over the run: {failed} failed (crash, timeout), {rejected} rejected "
                       "by the update checks; each reason is in metrics.jsonl and the ledger.[/yellow]")
+    if "ndcg@10" not in last:
+        console.print("Scored on the validation split only; `--test` scores a final configuration's last round on "
+                      "the test split.")
     console.print(f"Run directory: {run_dir} (metrics.jsonl, adapters/round-NNN, summary.json)")

@@ -1,8 +1,9 @@
 """Is a simulation run's lead over popularity more than chance? A paired bootstrap over users.
 
-    python -m simulations.significance RUN_DIR [--adapter ROUND] [--resamples 10000] [--out FILE]
+    python -m simulations.significance RUN_DIR [--adapter ROUND] [--resamples 10000] [--out FILE] [--test]
 
-Scores every held-out test user of a simulation run twice, on the run's own partition
+Scores every held-out user of a simulation run twice (the validation split; ``--test``: the
+test split, for a final configuration), on the run's own partition
 (``partition-dir``) and split: with the run's global adapter (the last round's, or
 ``--adapter``) and with the popularity baseline. Users are then resampled with replacement
 ``--resamples`` times, the same users for both models (a paired bootstrap), and the table
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -48,7 +50,8 @@ def run_users(partition_dir: Path, catalog: Catalog) -> dict:
 def paired_bootstrap(model: dict[str, torch.Tensor], baseline: dict[str, torch.Tensor], resamples: int,
                      seed: int = 0) -> dict[str, dict[str, float]]:
     """Per metric: both means, the relative lift mean(model)/mean(baseline) − 1 and its 95 %
-    percentile interval over ``resamples`` resamplings of users (the same rows for both)."""
+    percentile interval over ``resamples`` resamplings of users (the same rows for both). Where
+    the baseline scores 0 the lift is undefined: NaN."""
     n = len(next(iter(model.values())))
     rows = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))
     out = {}
@@ -56,8 +59,9 @@ def paired_bootstrap(model: dict[str, torch.Tensor], baseline: dict[str, torch.T
         m, b = model[k][rows].mean(1), baseline[k][rows].mean(1)
         lift = m / b.clamp(min=1e-12) - 1
         low, high = torch.quantile(lift, torch.tensor([0.025, 0.975], dtype=lift.dtype)).tolist()
-        out[k] = {"model": model[k].mean().item(), "popularity": baseline[k].mean().item(),
-                  "lift": model[k].mean().item() / baseline[k].mean().item() - 1, "lift-low": low, "lift-high": high,
+        base = baseline[k].mean().item()
+        out[k] = {"model": model[k].mean().item(), "popularity": base,
+                  "lift": model[k].mean().item() / base - 1 if base > 0 else math.nan, "lift-low": low, "lift-high": high,
                   "p-not-better": (m <= b).double().mean().item()}
     return out
 
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--adapter", type=int, help="round whose global adapter to score (default: the last)")
     parser.add_argument("--resamples", type=int, default=10_000)
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    parser.add_argument("--test", action="store_true", help="score the test split (a final configuration), not validation")
     args = parser.parse_args(argv)
     console = Console()
     try:
@@ -81,24 +86,27 @@ def main(argv: list[str] | None = None) -> dict:
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]significance: {e}[/red]", soft_wrap=True)
         sys.exit(2)
-    _, _, test = leave_last_out(users, catalog, s.history_len)
-    targets = torch.tensor([ex.target for ex in test])
-    seen = [ex.seen for ex in test]
-    scores = score_users(model, tokenizer, [ex.text for ex in test], s.max_length, sequences=seen)
-    popularity = popularity_model(users, catalog).expand(len(test), -1)
+    _, valid, test = leave_last_out(users, catalog, s.history_len)
+    split, held_out = ("test", test) if args.test else ("validation", valid)
+    targets = torch.tensor([ex.target for ex in held_out])
+    seen = [ex.seen for ex in held_out]
+    scores = score_users(model, tokenizer, [ex.text for ex in held_out], s.max_length, sequences=seen)
+    popularity = popularity_model(users, catalog).expand(len(held_out), -1)
     result = paired_bootstrap(per_user_metrics(target_ranks(scores, targets, seen)),
                               per_user_metrics(target_ranks(popularity, targets, seen)), args.resamples)
 
-    table = Table(title=f"{args.run_dir} vs popularity: {len(test)} test users, paired bootstrap of "
+    table = Table(title=f"{args.run_dir} vs popularity: {len(held_out)} {split} users, paired bootstrap of "
                         f"{args.resamples} resamples")
     for column in ("metric", "model", "popularity", "lift", "95 % interval of the lift", "P(model ≤ popularity)"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for k in METRICS:
         r = result[k]
-        table.add_row(k, f"{r['model']:.4f}", f"{r['popularity']:.4f}", f"{r['lift']:+.1%}",
+        lift = f"{r['lift']:+.1%}" if r["popularity"] > 0 else "undefined (popularity 0)"
+        table.add_row(k, f"{r['model']:.4f}", f"{r['popularity']:.4f}", lift,
                       f"{r['lift-low']:+.1%} … {r['lift-high']:+.1%}", f"{r['p-not-better']:.4f}")
     console.print(table)
-    figures = {"run-dir": str(args.run_dir), "users": len(test), "resamples": args.resamples, **result}
+    figures = {"run-dir": str(args.run_dir), "split": split, "users": len(held_out), "resamples": args.resamples,
+               **result}
     if args.out:
         args.out.write_text(json.dumps(figures, indent=1))
     return figures

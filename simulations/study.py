@@ -2,6 +2,7 @@
 
     python -m simulations.study --out runs/study          # runs what is missing, then reports
     python -m simulations.study --out runs/study --report-only
+    python -m simulations.study --out runs/study --only default centralized --references runs/references
 
 Each configuration is one ``fedrec simulate`` run of MovieLens-100K in 10 silos (its own run
 directory under ``--out``; a finished one is never run again, so the command resumes). For a
@@ -12,11 +13,21 @@ is at most the target: ε is fixed in advance, never tuned on results.
 * example level: the defaults (64 examples per step, 40 steps per round, σ_h = 10), σ solved;
 * user level: 32 users per step, at most 2 examples each, 10 steps per round; one σ for the
   DP-SGD steps and the prior (σ_h = σ), solved;
-* non-private: ``dp = false``.
+* non-private: ``dp = false``;
+* default: the defaults as they are (example level, σ = 1), whose per-round validation curve
+  the figure shows;
+* centralized: the same model on one machine, no federation and no DP
+  (``python -m simulations.centralized --test``, as many optimizer steps as the federated run's
+  10 silos × 5 rounds × 40).
+
+The field's reference models (``python -m simulations.references``, RecBole's SASRec, GRU4Rec,
+BPR-MF, 3 seeds) join the table and the figure when ``--references`` holds their results.
 
 Protocol: the configurations and the round reported (the last) are fixed before any run.
 Validation figures are for choices; the test column is read here, once per configuration, and
-is the one to quote. Writes ``study.md`` (table) and ``study.png`` (NDCG@10 against ε).
+is the one to quote: every run here is a ``fedrec simulate --test`` (or ``centralized --test``),
+which scores its last round on the test split. Writes ``study.md`` (table) and ``study.png``
+(test NDCG@10 against ε, beside the reference lines; and the runs' validation curves by round).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -40,6 +52,10 @@ UNIT_SETTINGS = {
     "user": {"privacy-unit": "user", "batch-size": 32, "examples-per-user": 2, "local-steps": 10},
 }
 METRICS = ("ndcg@10", "hr@10", "recall@20")
+CENTRALIZED_STEPS = 2000  # the federated default's optimizer steps: 10 silos × 5 rounds × 40 local steps
+# Configurations with nothing to solve; a study folder planned before they existed gains them.
+FIXED = [{"name": "default", "unit": "example", "target": None, "set": {}},
+         {"name": "centralized", "unit": "none", "target": None, "set": {}, "kind": "centralized"}]
 console = Console()
 
 
@@ -81,7 +97,8 @@ def configurations() -> list[dict]:
                 chosen["prior-noise-multiplier"] = round(sigma, 4)
             runs.append({"name": f"{unit}-eps{target:g}", "unit": unit, "target": target, "planned-epsilon": eps,
                          "set": chosen})
-    return runs[:1] + [{"name": "non-private", "unit": "none", "target": None, "set": {"dp": "false"}}] + runs[1:]
+    return (runs[:1] + [{"name": "non-private", "unit": "none", "target": None, "set": {"dp": "false"}}] + runs[1:]
+            + FIXED)
 
 
 def run(config: dict, out: Path) -> None:
@@ -93,14 +110,28 @@ def run(config: dict, out: Path) -> None:
         for state in (fedrec_home() / "partitions").glob(f"*/client-*/state/{run_dir.name}"):
             shutil.rmtree(state)
     overrides = [f"{k}={v}" for k, v in config["set"].items()]
-    console.print(f"[bold]{config['name']}[/bold]: fedrec simulate --clients {SILOS} --set {' '.join(overrides)}")
+    if config.get("kind") == "centralized":
+        command = [sys.executable, "-m", "simulations.centralized", "--test", "--steps", str(CENTRALIZED_STEPS),
+                   "--eval-every", str(CENTRALIZED_STEPS // 5), "--out", str(run_dir / "centralized.json")]
+        console.print(f"[bold]{config['name']}[/bold]: {' '.join(command[1:])}")
+        started = time.time()
+        subprocess.run(command, check=True)
+        (run_dir / "summary.json").write_text(json.dumps({"wall-s": round(time.time() - started, 1)}))
+        return
+    console.print(f"[bold]{config['name']}[/bold]: fedrec simulate --test --clients {SILOS} --set {' '.join(overrides)}")
     fedrec = Path(sys.executable).with_name("fedrec")
-    subprocess.run([str(fedrec), "simulate", "--clients", str(SILOS), "--run-dir", str(run_dir), "--set",
+    subprocess.run([str(fedrec), "simulate", "--test", "--clients", str(SILOS), "--run-dir", str(run_dir), "--set",
                     *overrides], check=True)
 
 
 def result(config: dict, out: Path) -> dict:
     run_dir = out / config["name"]
+    if config.get("kind") == "centralized":
+        figures = json.loads((run_dir / "centralized.json").read_text())
+        return {**config, "rounds": None, "epsilon": None, "valid": figures["valid"], "test": figures["test"],
+                "wall-s": json.loads((run_dir / "summary.json").read_text())["wall-s"],
+                "valid-curve": [point["val-ndcg@10"] for point in figures["curve"]],
+                "popularity-test": figures["popularity"]["test"]}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
     last = rows[-1]
@@ -111,7 +142,13 @@ def result(config: dict, out: Path) -> dict:
             "popularity-test": {k: last.get(f"popularity-{k}") for k in METRICS}}
 
 
-def table(results: list[dict]) -> str:
+def references(folder: Path | None) -> dict:
+    """RecBole's models from ``python -m simulations.references`` (mean, std over 3 seeds), if run."""
+    path = folder / "references.json" if folder else None
+    return json.loads(path.read_text()) if path and path.is_file() else {}
+
+
+def table(results: list[dict], reference: dict) -> str:
     lines = ["| run | unit | ε (δ = 1e-5, PRV, per site) | σ | val NDCG@10 | test NDCG@10 | test HR@10 | "
              "test Recall@20 | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -123,29 +160,44 @@ def table(results: list[dict]) -> str:
     pop = results[0]["popularity-test"]
     lines.append(f"| popularity | – | 0 (exact counts) | – | – | {pop['ndcg@10']:.4f} | {pop['hr@10']:.4f} | "
                  f"{pop['recall@20']:.4f} | – |")
+    for name, row in reference.items():
+        cell = lambda key: f"{row[key][0]:.4f} ± {row[key][1]:.4f}"  # noqa: E731
+        lines.append(f"| {name} (RecBole 1.2.1, centralized, {len(row['seeds'])} seeds) | none | ∞ (no DP) | – | "
+                     f"{cell('valid ndcg@10')} | {cell('test ndcg@10')} | {cell('test hr@10')} | "
+                     f"{cell('test recall@20')} | – |")
     return "\n".join(lines) + "\n"
 
 
-def figure(results: list[dict], path: Path) -> None:
+def figure(results: list[dict], reference: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, curves) = plt.subplots(1, 2, figsize=(11, 4))
     for unit, marker in (("example", "o"), ("user", "s")):
         rows = sorted((r for r in results if r["unit"] == unit), key=lambda r: r["epsilon"])
         ax.plot([r["epsilon"] for r in rows], [r["test"]["ndcg@10"] for r in rows], marker=marker,
                 label=f"{unit}-level DP")
-    free = next(r for r in results if r["unit"] == "none")
-    ax.axhline(free["test"]["ndcg@10"], color="grey", linestyle="--", label="non-private federated")
-    ax.axhline(free["popularity-test"]["ndcg@10"], color="black", linestyle=":", label="popularity")
+    lines = [(r["test"]["ndcg@10"], "non-private federated" if r["name"] == "non-private" else "centralized, no DP")
+             for r in results if r["name"] in ("non-private", "centralized")]
+    lines += [(row["test ndcg@10"][0], f"{name} (RecBole, no DP)") for name, row in reference.items()]
+    for (value, label), style in zip(lines, ("--", "-.", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 1)))):
+        ax.axhline(value, color="grey", linestyle=style, label=label)
+    ax.axhline(results[0]["popularity-test"]["ndcg@10"], color="black", linestyle=":", label="popularity")
     ax.set(xscale="log", xlabel="ε per site (δ = 1e-5, PRV)", ylabel="test NDCG@10",
            title="MovieLens-100K, 10 silos, final round")
     ax.set_xticks(TARGETS, [f"{t:g}" for t in TARGETS])
     ax.minorticks_off()
     ax.set_ylim(top=ax.get_ylim()[1] + 0.006)  # room for the legend above the curves
     ax.legend(loc="upper left", fontsize="small")
+    for r in results:
+        default = r["name"] == "default"
+        curves.plot(range(1, len(r["valid-curve"]) + 1), r["valid-curve"], marker="o" if default else None,
+                    linewidth=2.5 if default else 1, label=r["name"], zorder=3 if default else 2)
+    curves.set(xlabel="round (centralized: evaluation point)", ylabel="validation NDCG@10",
+               title="Validation by round (choices are made here)")
+    curves.legend(fontsize="x-small", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -155,10 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/study"))
     parser.add_argument("--report-only", action="store_true", help="report the runs that finished; run nothing")
     parser.add_argument("--only", nargs="*", default=[], help="run only these configurations (names)")
+    parser.add_argument("--references", type=Path, default=Path("runs/references"),
+                        help="python -m simulations.references --out folder, for the reference models' lines")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     plan_file = args.out / "plan.json"  # solving σ takes minutes: once per study folder
     plan = json.loads(plan_file.read_text()) if plan_file.is_file() else configurations()
+    plan += [c for c in FIXED if c["name"] not in {p["name"] for p in plan}]
     plan_file.write_text(json.dumps(plan, indent=1))
     if not args.report_only:
         named = {c["name"]: c for c in plan}
@@ -170,10 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     console.print("Test figures are read here, once per configuration (the final round, fixed in advance).")
     (args.out / "study.json").write_text(json.dumps(done, indent=1))
-    (args.out / "study.md").write_text(table(done))
-    console.print(table(done))
-    if any(r["unit"] == "none" for r in done):
-        figure(done, args.out / "study.png")
+    reference = references(args.references)
+    (args.out / "study.md").write_text(table(done, reference))
+    console.print(table(done, reference))
+    figure(done, reference, args.out / "study.png")
     return 0
 
 

@@ -14,7 +14,7 @@ from peft import get_peft_model_state_dict
 import client.client_app as client_app
 from common.config import Settings, defaults
 from common.privacy import Budget, epsilon, load_history, write_budget
-from common.releases import EVAL_SENSITIVITY, REPLIES
+from common.releases import REPLIES, eval_sensitivity
 from common.data import catalog_fingerprint, write_catalog, write_interactions
 from common.model import adapter_state, build_model, adapter_config, fingerprint, load_encoder
 
@@ -102,13 +102,19 @@ def test_model_loaded_once_per_process_and_epsilon_grows(node):
     assert (data_dir / "state" / "accountant.json").is_file()
 
 
-def test_evaluate_is_a_charged_dp_release(node):
-    """A deployed site sends only noisy sums (no exact figure) and charges them, each time asked."""
+def test_evaluate_is_a_charged_dp_release_of_the_splits_asked_for(node):
+    """A deployed site sends only noisy sums (no exact figure) and charges them, each time asked:
+    the validation split's by default, both splits' when the server asks for ``val,test``. A
+    request for anything else is refused as a request error, and nothing is spent on it."""
     catalog, _, data_dir, context = node
-    expected = {k for k, f in REPLIES["evaluate"].items() if f.status != "simulation"}
+    listed = {k for k, f in REPLIES["evaluate"].items() if f.status != "simulation"}
+    without_test = {k for k in listed if not (REPLIES["evaluate"][k].per_split and not k.startswith("metrics.val-"))}
     eps = []
-    for _ in range(2):
-        reply = client_app.app(server_message(catalog, context.run_config, 1, kind="evaluate"), context)
+    for splits, expected in ((None, without_test), ("val,test", listed)):
+        message = server_message(catalog, context.run_config, 1, kind="evaluate")
+        if splits:
+            message.content["config"]["splits"] = splits
+        reply = client_app.app(message, context)
         assert not reply.has_error(), reply.error
         m = reply.content["metrics"]
         assert {f"metrics.{k}" for k in m.keys()} == expected
@@ -116,7 +122,13 @@ def test_evaluate_is_a_charged_dp_release(node):
     sigma = context.run_config["eval-noise-multiplier"]
     assert load_history(data_dir / "state") == [(sigma, 1.0, 1), (sigma, 1.0, 1)]
     assert 0 < eps[0] < eps[1] == pytest.approx(epsilon(load_history(data_dir / "state"), 1e-5, "prv"))
-    assert m["count"] != 3 and abs(m["count"] - 3) < 6 * sigma * EVAL_SENSITIVITY
+    assert m["count"] != 3 and abs(m["count"] - 3) < 6 * sigma * eval_sensitivity(2)
+    for bad in ("train", "val,val", ""):
+        message = server_message(catalog, context.run_config, 1, kind="evaluate")
+        message.content["config"]["splits"] = bad
+        with pytest.raises(client_app.SiteError, match=r"site error \(request\)"):
+            client_app.app(message, context)
+    assert len(load_history(data_dir / "state")) == 2
 
 
 def test_base_model_mismatch_is_refused(node):
@@ -246,7 +258,9 @@ def test_every_reply_kind_carries_exactly_its_listed_fields(node, monkeypatch):
     prior = client_app.app(Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=7,
                                    message_type="query.popularity"), context)
     assert fields(prior) == set(REPLIES["prior"])
-    evaluation = client_app.app(server_message(catalog, context.run_config, 1, kind="evaluate"), context)
+    final_round = server_message(catalog, context.run_config, 1, kind="evaluate")
+    final_round.content["config"]["splits"] = "val,test"  # every split: every evaluate field a deployed site sends
+    evaluation = client_app.app(final_round, context)
     assert fields(evaluation) == {k for k, f in REPLIES["evaluate"].items() if f.status != "simulation"}
     price = client_app.app(Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=7,
                                    message_type="query.price"), context)
@@ -301,7 +315,7 @@ def test_a_crafted_adapter_buys_only_charged_noisy_evaluations(node):
     assert "decline" in answers[3] and "over epsilon-max" in str(answers[3]["decline"]["reason"])
     assert load_history(data_dir / "state") == [(sigma, 1.0, 1)] * 3  # the refusal spent nothing
     # The three answers about the same users and the same adapter differ: fresh noise each time.
-    assert len({m["sum-hr@10"] for m in charged}) == 3
+    assert len({m["val-sum-hr@10"] for m in charged}) == 3
 
 
 @pytest.mark.parametrize("events", [1, 2])
@@ -321,7 +335,7 @@ def test_a_site_with_no_evaluable_user_answers_evaluate_cleanly(tmp_path, small_
     reply = client_app.app(server_message(catalog, run_config, 1, kind="evaluate"), context)
     assert not reply.has_error(), reply.error
     assert load_history(data_dir / "state") == [(run_config["eval-noise-multiplier"], 1.0, 1)]
-    assert reply.content["metrics"]["count"] != 0.0  # noise on a zero count
+    assert reply.content["metrics"]["val-count"] != 0.0  # noise on a zero count
     if events == 1:
         with pytest.raises(client_app.SiteError, match=r"site error \(data\)"):
             client_app.app(server_message(catalog, run_config, 2), context)

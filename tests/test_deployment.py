@@ -119,7 +119,7 @@ def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leav
     for k in (1, 2):
         assert [(r["round"], r["clients"], r["failures"]) for r in rows[k]] == [(1, 2, 1)]
         assert rows[k][0]["metrics-source"].startswith("dp")  # deployed sites send no exact figure
-        assert 0.0 <= rows[k][0]["ndcg@10"] <= 1.0 and "exact-ndcg@10" not in json.dumps(rows[k])
+        assert 0.0 <= rows[k][0]["val-ndcg@10"] <= 1.0 and "exact-val-ndcg@10" not in json.dumps(rows[k])
     # Each site accounted at its own δ and held its own ε_max, from its --node-config.
     assert sorted((c["epsilon-max"], c["delta"]) for c in rows[1][0]["client-updates"] if "delta" in c) == \
         sorted(budgets[:2])

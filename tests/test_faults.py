@@ -152,16 +152,22 @@ def test_bad_histograms_are_refused(counts, reason):
     assert found is not None and reason in found, found
 
 
-def test_evaluation_replies_are_bounded():
+def test_evaluation_replies_are_bounded_and_answer_the_splits_asked_for():
+    both = ["val", "test"]
     sums = {f"{p}{k}": 3.0 for p in ("", "val-") for k in ("sum-hr@10", "sum-ndcg@10", "sum-recall@20", "count")}
     metrics = {**{k: v for k, v in PRIOR_METRICS.items() if k not in ("sample-rate", "steps")}, **sums}
-    assert check_evaluate_reply(RecordDict({"metrics": MetricRecord(metrics)}), 56.0) is None
+    assert check_evaluate_reply(RecordDict({"metrics": MetricRecord(metrics)}), 56.0, both) is None
     exact = {**metrics, **{f"exact-{p}{k}": 0.5 for p in ("", "val-") for k in ("hr@10", "ndcg@10", "recall@20")},
              "exact-count": 3.0, "exact-val-count": 3.0}
-    assert check_evaluate_reply(RecordDict({"metrics": MetricRecord(exact)}), 56.0) is None
-    for bad, reason in [({**exact, "exact-hr@10": 1.5}, "outside [0, 1]"), ({**metrics, "sum-hr@10": 1e12}, "outside"),
-                        ({**metrics, "count": float("inf")}, "is inf"), ({**metrics, "loss": 1.0}, "undeclared")]:
-        found = check_evaluate_reply(RecordDict({"metrics": MetricRecord(bad)}), 56.0)
+    assert check_evaluate_reply(RecordDict({"metrics": MetricRecord(exact)}), 56.0, both) is None
+    validation_only = {k: v for k, v in metrics.items() if k not in sums or k.startswith("val-")}
+    assert check_evaluate_reply(RecordDict({"metrics": MetricRecord(validation_only)}), 56.0, ["val"]) is None
+    for bad, splits, reason in [
+            ({**exact, "exact-hr@10": 1.5}, both, "outside [0, 1]"), ({**metrics, "sum-hr@10": 1e12}, both, "outside"),
+            ({**metrics, "count": float("inf")}, both, "is inf"), ({**metrics, "loss": 1.0}, both, "undeclared"),
+            (metrics, ["val"], "splits answered"), (validation_only, both, "splits answered"),
+            ({k: v for k, v in metrics.items() if k != "sum-hr@10"}, both, "['sum-hr@10'] missing")]:
+        found = check_evaluate_reply(RecordDict({"metrics": MetricRecord(bad)}), 56.0, splits)
         assert found is not None and reason in found, (bad, found)
 
 

@@ -129,8 +129,8 @@ def test_resumed_run_ends_with_the_adapter_of_an_uninterrupted_one(tmp_path):
                 for k in a)
     assert moved > 1e-3  # the rounds did train
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
-    ours = [json.loads(line)["ndcg@10"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    theirs = [json.loads(line)["ndcg@10"] for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    ours = [json.loads(line)["val-ndcg@10"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line)["val-ndcg@10"] for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert max(abs(x - y) for x, y in zip(ours, theirs)) < 1e-6
 
 

@@ -18,8 +18,8 @@ SETTINGS = ["model-layers=2", "lora-layers=1", "history-len=3", "initial-score-s
 def test_multikrum_resists_a_sign_flipping_client_that_breaks_fedavg(tmp_path):
     results = bench(["--clients", "5", "--rounds", "2", "--root", str(tmp_path), "--attackers", "4:sign-flip",
                      "--aggregators", "fedavg", "multi-krum", "--set", *SETTINGS])
-    clean = results["clean, fedavg"]["ndcg@10"]
-    fedavg, krum = results["attacked, fedavg"]["ndcg@10"], results["attacked, multi-krum"]["ndcg@10"]
+    clean = results["clean, fedavg"]["val-ndcg@10"]
+    fedavg, krum = results["attacked, fedavg"]["val-ndcg@10"], results["attacked, multi-krum"]["val-ndcg@10"]
     assert clean > results["clean, fedavg"]["curve"][0]  # the clean run learns
     assert fedavg < 0.5 * clean  # FedAvg is dragged backwards by one client in five
     assert abs(krum - clean) <= 0.1 * clean  # Multi-Krum stays within 10 % of the clean run

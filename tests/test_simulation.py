@@ -7,6 +7,7 @@ the metrics, the ε reported, that the saved adapter opens with PEFT, and ``fedr
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def run_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("sim")
     run = base / "run"
     env = {**os.environ, "FEDREC_HOME": str(base / "home")}
-    cmd = [sys.executable, "-m", "common.cli", "simulate", "--rounds", str(ROUNDS), "--clients", str(CLIENTS),
+    cmd = [sys.executable, "-m", "common.cli", "simulate", "--test", "--rounds", str(ROUNDS), "--clients", str(CLIENTS),
            "--run-dir", str(run), "--set", "model-layers=2", "max-users=24", "batch-size=8", "max-length=64",
            "history-len=4", "noise-multiplier=1.0", "fraction-train=1.0", "local-steps=3", f"canaries={CANARIES}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
@@ -50,23 +51,34 @@ def test_run_directory_layout(run_dir):
     # The summary table and the privacy statement were printed.
     statement = " ".join(stdout.split())
     assert "popularity" in stdout and "δ = 1e-05" in statement and "PRV accountant" in statement
+    assert "validation" in stdout and "test (read once)" in stdout
     for covered in ("popularity histogram", "every adapter", "every example count", "every evaluation"):
         assert covered in statement, covered
 
 
-def test_metrics_every_round_from_all_clients(run_dir):
+def test_metrics_every_round_from_all_clients_and_the_test_split_at_the_last_round_only(run_dir):
+    """Validation every round; with --test the last round (only) is scored on the test split too,
+    and its evaluation noise grows with the sums released: σ_e·√4 for one split, σ_e·√8 for two."""
     run, _ = run_dir
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    sigma_e = json.loads((run / "config.json").read_text())["run-config"]["eval-noise-multiplier"]
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
     for r in rows:
+        last = r["round"] == ROUNDS
+        assert r["eval-splits"] == ("val,test" if last else "val")
+        assert r["eval-noise-std-per-sum"] == pytest.approx(sigma_e * (8 if last else 4) ** 0.5)
         assert r["clients"] == CLIENTS and r["failures"] == 0
-        assert r["eval-users"] == 24 and r["metrics-source"].startswith("exact")
-        for k in ("hr@10", "ndcg@10", "recall@20", "popularity-hr@10", "popularity-ndcg@10", "popularity-recall@20",
-                  "dp-hr@10", "dp-ndcg@10", "dp-recall@20"):
-            assert 0.0 <= r[k] <= 1.0, k
-        # The DP estimate is not the exact figure: noise σ_e·√8 went on every site's sums.
-        assert r["dp-eval-users"] != 24
-        assert r["hr@10"] <= r["recall@20"]
+        assert r["metrics-source"].startswith("exact")
+        for prefix in ("val-", "") if last else ("val-",):
+            assert r[f"{prefix}eval-users"] == 24
+            for k in ("hr@10", "ndcg@10", "recall@20"):
+                for key in (f"{prefix}{k}", f"popularity-{prefix}{k}", f"dp-{prefix}{k}"):
+                    assert 0.0 <= r[key] <= 1.0, key
+            # The DP estimate is not the exact figure: noise went on every site's sums.
+            assert r[f"dp-{prefix}eval-users"] != 24
+            assert r[f"{prefix}hr@10"] <= r[f"{prefix}recall@20"]
+        if not last:
+            assert not {"ndcg@10", "dp-ndcg@10", "popularity-ndcg@10", "eval-users"} & set(r)
         assert sum(c["num-examples"] for c in r["client-updates"]) > 0
 
 
@@ -148,8 +160,14 @@ def test_ledger_holds_every_round_and_is_append_only(run_dir):
     assert sum(m[0] == "gaussian-eval-sums" for m in mechs) == sum(m[0] == "gaussian-count" for m in mechs)
     assert sum(m[0] == "dp-sgd" for m in mechs) == ROUNDS * CLIENTS
     assert all(m[3] == 3 and 0 < m[2] < 1 for m in mechs if m[0] == "dp-sgd")
-    ndcg = db.execute("SELECT round, value FROM metrics WHERE name = 'ndcg@10' ORDER BY round").fetchall()
+    ndcg = db.execute("SELECT round, value FROM metrics WHERE name = 'val-ndcg@10' ORDER BY round").fetchall()
     assert [r for r, _ in ndcg] == list(range(1, ROUNDS + 1))
+    test = db.execute("SELECT round FROM metrics WHERE name = 'ndcg@10' ORDER BY round").fetchall()
+    assert test == [(ROUNDS,)]
+    # The evaluation release's recorded sensitivity is that of the sums it carried: √4, then √8.
+    sensitivity = db.execute("SELECT DISTINCT round, max_grad_norm FROM mechanisms WHERE mechanism = "
+                             "'gaussian-eval-sums' ORDER BY round").fetchall()
+    assert sensitivity == [(r, pytest.approx((8 if r == ROUNDS else 4) ** 0.5)) for r in range(1, ROUNDS + 1)]
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
         db.execute("UPDATE participants SET epsilon = 0.1")
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
@@ -318,23 +336,29 @@ def test_one_client_per_user_with_central_dp_is_user_level_and_audited(tmp_path)
     assert "Client-level guarantee" in (run / "report.html").read_text()
 
 
-def test_significance_rescores_the_run_exactly_and_bootstraps_the_lift(run_dir, tmp_path):
-    """`python -m simulations.significance` re-scores the run's test users: its means equal what
-    the clients reported for the last round and what the partition's popularity reference says."""
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_significance_rescores_the_run_exactly_and_bootstraps_the_lift(run_dir, tmp_path, split):
+    """`python -m simulations.significance` re-scores the run's validation users (``--test``: its
+    test users): its means equal what the clients reported for the last round on that split and
+    what the partition's popularity reference says."""
     run, _ = run_dir
     out = tmp_path / "significance.json"
     proc = subprocess.run([sys.executable, "-m", "simulations.significance", str(run), "--resamples", "500",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "COLUMNS": "200"})
+                           "--out", str(out)] + (["--test"] if split == "test" else []), capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "95 % interval of the lift" in proc.stdout
+    assert "95 % interval of the lift" in proc.stdout and f"{split} users" in proc.stdout
     figures = json.loads(out.read_text())
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
-    assert figures["users"] == last["eval-users"]
+    prefix = "" if split == "test" else "val-"
+    assert figures["split"] == split and figures["users"] == last[f"{prefix}eval-users"]
     for k in ("hr@10", "ndcg@10", "recall@20"):
-        assert figures[k]["model"] == pytest.approx(last[k], abs=1e-9), k
-        assert figures[k]["popularity"] == pytest.approx(last[f"popularity-{k}"], abs=1e-12), k
-        assert figures[k]["lift-low"] <= figures[k]["lift"] <= figures[k]["lift-high"], k
+        assert figures[k]["model"] == pytest.approx(last[f"{prefix}{k}"], abs=1e-9), k
+        assert figures[k]["popularity"] == pytest.approx(last[f"popularity-{prefix}{k}"], abs=1e-12), k
+        if figures[k]["popularity"] > 0:
+            assert figures[k]["lift-low"] <= figures[k]["lift"] <= figures[k]["lift-high"], k
+        else:  # 24 users: popularity may hit none of them, and a lift over 0 is undefined
+            assert math.isnan(figures[k]["lift"]), k
 
 
 def test_a_user_level_run_is_user_level_from_the_sites_to_the_audit(tmp_path):
