@@ -2,7 +2,7 @@
 
 Real Flower simulations of the real app (``simulations/bench_robust.py``), non-private so the
 clean and attacked runs differ only by the attacker and the aggregator. The popularity prior is
-off so that the clean run has far to climb (NDCG@10 0.035 → 0.044 in two rounds here) and an
+off so that the clean run has far to climb from its round 0 and an
 attack that stops it shows. ``max-update-norm`` is lifted so the update checks do not catch the
 attacker first: this measures the aggregators.
 """
@@ -10,6 +10,7 @@ attacker first: this measures the aggregators.
 from __future__ import annotations
 
 from simulations.bench_robust import main as bench
+from simulations.significance import main as significance
 
 SETTINGS = ["model-layers=2", "lora-layers=1", "history-len=3", "initial-score-scale=2", "dp=false", "popularity-prior=false", "bias-learning-rate=0.05", "learning-rate=0.005",
             "server-learning-rate=1.0", "local-steps=20", "batch-size=64", "max-users=300"]
@@ -20,6 +21,7 @@ def test_multikrum_resists_a_sign_flipping_client_that_breaks_fedavg(tmp_path):
                      "--aggregators", "fedavg", "multi-krum", "--set", *SETTINGS])
     clean = results["clean, fedavg"]["val-ndcg@10"]
     fedavg, krum = results["attacked, fedavg"]["val-ndcg@10"], results["attacked, multi-krum"]["val-ndcg@10"]
-    assert clean > results["clean, fedavg"]["curve"][0]  # the clean run learns
+    untrained = significance(["--adapter", "0", "--resamples", "100", str(tmp_path / "clean")])["ndcg@10"]["model"]
+    assert clean > untrained  # the clean run learns: above its own round 0 on the same validation users
     assert fedavg < 0.5 * clean  # FedAvg is dragged backwards by one client in five
-    assert abs(krum - clean) <= 0.1 * clean  # Multi-Krum stays within 10 % of the clean run
+    assert krum >= 0.9 * clean  # Multi-Krum is not dragged down: at least 90 % of the clean run
