@@ -53,7 +53,7 @@ UNIT_SETTINGS = {
 }
 METRICS = ("ndcg@10", "hr@10", "recall@20")
 CENTRALIZED_STEPS = 2000  # the federated default's optimizer steps: 10 silos × 5 rounds × 40 local steps
-# Configurations with nothing to solve; a study folder planned before they existed gains them.
+# Configurations with nothing to solve: main() adds them to every plan, old study folders' too.
 FIXED = [{"name": "default", "unit": "example", "target": None, "set": {}},
          {"name": "centralized", "unit": "none", "target": None, "set": {}, "kind": "centralized"}]
 console = Console()
@@ -97,8 +97,7 @@ def configurations() -> list[dict]:
                 chosen["prior-noise-multiplier"] = round(sigma, 4)
             runs.append({"name": f"{unit}-eps{target:g}", "unit": unit, "target": target, "planned-epsilon": eps,
                          "set": chosen})
-    return (runs[:1] + [{"name": "non-private", "unit": "none", "target": None, "set": {"dp": "false"}}] + runs[1:]
-            + FIXED)
+    return runs[:1] + [{"name": "non-private", "unit": "none", "target": None, "set": {"dp": "false"}}] + runs[1:]
 
 
 def run(config: dict, out: Path) -> None:
