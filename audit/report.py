@@ -6,15 +6,15 @@
    private size), the σ of the popularity histogram, the example count and the evaluation sums,
    and the accountant. A difference is a finding. Releases a site made before this run (its
    accountant is its own, for life) are recorded as ``unrecorded`` and listed, not checked.
-2. **ε, same accountant family, 1e-6.** Each ε a client reported covers the first ``releases``
-   entries of its history (ledger ``participants.releases``); the audit replays exactly those
-   through the same accountant family (Opacus PRV or RDP for clients; dp-accounting RDP for the
-   server's central DP, which Flower's accountant wraps). A relative difference over
-   ``TOLERANCE`` = 1e-6 is a finding, and so is an ε covering releases the ledger does not hold.
-3. **ε, another family, as a band.** Each client's final ε is also computed by an implementation
-   that shares no code with the one it used (dp-accounting PLD for PRV, dp-accounting RDP for
-   RDP; Opacus RDP for the server) and shown beside it as a band [low, high]: two numerical
-   accountants differ by their discretisation, so that difference is information, not a finding.
+2. **ε, by the auditor's own accountant.** Each ε a client reported covers the first
+   ``releases`` entries of its history (ledger ``participants.releases``); the audit recomputes
+   exactly those with accountant code the client does not run (``audit/accountant.py``:
+   dp-accounting's PLD or RDP for a site's Opacus PRV or RDP; Opacus RDP for the server's
+   central DP, which Flower accounts with dp-accounting). A reported ε further from it than the
+   two accountants' stated error (``audit.accountant.tolerance``: 0.02 + 1e-3·ε for PRV, 1 %
+   for RDP) is a finding, and so is an ε covering releases the ledger does not hold.
+3. **The band.** Each client's final ε is shown as [dp-accounting's optimistic PLD estimate,
+   the auditor's ε], the interval the exact ε lies in.
 4. **Budgets.** Each client's final ε against the budget it declared.
 
 ``fedrec audit --empirical RUN_DIR`` adds the one-run canary audit of a simulation planted
@@ -34,16 +34,15 @@ import json
 import math
 import sqlite3
 from collections import defaultdict
-from functools import lru_cache
 from pathlib import Path
 
-from common.privacy import ADJACENCY, CLIENT_UNIT, UNITS, epsilon, independent_epsilon
+from audit.accountant import audit_epsilon, lower_estimate, tolerance
+from common.units import ADJACENCY, CLIENT_UNIT, UNITS
 from common.releases import REPLIES
 
 # The name the server's central-DP accountant has in the ledger (server/central_dp.py writes it; the
 # auditor reads it and imports nothing from the server: tests/test_layout.py checks the two agree).
 CENTRAL_ACCOUNTANT = "flwr-rdp"
-TOLERANCE = 1e-6  # relative, between a reported ε and its replay in the same accountant family
 
 TRUST_MODEL = (
     "Each client runs DP-SGD on its own data and keeps its own accountant and budget for its lifetime; the server "
@@ -134,22 +133,6 @@ def same(recorded, expected) -> bool:
     return recorded == expected
 
 
-@lru_cache(maxsize=4096)
-def replay(history: tuple, delta: float, accountant: str) -> float:
-    """ε by the reporting party's own accountant family (the 1e-6 check)."""
-    if accountant == CENTRAL_ACCOUNTANT:
-        return independent_epsilon(list(history), delta, "rdp")  # Flower's RdpAccountant is dp-accounting's
-    return epsilon(list(history), delta, accountant)
-
-
-@lru_cache(maxsize=1024)
-def cross_check(history: tuple, delta: float, accountant: str) -> float:
-    """ε by an implementation that shares no code with the reporting one (the band)."""
-    if accountant == CENTRAL_ACCOUNTANT:
-        return epsilon(list(history), delta, "rdp")  # Opacus, for Flower's dp-accounting-based accountant
-    return independent_epsilon(list(history), delta, accountant)  # dp-accounting, for Opacus' accountants
-
-
 def audit(run_dir: Path, empirical: bool = False) -> dict:
     """The audit as a dict (what ``report.json`` holds)."""
     ledger = read_ledger(run_dir)
@@ -172,21 +155,21 @@ def audit(run_dir: Path, empirical: bool = False) -> dict:
                                  p["releases"], "ledger-releases": len(mechanisms[node])})
         history = tuple(x[1] for x in upto)
         accountant = upto[-1][3] if upto else run_config.get("accountant", "prv")
-        recomputed = replay(history, p["delta"], accountant) if history else 0.0
-        diff = abs(recomputed - p["epsilon"]) / max(abs(recomputed), 1e-12) if recomputed else abs(p["epsilon"])
+        recomputed = audit_epsilon(history, p["delta"], accountant)
+        diff = abs(recomputed - p["epsilon"])
         c = clients.setdefault(node, {"node": node, "rounds": [], "accountant": accountant})
         c["rounds"].append({"round": rnd, "phase": p["phase"], "status": p["status"], "reported": p["epsilon"],
-                            "recomputed": recomputed, "relative-difference": diff})
+                            "recomputed": recomputed, "difference": diff})
         c.update({"epsilon-max": p["epsilon_max"], "delta": p["delta"], "history": history})
-        if diff > TOLERANCE:
+        if diff > tolerance(accountant, recomputed):
             findings.append({"kind": "mismatch", "node": node, "round": rnd, "reported": p["epsilon"],
-                             "recomputed": recomputed, "relative-difference": diff})
+                             "recomputed": recomputed, "difference": diff,
+                             "tolerance": tolerance(accountant, recomputed)})
     for node, c in clients.items():
         history = c.pop("history")
         c["final-epsilon"] = c["rounds"][-1]["recomputed"]
         c["final-reported"] = c["rounds"][-1]["reported"]
-        other = cross_check(history, c["delta"], c["accountant"]) if history else 0.0
-        c["band"] = [min(other, c["final-epsilon"]), max(other, c["final-epsilon"])]
+        c["band"] = [lower_estimate(history, c["delta"], c["accountant"]), c["final-epsilon"]]
         c["steps"] = sum(x[1][2] for x in mechanisms[node] if x[1][1] < 1.0)
         c["releases"] = len(mechanisms[node])
         if c["epsilon-max"] is not None and max(c["final-reported"], c["final-epsilon"]) > c["epsilon-max"]:
@@ -199,7 +182,7 @@ def audit(run_dir: Path, empirical: bool = False) -> dict:
                         "trust-model": CENTRAL_TRUST_MODEL, "releases": len(mechanisms["server"]),
                         "population": ledger["meta"].get("central-population"),
                         "expected-clients": ledger["meta"].get("central-expected-clients"),
-                        "independent-accountant": "Opacus RDP (the server used Flower's RdpAccountant)"})
+                        "independent-accountant": "Opacus RDP (the server accounts with Flower's RdpAccountant)"})
     measured = None
     if empirical:
         from audit.empirical import empirical_audit
@@ -224,10 +207,11 @@ def audit(run_dir: Path, empirical: bool = False) -> dict:
         "trust-model": TRUST_MODEL,
         "released": RELEASED,
         "not-covered": NOT_COVERED + [UNIT_NOT_COVERED[ledger["meta"].get("privacy-unit", "example")]],
-        "accountant": f"Opacus {accountant.upper()} (the clients' own)",
-        "independent-accountant": ("dp-accounting 0.6 " + ("PLD" if accountant == "prv" else "RDP")
-                                   + ", shown as a band"),
-        "tolerance": TOLERANCE,
+        "accountant": ("dp-accounting " + ("PLD, pessimistic estimate (an upper bound)" if accountant == "prv"
+                                           else "RDP") + f"; the clients account with Opacus {accountant.upper()}"),
+        "independent-accountant": ("dp-accounting's optimistic PLD estimate" if accountant == "prv"
+                                   else "the same RDP value (RDP has no lower estimate)"),
+        "tolerance": "0.02 + 1e-3·ε" if accountant == "prv" else "1 % of ε",
         "mechanisms": ledger["mechanisms"],
         "clients": sorted(clients.values(), key=lambda c: c["node"]),
         "central": central,
@@ -318,7 +302,7 @@ def write_html(report: dict, path: Path) -> None:
 <li><b>Guarantee:</b> ε = {central['final-reported']:.4f} reported, {central['final-epsilon']:.4f} recomputed with
 {e(central['independent-accountant'])}, at δ = {central['delta']:g}, after {central['releases']} releases
 (N = {central['population']} clients, {central['expected-clients']} expected per round)</li></ul>"""
-    verdict = ("PASS: every release is what the run asked for, every reported ε replays within 1e-6, every client "
+    verdict = ("PASS: every release is what the run asked for, every reported ε agrees with the auditor's own accountant, every client "
                "is within its budget") if report["ok"] \
         else f"FAIL: {len(report['findings'])} finding(s)"
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>fedrec privacy audit</title>
@@ -330,11 +314,11 @@ table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;pad
 <h2>What is guaranteed</h2><ul>
 <li><b>Unit of privacy:</b> {e(report['unit'])}</li><li><b>Adjacency:</b> {e(report['adjacency'])}</li>
 <li><b>Trust model:</b> {e(report['trust-model'])}</li><li><b>Released:</b> {e(report['released'])}</li>
-<li><b>Recomputed with:</b> {e(report['accountant'])}, mismatch tolerance {report['tolerance']:g} relative; and
+<li><b>Recomputed with:</b> {e(report['accountant'])}, mismatch tolerance {e(report['tolerance'])}; the band's lower end from
 {e(report['independent-accountant'])}</li>
 </ul><h2>Not covered</h2><ul>{''.join(f'<li>{e(x)}</li>' for x in report['not-covered'])}</ul>
-<h2>Clients</h2><table><tr><th>client</th><th>DP-SGD steps</th><th>final ε reported</th><th>final ε replayed</th>
-<th>band with the other accountant</th><th>releases</th><th>ε budget</th><th>δ</th><th>accountant</th></tr>{rows}</table>
+<h2>Clients</h2><table><tr><th>client</th><th>DP-SGD steps</th><th>final ε reported</th><th>final ε recomputed</th>
+<th>band: exact ε within</th><th>releases</th><th>ε budget</th><th>δ</th><th>accountant</th></tr>{rows}</table>
 {central_html}{empirical_html(report.get("empirical"))}<h2>Findings</h2><ul>{findings}</ul><h2>Declines</h2><ul>{declines}</ul>
 <h2>Plots</h2>{''.join(f'<p><img alt="{k}" src="data:image/png;base64,{v}"></p>' for k, v in images.items())}
 <h2>Every mechanism run</h2><table><tr>{''.join(f'<th>{k}</th>' for k in mech_keys)}</tr>{mech}</table>
@@ -364,8 +348,8 @@ def main(run_dir: Path, console, empirical: bool = False) -> int:
     report = audit(run_dir, empirical)
     (run_dir / "report.json").write_text(json.dumps(report, indent=1))
     write_html(report, run_dir / "report.html")
-    table = Table(title=f"Privacy audit of {run_dir.name}: every release checked, every ε replayed")
-    for col in ("client", "releases", "ε reported", "ε replayed", "band (other accountant)", "budget ε", "δ", "status"):
+    table = Table(title=f"Privacy audit of {run_dir.name}: every release checked, every ε recomputed")
+    for col in ("client", "releases", "ε reported", "ε recomputed", "exact ε within", "budget ε", "δ", "status"):
         table.add_column(col, justify="right")
     bad = {f.get("node") for f in report["findings"]}
     for c in report["clients"]:
@@ -374,8 +358,8 @@ def main(run_dir: Path, console, empirical: bool = False) -> int:
                       "∞" if c["epsilon-max"] is None else f"{c['epsilon-max']:g}", f"{c['delta']:g}",
                       "[red]FAIL[/red]" if c["node"] in bad else "[green]ok[/green]")
     console.print(table)
-    console.print(f"Unit: {report['unit']}. Replayed with {report['accountant']} (tolerance "
-                  f"{report['tolerance']:g} relative); band from {report['independent-accountant']}.")
+    console.print(f"Unit: {report['unit']}. Recomputed with {report['accountant']} (tolerance "
+                  f"{report['tolerance']}); the band's lower end is {report['independent-accountant']}.")
     if central := report["central"]:
         console.print(f"Client-level (server, a separate guarantee): ε = {central['final-reported']:.4f} reported, "
                       f"{central['final-epsilon']:.4f} recomputed with {central['independent-accountant']}, at "

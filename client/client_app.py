@@ -48,9 +48,10 @@ from common.data import DataError, catalog_fingerprint, leave_last_out, read_cat
 from common.model import (adapter_config, adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
                           refresh_item_embeddings, sequence_options)
 from common.metrics import METRICS, unit_histogram
-from common.privacy import (UNITS, Budget, BudgetError, client_id, epsilon, history_metrics, load_history,
+from common.privacy import (Budget, BudgetError, client_id, epsilon, history_metrics, load_history,
                             public_sample_rate, read_budget, save_history, spend, unit_conflict)
 from common.releases import ERROR_CATEGORIES, EVAL_SPLITS, check_reply, eval_sensitivity
+from common.units import UNITS
 
 app = ClientApp(mods=[secure_aggregation_mod])  # a no-op unless the round is a SecAgg+ round
 
@@ -227,6 +228,16 @@ def prepare(msg: Message, context: Context):
     return s, budget, state_dir, model, tokenizer, train, valid, test
 
 
+def release_record(s: Settings, context: Context, msg: Message, phase: str, *mechanisms: tuple) -> list[dict]:
+    """The site's own record of a reply's releases, each (mechanism, σ, q, steps, L2 sensitivity),
+    named as the run's ledger names them, with the run and round they went to."""
+    config = msg.content.config_records.get("config")
+    return [{"run": Path(s.run_dir).name if s.run_dir else "", "flower-run": int(context.run_id),
+             "round": int(config.get("server-round", 0)) if config is not None else 0, "phase": phase,
+             "mechanism": name, "noise_multiplier": float(sigma), "sample_rate": float(q), "steps": int(steps),
+             "sensitivity": float(sensitivity)} for name, sigma, q, steps, sensitivity in mechanisms]
+
+
 def secret_noise(n: int, std: float) -> torch.Tensor:
     """N(0, std²) noise from the OS entropy pool, as in training: a seed anyone knows could be replayed."""
     return std * torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(secrets.randbits(63)))
@@ -253,7 +264,10 @@ def train(msg: Message, context: Context) -> Message:
         # Clamping at 1 is post-processing: FedAvg needs a positive weight.
         count = max(1.0, count + float(secret_noise(1, s.count_noise_multiplier)))
         history = result.history + [(s.count_noise_multiplier, 1.0, 1)]
-        eps = save_history(state_dir, history, s.accountant, s.delta, s.privacy_unit)
+        eps = save_history(state_dir, history, s.accountant, s.delta, s.privacy_unit, release_record(
+            s, context, msg, "train",
+            ("dp-sgd", s.noise_multiplier, result.sample_rate, result.steps, s.max_grad_norm),
+            ("gaussian-count", s.count_noise_multiplier, 1.0, 1, 1.0)))
     metrics = {
         "num-examples": count,
         "epsilon": eps,
@@ -317,7 +331,8 @@ def popularity(msg: Message, context: Context) -> Message:
     if s.dp:
         counts += secret_noise(len(catalog), s.prior_noise_multiplier).float()
         history = history + [(s.prior_noise_multiplier, 1.0, 1)]
-        eps = save_history(state_dir, history, s.accountant, s.delta, s.privacy_unit)
+        eps = save_history(state_dir, history, s.accountant, s.delta, s.privacy_unit, release_record(
+            s, context, msg, "prior", ("gaussian-histogram", s.prior_noise_multiplier, 1.0, 1, 1.0)))
     metrics = {"epsilon": eps, "delta": s.delta,
                "noise-multiplier": s.prior_noise_multiplier if s.dp else 0.0, "sample-rate": 1.0, "steps": 1,
                "epsilon-max": budget.epsilon_max, "declined": 0, **identity(state_dir, history)}
@@ -351,7 +366,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         noise = secret_noise(len(sums), s.eval_noise_multiplier * eval_sensitivity(len(splits)))
         released = {k: v + float(e) for (k, v), e in zip(sums.items(), noise)}
         history = history + [(s.eval_noise_multiplier, 1.0, 1)]
-        eps = save_history(state_dir, history, s.accountant, s.delta, s.privacy_unit)
+        eps = save_history(state_dir, history, s.accountant, s.delta, s.privacy_unit, release_record(
+            s, context, msg, "evaluate",
+            ("gaussian-eval-sums", s.eval_noise_multiplier, 1.0, 1, eval_sensitivity(len(splits)))))
     metrics = {**released, "noise-multiplier": s.eval_noise_multiplier if s.dp else 0.0, "epsilon": eps,
                "delta": s.delta,
                "epsilon-max": budget.epsilon_max, "declined": 0, **identity(state_dir, history)}

@@ -1,4 +1,5 @@
-"""A site's commands: ``fedrec client prepare | validate | reset-accountant``.
+"""A site's commands: ``fedrec client prepare | validate | reset-accountant`` (and ``audit``, the
+auditor's code in this group: audit/commands.py).
 
     fedrec client prepare EXPORT --catalog CATALOG --out DIR   a raw CSV/JSONL export → the client format
     fedrec client validate DIR                                 check a data folder and summarise it
@@ -47,6 +48,7 @@ def register(commands) -> None:
     c.add_argument("dir")
     c.add_argument("--catalog", help="default: DIR/catalog.csv, else DIR/../catalog.csv")
     c.set_defaults(func=validate_cmd)
+    return client  # the site's group: `fedrec client audit` (audit/commands.py) joins it
 
 
 def prepare_cmd(args) -> int:

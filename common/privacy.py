@@ -39,6 +39,7 @@ import json
 import math
 import os
 import secrets
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,26 +47,9 @@ from pathlib import Path
 import numpy
 from opacus.accountants import create_accountant
 
+from common.units import UNITS
+
 History = list[tuple[float, float, int]]  # (noise multiplier σ, sample rate q, steps)
-
-UNITS = {
-    "example": ("example-level (one training example of one site, add/remove adjacency; not per rating: a rating "
-                "is masked out of every later example of its user)"),
-    "user": ("user-level (all the data of one user at one site: its training examples, validation and test "
-             "items, add/remove adjacency)"),
-}
-ADJACENCY = {"example": "add/remove one training example of one site",
-             "user": "add/remove all the data of one user at one site"}
-# The server's optional central DP (server/central_dp.py) protects a different unit.
-CLIENT_UNIT = "client-level (all the data of one client, add/remove adjacency)"
-
-
-def central_unit(partition: str) -> str:
-    """The unit of the server's central DP; with one client per user it is a user-level guarantee."""
-    if partition == "user":
-        return CLIENT_UNIT + "; one client is one user (partition = user), so it is user-level DP"
-    return CLIENT_UNIT
-
 
 # Opacus' default RDP orders stop at 63, and for small q and many steps the best order is the
 # largest one (Opacus warns): the ε it then prints is looser than RDP itself gives.
@@ -95,29 +79,6 @@ def _epsilon(history: tuple, delta: float, accountant: str) -> float:
         return float(acc.get_epsilon(delta=delta))
 
 
-def independent_epsilon(history: History, delta: float, accountant: str = "prv") -> float:
-    """ε(δ) of the same history computed by Google's ``dp-accounting``, not by Opacus.
-
-    Like for like: its RDP accountant for histories Opacus accounted with RDP, its PLD
-    accountant (numerical, like PRV) for PRV. Used by ``fedrec audit`` to check the ε that
-    clients report; the two implementations share no code.
-    """
-    from dp_accounting import dp_event
-    from dp_accounting.pld import pld_privacy_accountant
-    from dp_accounting.rdp import rdp_privacy_accountant
-
-    if not history:
-        return 0.0
-    events = []
-    for sigma, q, steps in history:
-        gaussian = dp_event.GaussianDpEvent(float(sigma))
-        step = gaussian if float(q) >= 1.0 else dp_event.PoissonSampledDpEvent(float(q), gaussian)
-        events.append(dp_event.SelfComposedDpEvent(step, int(steps)))
-    acc = rdp_privacy_accountant.RdpAccountant() if accountant == "rdp" else pld_privacy_accountant.PLDAccountant()
-    acc.compose(dp_event.ComposedDpEvent(events))
-    return float(acc.get_epsilon(delta))
-
-
 def load_history(state_dir: Path) -> History:
     path = Path(state_dir) / "accountant.json"
     if not path.is_file():
@@ -135,8 +96,20 @@ def history_unit(state_dir: Path) -> str | None:
     return json.loads(path.read_text()).get("privacy-unit", "example")
 
 
-def save_history(state_dir: Path, history: History, accountant: str, delta: float, unit: str) -> float:
-    """Atomically replace the stored history (a crash never leaves a half-written file); its ε."""
+RELEASE_LOG = "releases.jsonl"
+
+
+def save_history(state_dir: Path, history: History, accountant: str, delta: float, unit: str,
+                 released: list[dict] = ()) -> float:
+    """Atomically replace the stored history (a crash never leaves a half-written file); its ε.
+
+    ``released`` describes the history's last ``len(released)`` entries, the releases just made
+    (run, round, phase, mechanism, σ, q, steps, sensitivity); each becomes a line of the site's
+    own release log, ``releases.jsonl``, with its index in the history and the ε after the reply
+    (``epsilon-after``, covering the history's first ``covers`` entries), so
+    the site can see what it released, to whom and at what cost (``fedrec client audit``). The
+    log is written after the accountant: a crash between them leaves a charged release the log
+    does not describe, never the reverse."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     eps = epsilon(history, delta, accountant)
@@ -150,6 +123,15 @@ def save_history(state_dir: Path, history: History, accountant: str, delta: floa
         "epsilon": eps,
     }, indent=1))
     os.replace(tmp, state_dir / "accountant.json")
+    if released:
+        first = len(history) - len(released)
+        with open(state_dir / RELEASE_LOG, "a") as log:
+            for index, release in enumerate(released, start=first):
+                log.write(json.dumps({"index": index, "at": time.time(), **release, "epsilon-after": eps,
+                                      "covers": len(history), "delta": delta, "accountant": accountant,
+                                      "privacy-unit": unit}) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
     return eps
 
 
@@ -304,17 +286,19 @@ ACCOUNTANT_LOG = "accountant-log.jsonl"
 def retire_accountant(state_dir: Path, reason: str) -> Path | None:
     """Start a new accountant for this site: the one explicit, local way to do it, and logged.
 
-    The old ``accountant.json`` is kept beside it (``accountant-retired-<time>.json``) and
+    The old ``accountant.json`` is kept beside it (``accountant-retired-<time>.json``, and its
+    release log as ``releases-retired-<time>.jsonl``) and
     ``accountant-log.jsonl`` records when, why and at which ε. Nothing a server sends calls this.
     """
-    import time
-
     state_dir = Path(state_dir)
     current = state_dir / "accountant.json"
     retired = None
     if current.is_file():
-        retired = state_dir / f"accountant-retired-{time.strftime('%Y%m%dT%H%M%S')}.json"
+        stamp = time.strftime('%Y%m%dT%H%M%S')
+        retired = state_dir / f"accountant-retired-{stamp}.json"
         os.replace(current, retired)
+        if (state_dir / RELEASE_LOG).is_file():
+            os.replace(state_dir / RELEASE_LOG, state_dir / f"releases-retired-{stamp}.jsonl")
     state_dir.mkdir(parents=True, exist_ok=True)
     old = json.loads(retired.read_text()) if retired else {}
     with open(state_dir / ACCOUNTANT_LOG, "a") as f:

@@ -29,7 +29,7 @@ from common.config import Settings, fedrec_home, partition_root
 from common.data import catalog_fingerprint, load_movielens, read_catalog, write_catalog
 from common.model import (adapter_config, adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
                           resolve_model_path, sequence_options)
-from common.privacy import ADJACENCY, UNITS, central_unit
+from common.units import ADJACENCY, UNITS, central_unit
 from server.aggregators import choose
 from server.central_dp import CentralDP
 from server.ledger import Ledger

@@ -264,7 +264,7 @@ def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path)
     console.print(table)
     final = final_epsilons(run_dir, rows)
     if s.dp and final:
-        from common.privacy import UNITS
+        from common.units import UNITS
 
         values = list(final.values())
         released = ([f"the popularity histogram (Gaussian, σ_h = {s.prior_noise_multiplier:g})"]
@@ -284,7 +284,7 @@ def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path)
         console.print("[yellow]Site-level privacy: none — clients trained without DP-SGD (dp = false); their "
                       "evaluation figures are exact.[/yellow]")
     if s.central_dp and last.get("central-epsilon") is not None:
-        from common.privacy import central_unit
+        from common.units import central_unit
 
         q = s.expected_clients(clients) / clients
         prior = (f"the popularity prior (unit-norm histograms, σ_h = {s.prior_noise_multiplier:g}) and "

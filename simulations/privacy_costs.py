@@ -16,9 +16,10 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
+from audit.accountant import audit_epsilon
 from common.config import Settings, defaults, parse_overrides
 from common.data import leave_last_out, load_movielens
-from common.privacy import epsilon, independent_epsilon
+from common.privacy import epsilon
 from simulations.partition import select_users
 
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not history:
             continue
         figures[name] = {"prv": epsilon(history, s.delta, "prv"), "rdp": epsilon(history, s.delta, "rdp"),
-                         "pld": independent_epsilon(history, s.delta, "prv")}
+                         "pld": audit_epsilon(tuple(history), s.delta, "prv")}
         others = {k: v for k, v in figures[name].items() if k != s.accountant}
         sigma, q, steps = history[0]
         table.add_row(name, f"({sigma:g}, {q:.4g}, {steps}) × {len(history)}" if name in parts else "",

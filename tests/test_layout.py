@@ -8,15 +8,20 @@ import tomllib
 from common.config import PROJECT_DIR
 
 
-def imported_packages(folder: str) -> set[str]:
+def imported_modules(folder: str) -> set[str]:
+    """Every module a folder's code imports, by its full dotted name."""
     found = set()
     for path in (PROJECT_DIR / folder).rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
-                found.update(alias.name.split(".")[0] for alias in node.names)
+                found.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                found.add(node.module.split(".")[0])
+                found.add(node.module)
     return found
+
+
+def imported_packages(folder: str) -> set[str]:
+    return {name.split(".")[0] for name in imported_modules(folder)}
 
 
 PARTIES = ("client", "server", "audit")
@@ -29,6 +34,18 @@ def test_the_parties_never_import_each_other():
     assert not {*PARTIES, "simulations"} & imported_packages("deployment")
 
 
+def test_the_auditor_accounts_with_code_the_audited_parties_do_not_run():
+    """Sites account with Opacus (common/privacy.py); the server's central DP with Flower's
+    accountant, dp-accounting inside. The auditor never imports the sites' accountant module, and
+    neither sites nor the modules they share use dp-accounting, the auditor's library for them."""
+    audit = imported_modules("audit")
+    assert "common.privacy" not in audit
+    assert any(name.startswith("dp_accounting") for name in audit)
+    for room in ("client", "common"):
+        assert not any(name.startswith("dp_accounting") for name in imported_modules(room)), room
+    assert "opacus.accountants" in audit  # for the server's dp-accounting-based central DP
+
+
 def test_nothing_but_simulations_and_tests_imports_simulations():
     for room in ("common", "deployment", *PARTIES):
         assert "simulations" not in imported_packages(room), room
@@ -39,6 +56,14 @@ def test_the_auditor_names_the_central_accountant_as_the_server_writes_it():
     from server.central_dp import ACCOUNTANT
 
     assert CENTRAL_ACCOUNTANT == ACCOUNTANT
+
+
+def test_a_site_finds_itself_in_a_ledger_by_the_name_the_server_gives_it():
+    from audit.site import pseudonym as site_side
+    from server.ledger import pseudonym as server_side
+
+    for key, client in (("ab12", 7), ("f" * 32, 2**61 + 3)):
+        assert site_side(key, client) == server_side(key, client)
 
 
 def test_each_party_registers_its_own_commands():
