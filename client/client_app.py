@@ -42,6 +42,7 @@ from flwr.clientapp import ClientApp
 
 from client.secure_aggregation import secure_aggregation_mod
 from client.train import evaluation_sums, privacy_units
+from client.train import GradientCanaries
 from client.train import train as train_local
 from common.config import ConfigError, Settings, partition_root
 from common.data import DataError, catalog_fingerprint, leave_last_out, read_catalog, read_interactions
@@ -257,7 +258,10 @@ def train(msg: Message, context: Context) -> Message:
     # A simulated client is its partition, whatever node id it got this run.
     node = int(context.node_config.get("partition-id", context.node_id))
     seed = s.seed * 1_000_003 + server_round * 7919 + node % 100_003
-    result = train_local(model, tokenizer, train_examples, s, history, seed, q)
+    canaries = gradient_canaries(context, s, state_dir, server_round)
+    result = train_local(model, tokenizer, train_examples, s, history, seed, q, canaries)
+    if canaries is not None:
+        canaries.save()
     # FedAvg's weight: how many privacy units (examples or users) trained; sensitivity 1 either way.
     count, eps = float(len(privacy_units(train_examples, s.privacy_unit))), math.inf
     if s.dp:
@@ -284,6 +288,17 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "metrics": MetricRecord(metrics)})
     check_reply("train", content)
     return Message(content=content, reply_to=msg)
+
+
+def gradient_canaries(context: Context, s: Settings, state_dir: Path, server_round: int) -> GradientCanaries | None:
+    """The site's white-box audit canaries, when its own data folder asks for them (never the server)."""
+    spec = data_paths(context, s)[0] / GradientCanaries.FILE
+    if not s.dp or not spec.is_file():
+        return None
+    try:
+        return GradientCanaries(json.loads(spec.read_text()), state_dir / "gradient-canaries" / f"round-{server_round:03d}.npy")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{spec}: not a canary file ({e}); expected {{\"seed\": hex, \"included\": [true, false, ...]}}") from None
 
 
 def train_releases(s: Settings, budget: Budget) -> tuple[float, list[tuple]]:

@@ -61,9 +61,11 @@ def _collate(model, tokenizer, max_length, num_items):
     return collate
 
 
-def train(model, tokenizer, examples: list[Example], s, history: History, seed: int, q: float) -> TrainResult:
+def train(model, tokenizer, examples: list[Example], s, history: History, seed: int, q: float,
+          canaries: GradientCanaries | None = None) -> TrainResult:
     """``local_steps`` steps of DP-SGD with Adam at public Poisson rate ``q`` over ``s.privacy_unit``
-    (plain Adam on shuffled batches of ``batch-size`` examples when ``s.dp`` is false)."""
+    (plain Adam on shuffled batches of ``batch-size`` examples when ``s.dp`` is false). With
+    ``canaries``, the site's white-box audit canaries ride in every DP-SGD step."""
     if not examples:  # a data problem of the site's, reported as one (category "data"), nothing released
         raise DataError("no training examples: every user of this site has a single event")
     model.train()
@@ -75,7 +77,7 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
     num_items = model.get_base_model().item_embeddings.shape[0]
     collate = _collate(model, tokenizer, s.max_length, num_items)
     if s.dp:
-        losses = dp_steps(model, optimizer, examples, collate, s, q, generator)
+        losses = dp_steps(model, optimizer, examples, collate, s, q, generator, canaries)
         # Each step was one noisy DPOptimizer step at rate q: exactly what is accounted.
         history = list(history) + [(s.noise_multiplier, q, s.local_steps)]
         eps = epsilon(history, s.delta, s.accountant)
@@ -115,17 +117,19 @@ def adam(model, s) -> torch.optim.Adam:
     return torch.optim.Adam(groups)
 
 
-def dp_steps(model, optimizer, examples, collate, s, q, generator) -> list[float]:
+def dp_steps(model, optimizer, examples, collate, s, q, generator, canaries=None) -> list[float]:
     """``local_steps`` DP-SGD steps, each on a Poisson sample of privacy units (see the module doc)."""
     units = privacy_units(examples, s.privacy_unit)
     sampler = UniformWithReplacementSampler(num_samples=len(units), sample_rate=q, generator=generator,
                                             steps=s.local_steps)
     module = GradSampleModule(model, loss_reduction="sum")
-    # expected_batch_size = batch-size, public: the noisy sum is divided by it, not by q·n.
-    optimizer = DPOptimizer(optimizer, noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
-                            expected_batch_size=s.batch_size, loss_reduction="mean", generator=generator)
     losses = []
-    try:
+    try:  # from here on, whatever fails, the model leaves without Opacus' hooks
+        # expected_batch_size = batch-size, public: the noisy sum is divided by it, not by q·n.
+        optimizer = DPOptimizer(optimizer, noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
+                                expected_batch_size=s.batch_size, loss_reduction="mean", generator=generator)
+        if canaries is not None:
+            canaries.attach(optimizer, q, s.max_grad_norm)
         for sampled in sampler:
             optimizer.zero_grad(set_to_none=True)
             rows, owner = capped_rows([units[u] for u in sampled], s.examples_per_user, generator)
@@ -141,6 +145,58 @@ def dp_steps(model, optimizer, examples, collate, s, q, generator) -> list[float
     finally:
         module.to_standard_module()
     return losses
+
+
+class GradientCanaries:
+    """White-box audit canaries in DP-SGD, a site's own check that its noise is really added.
+
+    A site whose data folder holds ``gradient-canaries.json`` (``{"seed": hex, "included": [bool]
+    × m}``, written by whoever audits it: the simulator plays that part) runs m canaries through
+    every DP-SGD step. Canary k is a random unit direction u_k in the space of the trained
+    parameters (Andrew et al., ICLR 2024), drawn from the seed. An included canary is a privacy
+    unit like any other: each step Poisson-samples it at the public rate q, and a sampled one adds
+    its gradient C·u_k (norm C, as a clipped unit's) to the clipped sum before the noise. After
+    the noise, the step's noisy sum g_t is observed along every direction:
+
+        x_{t,k} = ⟨g_t, u_k⟩ / C = [k sampled at t] + ⟨data sum, u_k⟩ / C + N(0, σ²)   (near-orthogonal u).
+
+    The rows x_t are appended to ``state/gradient-canaries/round-NNN.npy`` for the auditor
+    (audit/empirical.py); DP-SGD's accounting covers every step's noisy sum, so they are within
+    the site's guarantee and never leave the site. Included canaries leave the real examples'
+    guarantee as it is (they are data-independent) and cost ~q·m/2 extra units per step.
+    """
+
+    FILE = "gradient-canaries.json"
+
+    def __init__(self, spec: dict, out_file):
+        self.seed = int(spec["seed"], 16) % 2**63  # torch seeds are 64-bit
+        self.included = torch.tensor(spec["included"], dtype=torch.bool)
+        self.out_file, self.rows = out_file, []
+
+    def attach(self, optimizer, q: float, max_grad_norm: float) -> None:
+        params = optimizer.params
+        dim = sum(p.numel() for p in params)
+        directions = torch.randn(len(self.included), dim, generator=torch.Generator().manual_seed(self.seed))
+        directions = (directions / directions.norm(dim=1, keepdim=True)).to(params[0].device)
+        sampler = torch.Generator().manual_seed(secrets.randbits(63))  # which canary joins which step: secret
+        add_noise = optimizer.add_noise
+
+        def add_noise_with_canaries():
+            joins = self.included & (torch.rand(len(self.included), generator=sampler) < q)
+            extra = max_grad_norm * directions[joins.to(directions.device)].sum(0)
+            for p, part in zip(params, extra.split([p.numel() for p in params])):
+                p.summed_grad.add_(part.view_as(p.summed_grad))
+            add_noise()  # whatever noise this optimizer really adds
+            noisy = torch.cat([p.grad.reshape(-1) for p in params])
+            self.rows.append((directions @ noisy / max_grad_norm).cpu())
+
+        optimizer.add_noise = add_noise_with_canaries
+
+    def save(self) -> None:
+        import numpy as np
+
+        self.out_file.parent.mkdir(parents=True, exist_ok=True)
+        np.save(self.out_file, torch.stack(self.rows).numpy().astype(np.float32))
 
 
 def capped_rows(sampled: list[list[int]], cap: int, generator) -> tuple[list[int], torch.Tensor]:

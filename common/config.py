@@ -63,7 +63,8 @@ def partition_root(s: Settings, num_clients: int) -> Path:
         return Path(s.partition_dir).expanduser()
     spec = json.dumps([s.dataset, s.partition, num_clients, s.skew_alpha, s.seed, s.max_users, s.history_len,
                        simulated_budget(s), "declared-users"]
-                      + ([s.canaries, s.canary_examples] if s.canaries else []))
+                      + ([s.canaries, s.canary_examples] if s.canaries else [])
+                      + ([f"gradient-canaries={s.gradient_canaries}"] if s.gradient_canaries else []))
     return fedrec_home() / "partitions" / hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
@@ -92,6 +93,7 @@ class Settings:
     max_users: int
     canaries: int
     canary_examples: int  # training examples per canary user (> 1 audits the user-level claim)
+    gradient_canaries: int  # white-box canaries per site in DP-SGD (client/train.py GradientCanaries)
     history_len: int
     # model
     model: str
@@ -179,6 +181,7 @@ class Settings:
         require(self.history_len >= 1, "history-len must be >= 1")
         require(self.canaries >= 0, "canaries must be >= 0 (0 = no empirical audit)")
         require(self.canary_examples >= 1, "canary-examples must be >= 1")
+        require(self.gradient_canaries >= 0, "gradient-canaries must be >= 0 (0 = none)")
         require(self.canary_examples == 1 or self.privacy_unit == "user",
                 f"canary-examples = {self.canary_examples} plants canary users of several examples, which audits "
                 "a user-level claim; set privacy-unit = user (an example-level ε says nothing about such a user)")

@@ -9,6 +9,8 @@ The partitioner plays the part of the users producing the data: it writes
     <root>/reference.json              the popularity baseline on the same split
     <root>/audit-canaries.json         with ``canaries`` > 0: the planted canaries and which
                                        were included (the auditor's secret; see audit/empirical.py)
+    <root>/client-<k>/gradient-canaries.json  with ``gradient-canaries`` = m > 0: the seed of the site's m
+                                       white-box DP-SGD canaries and which are included (client/train.py)
 
 Schemes:
 * ``user``: one client per user (cross-device); the number of clients must equal the
@@ -24,6 +26,7 @@ import fcntl
 import json
 import math
 import os
+import secrets
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -45,6 +48,7 @@ from common.metrics import metrics_from_ranks, popularity_scores, target_ranks
 from common.privacy import Budget, write_budget
 from common.model import resolve_model_path
 from audit.empirical import CANARY_FILE, canary_interactions, make_canaries, phrase_words
+from client.train import GradientCanaries
 
 
 def select_users(interactions: list[Interaction], max_users: int, seed: int) -> dict[str, list[Interaction]]:
@@ -141,6 +145,10 @@ def materialize(s, num_clients: int) -> Path:
             write_interactions([it for u in ids for it in users[u]] + planted, tmp / f"client-{k}")
             write_budget(tmp / f"client-{k}", Budget(math.inf if eps_max is None else eps_max, delta,
                                                       declared_examples=declared, declared_users=declared_users))
+            if s.gradient_canaries:  # the auditor's secret, on the site's side: the seed and who is in
+                (tmp / f"client-{k}" / GradientCanaries.FILE).write_text(json.dumps(
+                    {"seed": secrets.token_hex(16), "included": [secrets.randbits(1) == 1
+                                                                 for _ in range(s.gradient_canaries)]}))
         reference = popularity_reference(users, catalog, s.history_len)
         reference.update({"clients": num_clients, "scheme": s.partition, "skew-alpha": s.skew_alpha,
                           "users-per-client": [len(ids) for ids in clients]})

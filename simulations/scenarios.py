@@ -16,6 +16,9 @@ replies (their training, budget and ε are real; only what they send is altered)
                and FedAvg moves the model backwards
     prior-nan  its popularity histogram (round 0) carries a NaN
     prior-shape  its popularity histogram loses its last item
+    under-noise  its DP-SGD adds noise σ·0.3 while it records and reports σ (a client that lies
+               about its noise: its ledger rows, accountant and ε all say σ)
+    no-noise   the same with no noise at all (the σ = 0 control of the canary audit)
 
 The scenario travels to the simulated clients in the ``FEDREC_SCENARIO`` environment variable.
 """
@@ -31,7 +34,9 @@ from flwr.clientapp import ClientApp
 
 from client import client_app as real
 
-BEHAVIOURS = ("raise", "sleep", "nan", "shape", "extra", "huge", "scale", "sign-flip", "prior-nan", "prior-shape")
+BEHAVIOURS = ("raise", "sleep", "nan", "shape", "extra", "huge", "scale", "sign-flip", "prior-nan", "prior-shape",
+              "under-noise", "no-noise")
+NOISE_ADDED = {"under-noise": 0.3, "no-noise": 0.0}  # the fraction of the recorded σ really added
 ENV = "FEDREC_SCENARIO"
 
 
@@ -59,6 +64,8 @@ def misbehave(msg: Message, context, call_next) -> Message:
         return reply
     if msg.metadata.message_type != "train" or behaviour is None or behaviour.startswith("prior-"):
         return call_next(msg, context)
+    if behaviour in NOISE_ADDED:
+        return with_less_noise(msg, context, call_next, NOISE_ADDED[behaviour])
     if behaviour == "raise":
         raise RuntimeError("scenario: this client crashes")
     if behaviour == "sleep":
@@ -80,6 +87,25 @@ def misbehave(msg: Message, context, call_next) -> Message:
         arrays = {k: sent[k] + factor * (v - sent[k]) for k, v in arrays.items()}
     reply.content["arrays"] = ArrayRecord(arrays)
     return reply
+
+
+def with_less_noise(msg: Message, context, call_next, fraction: float) -> Message:
+    """The real train step with an Opacus optimizer that adds σ·fraction while everything else
+    (the accountant, the reply, the ledger) sees σ. A Ray worker runs one message at a time, so
+    swapping the class for this call touches no other client."""
+    from opacus.optimizers import DPOptimizer
+
+    from client import train as training
+
+    class LessNoise(DPOptimizer):
+        def __init__(self, *args, noise_multiplier: float, **kwargs):
+            super().__init__(*args, noise_multiplier=noise_multiplier * fraction, **kwargs)
+
+    training.DPOptimizer = LessNoise
+    try:
+        return call_next(msg, context)
+    finally:
+        training.DPOptimizer = DPOptimizer
 
 
 app = ClientApp(mods=[real.secure_aggregation_mod, misbehave])

@@ -90,3 +90,68 @@ def test_user_level_canaries_are_users_of_several_examples(tmp_path):
         assert [ex.target for ex in valid + test] == [target, target]
         histogram = unit_histogram(train, len(catalog), "user")
         assert float(histogram[target]) == pytest.approx(1.0) and float(histogram.sum()) == pytest.approx(1.0)
+
+
+def test_gradient_canaries_join_the_clipped_sum_and_observe_the_noisy_one(tmp_path):
+    """Real Opacus, σ = 0, q = 1, every canary included and no data gradient: each step's sum is
+    C·Σ_k u_k, so every observation is Σ_j ⟨u_k, u_j⟩ = 1 + the directions' cross terms, exactly."""
+    import torch
+    from opacus.optimizers import DPOptimizer
+
+    from client.train import GradientCanaries
+
+    layer = torch.nn.Linear(30, 20)
+    m, clip = 8, 0.5
+    canaries = GradientCanaries({"seed": "ab" * 16, "included": [True] * m}, tmp_path / "obs" / "round-001.npy")
+    optimizer = DPOptimizer(torch.optim.SGD(layer.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=clip,
+                            expected_batch_size=4)
+    canaries.attach(optimizer, 1.0, clip)
+    for _ in range(2):
+        for p in layer.parameters():
+            p.grad_sample = torch.zeros((0, *p.shape))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    canaries.save()
+    observed = np.load(tmp_path / "obs" / "round-001.npy")
+    dim = sum(p.numel() for p in layer.parameters())
+    u = torch.randn(m, dim, generator=torch.Generator().manual_seed(int("ab" * 16, 16) % 2**63))
+    u = u / u.norm(dim=1, keepdim=True)
+    expected = (u @ u.sum(0)).numpy()
+    assert observed.shape == (2, m)
+    np.testing.assert_allclose(observed, np.stack([expected, expected]), rtol=1e-5, atol=1e-6)
+    assert np.all(np.abs(expected - 1) < 0.5)  # near-orthogonal directions: each sees mostly itself
+
+
+def test_the_canary_audit_catches_a_site_that_adds_less_noise_than_it_records(tmp_path):
+    """One real simulation, three sites with white-box canaries in their DP-SGD: site 0 adds no
+    noise (the σ = 0 control), site 1 adds σ·0.3 while recording σ = 1 (a liar), site 2 is honest.
+    `fedrec audit --empirical` exits 1 and names exactly sites 0 and 1."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    env = {**os.environ, "FEDREC_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    simulate = [sys.executable, "-m", "common.cli", "simulate", "--rounds", "2", "--clients", "3", "--run-dir", str(run),
+                "--scenario", "0:no-noise", "1:under-noise", "--set", "model-layers=2", "max-users=24",
+                "batch-size=15", "max-length=64", "history-len=4", "noise-multiplier=1.0", "fraction-train=1.0",
+                "local-steps=20", "gradient-canaries=600"]
+    proc = subprocess.run(simulate, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    audit = subprocess.run([sys.executable, "-m", "common.cli", "audit", "--empirical", str(run)], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert audit.returncode == 1, audit.stdout[-3000:] + audit.stderr[-2000:]
+    report = json.loads((run / "report.json").read_text())
+    sites = {g["site"]: g for g in report["gradient-canaries"]}
+    assert sorted(sites) == ["client-0", "client-1", "client-2"]
+    assert {g["steps"] for g in sites.values()} == {40} and {g["canaries"] for g in sites.values()} == {600}
+    proven = sites["client-2"]["proven-epsilon"]
+    assert sites["client-0"]["epsilon-lb"] > 2 * proven  # the control: no noise at all
+    assert sites["client-1"]["epsilon-lb"] > proven  # the liar
+    assert sites["client-2"]["epsilon-lb"] <= proven  # the honest site
+    flagged = [f for f in report["findings"] if f["kind"] == "noise-below-recorded"]
+    assert sorted(f["site"] for f in flagged) == ["client-0", "client-1"]
+    assert {f["node"] for f in flagged} == {sites["client-0"]["node"], sites["client-1"]["node"]}
+    # The rest of the audit holds: every site's ledger rows say σ = 1, and every ε agrees.
+    assert {f["kind"] for f in report["findings"]} == {"noise-below-recorded"}
+    assert "its noise is below what it recorded" in " ".join(audit.stdout.split())
