@@ -192,6 +192,8 @@ def audit(run_dir: Path, empirical: bool = False) -> dict:
         findings += [{"kind": "noise-below-recorded", "node": g["node"], "site": g["site"],
                       "epsilon-lb": g["epsilon-lb"], "proven-epsilon": g["proven-epsilon"]}
                      for g in gradient if not g["below-proven"]]
+    sites = simulated_site_audits(Path(run_dir))
+    findings += [{"kind": "site-record", "site": site["site"], "finding": f} for site in sites for f in site["findings"]]
     declines = [p for p in ledger["participants"] if p["status"] == "declined"]
     metrics = defaultdict(dict)
     for m in ledger["metrics"]:
@@ -217,9 +219,65 @@ def audit(run_dir: Path, empirical: bool = False) -> dict:
         "gradient-canaries": gradient,
         "declines": [{k: d[k] for k in ("round", "node", "phase", "reason")} for d in declines],
         "metrics": {str(k): v for k, v in sorted(metrics.items())},
+        "sites": sites,
         "findings": findings,
+        "verified": verified_and_assumed(findings, central, measured, gradient, sites),
         "ok": not findings,
     }
+
+
+def simulated_site_audits(run_dir: Path) -> list[dict]:
+    """For a simulation, each simulated site's own records (``fedrec client audit``) against the
+    ledger: the simulator played the sites, so their state is at hand. Empty for a deployment,
+    where each site runs ``fedrec client audit DATA_DIR --ledger RUN_DIR`` itself."""
+    from audit.site import site_audit
+
+    config = run_dir / "config.json"
+    run_config = json.loads(config.read_text())["run-config"] if config.is_file() else {}
+    if not run_config.get("partition-dir") or not run_config.get("run-dir"):
+        return []
+    name = Path(run_config["run-dir"]).name
+    sites = []
+    for folder in sorted(Path(run_config["partition-dir"]).glob("client-*")):
+        state = folder / "state" / name
+        if (state / "accountant.json").is_file():
+            report = site_audit(folder, state, run_dir)
+            sites.append({"site": folder.name, "node": report["ledger"]["name"], "releases": len(report["releases"]),
+                          "findings": report["findings"]})
+    return sites
+
+
+def verified_and_assumed(findings: list[dict], central, measured, gradient: list, sites: list) -> list[dict]:
+    """Point by point, what this audit checked (and its outcome) and what it had to take on trust."""
+    kinds = {f["kind"] for f in findings}
+
+    def outcome(*bad: str) -> str:
+        return "failed" if kinds & set(bad) else "verified"
+
+    rows = [
+        ("accounting", outcome("mismatch", "unrecorded"),
+         "every ε a site reported, recomputed from the ledger's mechanisms with accountant code the sites do not run"),
+        ("mechanisms", outcome("mechanism-differs"),
+         "every recorded release's σ, q, steps and clipping norm against the run config; q fixed per site"),
+        ("budgets", outcome("over-budget"), "every site's final ε within the budget it declared"),
+        ("sites' own records", outcome("site-record") if sites else "assumed",
+         f"{len(sites)} simulated sites' release logs and accountants against the ledger" if sites else
+         "not at hand (a deployment): each site checks with `fedrec client audit DATA_DIR --ledger RUN_DIR`"),
+        ("noise really added", outcome("noise-below-recorded") if gradient else "assumed",
+         f"white-box DP-SGD canaries at {len(gradient)} sites" if gradient else
+         "no white-box canaries in this run (simulate with gradient-canaries=N; a site adds gradient-canaries.json "
+         "to its data folder); the ledger's σ is what the sites say they added"),
+        ("memorisation of released adapters", outcome("empirical-above-proven") if measured else "not measured",
+         "example canaries planted in the data" if measured else "no example canaries in this run (canaries=N)"),
+        ("code the sites ran", "assumed",
+         "that each site ran this run's ClientApp: Flower 1.41's --trusted-entities verifies only signatures "
+         "issued through Flower Hub (online), so a bundle built here cannot be pinned by it (README, Deploy)"),
+        ("noise generator", "assumed", "torch's generator seeded from the OS entropy pool"),
+    ]
+    if central:
+        rows.append(("central DP", "assumed", "the server clipped, sampled and noised as its ledger rows say: "
+                                              "its noise is not checked empirically"))
+    return [{"check": c, "status": st, "how": how} for c, st, how in rows]
 
 
 def empirical_audits(run_dir: Path, ledger: dict, clients: dict) -> tuple[dict | None, list[dict]]:
@@ -316,6 +374,8 @@ def write_html(report: dict, path: Path) -> None:
     findings = "".join(f"<li>{e(json.dumps(f))}</li>" for f in report["findings"]) or "<li>none</li>"
     declines = "".join(f"<li>round {d['round']} {e(d['node'])}: {e(d['reason'] or '')}</li>"
                        for d in report["declines"]) or "<li>none</li>"
+    verified_rows = "".join(f"<tr><td>{e(v['check'])}</td><td>{e(v['status'])}</td><td style='text-align:left'>"
+                            f"{e(v['how'])}</td></tr>" for v in report["verified"])
     central = report["central"]
     central_html = "" if not central else f"""<h2>Client-level guarantee (server, central DP)</h2>
 <p>A separate statement from the example-level one above; the two are never added.</p><ul>
@@ -341,6 +401,7 @@ table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;pad
 </ul><h2>Not covered</h2><ul>{''.join(f'<li>{e(x)}</li>' for x in report['not-covered'])}</ul>
 <h2>Clients</h2><table><tr><th>client</th><th>DP-SGD steps</th><th>final ε reported</th><th>final ε recomputed</th>
 <th>band: exact ε within</th><th>releases</th><th>ε budget</th><th>δ</th><th>accountant</th></tr>{rows}</table>
+<h2>Verified and assumed</h2><table><tr><th>check</th><th>status</th><th>how</th></tr>{verified_rows}</table>
 {central_html}{empirical_html(report.get("empirical"))}{gradient_html(report.get("gradient-canaries"))}<h2>Findings</h2><ul>{findings}</ul><h2>Declines</h2><ul>{declines}</ul>
 <h2>Plots</h2>{''.join(f'<p><img alt="{k}" src="data:image/png;base64,{v}"></p>' for k, v in images.items())}
 <h2>Every mechanism run</h2><table><tr>{''.join(f'<th>{k}</th>' for k in mech_keys)}</tr>{mech}</table>
@@ -409,6 +470,13 @@ def main(run_dir: Path, console, empirical: bool = False) -> int:
                       f"({measured['confidence']:.0%} confidence, δ = {measured['delta']:g}) beside the proven "
                       f"ε = {proven}; best: {measured['best']['correct']}/{measured['best']['guesses']} correct "
                       f"with the {measured['best']['score']} score")
+    checks = Table(title="What this audit verified and what it assumed")
+    for col in ("check", "status", "how"):
+        checks.add_column(col)
+    colour = {"verified": "green", "failed": "red"}
+    for v in report["verified"]:
+        checks.add_row(v["check"], f"[{colour.get(v['status'], 'yellow')}]{v['status']}[/]", v["how"])
+    console.print(checks)
     for g in report["gradient-canaries"]:
         console.print(f"White-box canaries, {g['site']} ({g['node']}): ε_lb = {g['epsilon-lb']:.3f} "
                       f"({g['confidence']:.0%}, split over {len(report['gradient-canaries'])} sites) beside the "

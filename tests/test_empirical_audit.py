@@ -155,3 +155,5 @@ def test_the_canary_audit_catches_a_site_that_adds_less_noise_than_it_records(tm
     # The rest of the audit holds: every site's ledger rows say σ = 1, and every ε agrees.
     assert {f["kind"] for f in report["findings"]} == {"noise-below-recorded"}
     assert "its noise is below what it recorded" in " ".join(audit.stdout.split())
+    status = {v["check"]: v["status"] for v in report["verified"]}
+    assert status["noise really added"] == "failed" and status["accounting"] == "verified"

@@ -199,7 +199,14 @@ def test_audit_recomputes_every_epsilon_and_passes(run_dir):
         assert mine < theirs <= mine + tolerance("prv", mine)
     for c in report["clients"]:  # the exact ε lies between the optimistic and the pessimistic PLD estimates
         assert c["band"][0] < c["band"][1] == c["final-epsilon"] and c["band"][1] / c["band"][0] < 1.1
+    status = {v["check"]: v["status"] for v in report["verified"]}
+    assert status == {"accounting": "verified", "mechanisms": "verified", "budgets": "verified",
+                      "sites' own records": "verified", "noise really added": "assumed",
+                      "memorisation of released adapters": "not measured", "code the sites ran": "assumed",
+                      "noise generator": "assumed"}
+    assert len(report["sites"]) == CLIENTS and all(not site["findings"] for site in report["sites"])
     html = (run / "report.html").read_text()
+    assert "Verified and assumed" in html
     assert html.count("data:image/png;base64,") == 3 and "Unit of privacy" in html and "Not covered" in html
 
 
@@ -232,7 +239,8 @@ def test_audit_detects_a_tampered_ledger(run_dir, tmp_path, table, edit, finding
     assert proc.returncode == 1
     assert finding in proc.stdout
     kinds = {f["kind"] for f in json.loads((copy / "report.json").read_text())["findings"]}
-    assert finding in kinds and kinds <= {finding, "mismatch"}, kinds  # a changed mechanism changes ε too
+    # A changed mechanism changes ε too, and the simulated sites' own records no longer match the ledger.
+    assert finding in kinds and kinds <= {finding, "mismatch", "site-record"}, kinds
 
 
 def site_folders(run):
