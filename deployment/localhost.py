@@ -118,8 +118,9 @@ class LocalDeployment:
     """Start with ``with LocalDeployment(root, sites) as d:``; ``d.run(overrides)`` submits a run."""
 
     def __init__(self, root: Path, data_dirs: list[Path], register: int | None = None,
-                 budgets: list[tuple[float, float]] | None = None):
+                 budgets: list[tuple[float, float]] | None = None, trusted_entities: dict[int, Path] | None = None):
         self.root, self.data_dirs = root, data_dirs
+        self.trusted_entities = trusted_entities or {}  # site → its --trusted-entities YAML (keys it trusts)
         self.budgets = budgets  # each site's (ε_max, δ), given through --node-config (else its budget.json)
         self.register = len(data_dirs) if register is None else register
         self.certs, self.logs = root / "certs", root / "logs"
@@ -177,7 +178,8 @@ class LocalDeployment:
             public = make_node_key(self.certs / "nodes", name)
             if k < self.register:
                 self.flwr("supernode", "register", str(public), "onprem")
-            self.start_supernode(name, data_dir, budget=self.budgets[k] if self.budgets else None)
+            self.start_supernode(name, data_dir, budget=self.budgets[k] if self.budgets else None,
+                                 trusted_entities=self.trusted_entities.get(k))
 
     def start_superlink(self) -> None:
         self.superlink = self.start(
@@ -204,7 +206,8 @@ class LocalDeployment:
             counter.listen()
 
     def start_supernode(self, name: str, data_dir: Path, *, ca: bool = True, key: str | None = None,
-                        max_retries: int | None = None, budget: tuple[float, float] | None = None) -> subprocess.Popen:
+                        max_retries: int | None = None, budget: tuple[float, float] | None = None,
+                        trusted_entities: Path | None = None) -> subprocess.Popen:
         """``flower-supernode`` for one site, reaching the SuperLink through a byte counter."""
         counter = self.counters[name] = ByteCounter(self.port)
         node_config = f'data-dir="{data_dir}"' + (f" epsilon-max={budget[0]} delta={budget[1]}" if budget else "")
@@ -215,6 +218,8 @@ class LocalDeployment:
             args += ["--root-certificates", str(self.certs / "ca.crt")]
         if max_retries is not None:
             args += ["--max-retries", str(max_retries), "--max-wait-time", "30"]
+        if trusted_entities is not None:  # run only app bundles signed by one of these keys
+            args += ["--trusted-entities", str(trusted_entities)]
         return self.start(name, *args)
 
     def wait_for_port(self, port: int, name: str, timeout: float = 60) -> None:

@@ -145,6 +145,16 @@ def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leav
     assert audit.returncode == 0, audit.stdout[-3000:]
     report = json.loads((tmp_path / "run2" / "report.json").read_text())
     assert {c["releases"] for c in report["clients"]} == {len(two_runs)}
+    # Site 0's own audit, from its own records: both runs' releases, each found in run 2's ledger.
+    own = subprocess.run([sys.executable, "-m", "common.cli", "client", "audit", str(sites[0]), "--ledger",
+                          str(tmp_path / "run2"), "--json", str(tmp_path / "site0.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert own.returncode == 0, own.stdout[-3000:]
+    site0 = json.loads((tmp_path / "site0.json").read_text())
+    assert [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in site0["releases"]] == two_runs
+    assert [r["run"] for r in site0["releases"]] == ["run1"] * 4 + ["run2"] * 4
+    assert [r["mechanism"] for r in site0["releases"][:4]] == ["gaussian-histogram", "dp-sgd", "gaussian-count",
+                                                               "gaussian-eval-sums"]
     # Run 3 would take site 0 past its budget: it declined, spent nothing, and the run stopped.
     prior3 = json.loads((tmp_path / "run3" / "prior.json").read_text())
     assert prior3["answered"] == 1 and len(prior3["declined"]) == 1 and "over epsilon-max" in prior3["declined"][0]
@@ -165,3 +175,33 @@ def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leav
     assert leaked == []
     # ...while the canaries were really in what the clients trained on.
     assert len(canaries) > 100 and CANARY in (sites[0] / "interactions.csv").read_text()
+
+
+def test_a_site_that_trusts_only_signed_bundles_refuses_a_bundle_built_here(tmp_path):
+    """Flower 1.41's `flower-supernode --trusted-entities`: a site that trusts a reviewer's
+    ed25519 key runs only app bundles (FABs) whose signature by that key reaches it. In 1.41 the
+    SuperLink attaches signatures only to bundles it fetches from Flower Hub (online); a bundle
+    built and submitted here (`flwr run .`) carries none, so the site refuses it, releases nothing
+    and spends nothing, while a site without the setting trains. (What this means for the trust
+    model: README, "Which code a site runs".)"""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    s = Settings.from_run_config({**defaults(), "max-users": 20, "partition-dir": str(tmp_path / "data")})
+    materialize(s, 2)
+    sites = [tmp_path / "data" / f"client-{k}" for k in range(2)]
+    reviewer = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    trusted = tmp_path / "trusted-entities.yaml"
+    trusted.write_text(f'fedrec-reviewer: "{reviewer}"\n')
+    overrides = {"model-layers": 2, "lora-layers": 1, "num-server-rounds": 1, "local-steps": 2, "batch-size": 8,
+                 "max-users": 20, "min-train-nodes": 1, "run-dir": str(tmp_path / "run")}
+    with LocalDeployment(tmp_path, sites, trusted_entities={1: trusted}) as d:
+        d.wait_for_nodes(2)
+        d.run(overrides, timeout=900)
+        refused = d.log("site-1")
+    assert "App verification is not supported by the connected SuperLink" in refused
+    assert not (sites[1] / "state" / "accountant.json").exists()  # it released nothing
+    assert (sites[0] / "state" / "accountant.json").exists()
+    (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert (row["clients"], row["failures"]) == (1, 1)
