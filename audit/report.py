@@ -240,7 +240,8 @@ def simulated_site_audits(run_dir: Path) -> list[dict]:
     sites = []
     for folder in sorted(Path(run_config["partition-dir"]).glob("client-*")):
         state = folder / "state" / name
-        if (state / "accountant.json").is_file():
+        # A run from before sites kept a release log is not checked here.
+        if (state / "accountant.json").is_file() and (state / "releases.jsonl").is_file():
             report = site_audit(folder, state, run_dir)
             sites.append({"site": folder.name, "node": report["ledger"]["name"], "releases": len(report["releases"]),
                           "findings": report["findings"]})
@@ -262,7 +263,8 @@ def verified_and_assumed(findings: list[dict], central, measured, gradient: list
         ("budgets", outcome("over-budget"), "every site's final ε within the budget it declared"),
         ("sites' own records", outcome("site-record") if sites else "assumed",
          f"{len(sites)} simulated sites' release logs and accountants against the ledger" if sites else
-         "not at hand (a deployment): each site checks with `fedrec client audit DATA_DIR --ledger RUN_DIR`"),
+         "no site release logs at hand (a deployment, or a run from before sites kept them): each site checks "
+         "with `fedrec client audit DATA_DIR --ledger RUN_DIR`"),
         ("noise really added", outcome("noise-below-recorded") if gradient else "assumed",
          f"white-box DP-SGD canaries at {len(gradient)} sites" if gradient else
          "no white-box canaries in this run (simulate with gradient-canaries=N; a site adds gradient-canaries.json "

@@ -22,7 +22,7 @@ from common.model import Recommender, load_encoder
 from audit.accountant import tolerance
 from common.privacy import epsilon
 
-ROUNDS, CLIENTS, CANARIES = 2, 3, 60
+ROUNDS, CLIENTS, CANARIES, GRADIENT_CANARIES, LOCAL_STEPS = 2, 3, 60, 600, 20
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,12 @@ def run_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("sim")
     run = base / "run"
     env = {**os.environ, "FEDREC_HOME": str(base / "home")}
+    # Sites 0 and 1 lie about their DP-SGD noise (simulations/scenarios.py): 0 adds none, 1 adds σ·0.3,
+    # both record σ. Everything but the white-box canary audit sees only what they record.
     cmd = [sys.executable, "-m", "common.cli", "simulate", "--test", "--rounds", str(ROUNDS), "--clients", str(CLIENTS),
-           "--run-dir", str(run), "--set", "model-layers=2", "max-users=24", "batch-size=8", "max-length=64",
-           "history-len=4", "noise-multiplier=1.0", "fraction-train=1.0", "local-steps=3", f"canaries={CANARIES}"]
+           "--run-dir", str(run), "--scenario", "0:no-noise", "1:under-noise", "--set", "model-layers=2",
+           "max-users=24", "batch-size=15", "max-length=64", "history-len=4", "noise-multiplier=1.0",
+           "fraction-train=1.0", f"local-steps={LOCAL_STEPS}", f"canaries={CANARIES}", f"gradient-canaries={GRADIENT_CANARIES}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run, proc.stdout
@@ -160,7 +163,7 @@ def test_ledger_holds_every_round_and_is_append_only(run_dir):
     assert sorted({m[0] for m in mechs}) == ["dp-sgd", "gaussian-count", "gaussian-eval-sums", "gaussian-histogram"]
     assert sum(m[0] == "gaussian-eval-sums" for m in mechs) == sum(m[0] == "gaussian-count" for m in mechs)
     assert sum(m[0] == "dp-sgd" for m in mechs) == ROUNDS * CLIENTS
-    assert all(m[3] == 3 and 0 < m[2] < 1 for m in mechs if m[0] == "dp-sgd")
+    assert all(m[3] == LOCAL_STEPS and 0 < m[2] < 1 for m in mechs if m[0] == "dp-sgd")
     ndcg = db.execute("SELECT round, value FROM metrics WHERE name = 'val-ndcg@10' ORDER BY round").fetchall()
     assert [r for r, _ in ndcg] == list(range(1, ROUNDS + 1))
     test = db.execute("SELECT round FROM metrics WHERE name = 'ndcg@10' ORDER BY round").fetchall()
@@ -317,13 +320,16 @@ def test_a_site_audit_flags_an_altered_record(run_dir, tmp_path, change, finding
     assert finding in kinds and finding in proc.stdout, kinds
 
 
-def test_empirical_audit_stays_below_the_proven_epsilon(run_dir):
-    """The canary audit on the real run: it scores every canary from the released adapters and
-    its lower bound does not exceed the largest proven client ε."""
+def test_empirical_audits_the_adapters_memory_and_catch_the_sites_that_under_noise(run_dir):
+    """Both canary audits on the real run. Example canaries, scored from the released adapters:
+    the lower bound stays below the largest proven client ε. White-box DP-SGD canaries, scored
+    from each site's noisy sums: site 0 (no noise, the σ = 0 control) and site 1 (σ·0.3 while
+    recording σ = 1) have ε_lb above the proven ε of their DP-SGD steps, and the audit exits 1
+    naming exactly them; the honest site 2 stays below."""
     run, _ = run_dir
     proc = subprocess.run([sys.executable, "-m", "common.cli", "audit", "--empirical", str(run)],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
     report = json.loads((run / "report.json").read_text())
     measured = report["empirical"]
     assert measured["canaries"] == CANARIES
@@ -333,8 +339,25 @@ def test_empirical_audit_stays_below_the_proven_epsilon(run_dir):
     assert measured["proven-epsilon"] == pytest.approx(max(c["final-epsilon"] for c in report["clients"]))
     assert 0 <= measured["epsilon-lb"] <= measured["proven-epsilon"] and measured["below-proven"]
     assert "Empirical audit" in proc.stdout
+
+    sites = {g["site"]: g for g in report["gradient-canaries"]}
+    assert sorted(sites) == ["client-0", "client-1", "client-2"]
+    assert {(g["steps"], g["canaries"]) for g in sites.values()} == {(LOCAL_STEPS * ROUNDS, GRADIENT_CANARIES)}
+    proven = sites["client-2"]["proven-epsilon"]
+    assert sites["client-0"]["epsilon-lb"] > 2 * proven  # the control: no noise at all
+    assert sites["client-1"]["epsilon-lb"] > proven  # the liar
+    assert sites["client-2"]["epsilon-lb"] <= proven  # the honest site
+    flagged = [f for f in report["findings"] if f["kind"] == "noise-below-recorded"]
+    assert sorted(f["site"] for f in flagged) == ["client-0", "client-1"]
+    assert {f["node"] for f in flagged} == {sites["client-0"]["node"], sites["client-1"]["node"]}
+    # Nothing else is wrong: every site's ledger rows say σ = 1, and every ε agrees with them.
+    assert {f["kind"] for f in report["findings"]} == {"noise-below-recorded"}
+    assert "its noise is below what it recorded" in " ".join(proc.stdout.split())
+    status = {v["check"]: v["status"] for v in report["verified"]}
+    assert status["noise really added"] == "failed" and status["accounting"] == "verified"
     html = (run / "report.html").read_text()
-    assert "Empirical audit" in html and html.count("data:image/png;base64,") == 4
+    assert "Empirical audit" in html and "White-box DP-SGD canaries" in html
+    assert html.count("data:image/png;base64,") == 4
 
 
 def test_clients_enforce_their_budgets_and_the_run_stops_cleanly(tmp_path):
