@@ -41,8 +41,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.secure_aggregation import secure_aggregation_mod
-from client.train import evaluation_sums, privacy_units
-from client.train import GradientCanaries
+from client.train import GradientCanaries, evaluation_sums, privacy_units
 from client.train import train as train_local
 from common.config import ConfigError, Settings, partition_root
 from common.data import DataError, catalog_fingerprint, leave_last_out, read_catalog, read_interactions
@@ -295,10 +294,12 @@ def gradient_canaries(context: Context, s: Settings, state_dir: Path, server_rou
     spec = data_paths(context, s)[0] / GradientCanaries.FILE
     if not s.dp or not spec.is_file():
         return None
+    observations = state_dir / "gradient-canaries" / f"round-{server_round:03d}.npy"
     try:
-        return GradientCanaries(json.loads(spec.read_text()), state_dir / "gradient-canaries" / f"round-{server_round:03d}.npy")
+        return GradientCanaries(json.loads(spec.read_text()), observations)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{spec}: not a canary file ({e}); expected {{\"seed\": hex, \"included\": [true, false, ...]}}") from None
+        raise DataError(f"{spec}: not a canary file ({e}); expected "
+                        '{"seed": "<hex>", "included": [true, false, ...]}') from None
 
 
 def train_releases(s: Settings, budget: Budget) -> tuple[float, list[tuple]]:

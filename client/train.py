@@ -195,6 +195,8 @@ class GradientCanaries:
     def save(self) -> None:
         import numpy as np
 
+        if not self.rows:  # no DP-SGD step ran
+            return
         self.out_file.parent.mkdir(parents=True, exist_ok=True)
         np.save(self.out_file, torch.stack(self.rows).numpy().astype(np.float32))
 
