@@ -368,3 +368,20 @@ def test_a_user_level_site_samples_users_counts_users_and_refuses_to_mix_units(n
     context.node_config["state-dir"] = str(data_dir / "fresh-state")
     reply = client_app.app(server_message(catalog, context.run_config, 3, kind="evaluate"), context)
     assert "user level only" in str(reply.content["decline"]["reason"])
+
+
+@pytest.mark.parametrize("content", ['{"seed": "zz", "included": [true]}', '{"included": [true]}', "not json"])
+def test_a_malformed_canary_file_stops_the_train_step_before_any_release(node, content):
+    """A site's white-box canary file (gradient-canaries.json) that cannot be read is the site's
+    data error: the server learns only the category, nothing is charged, and the site's own
+    errors.log names the file and the form expected."""
+    from client.train import GradientCanaries
+
+    catalog, _, data_dir, context = node
+    (data_dir / GradientCanaries.FILE).write_text(content)
+    with pytest.raises(client_app.SiteError, match=r"site error \(data\)"):
+        client_app.app(server_message(catalog, context.run_config, 1), context)
+    assert not (data_dir / "state" / "accountant.json").exists()
+    (entry,) = [json.loads(line) for line in (data_dir / "state" / "errors.log").read_text().splitlines()]
+    assert entry["category"] == "data" and "gradient-canaries.json: not a canary file" in entry["traceback"]
+    assert '"included": [true, false, ...]' in entry["traceback"]
