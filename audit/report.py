@@ -272,8 +272,8 @@ def verified_and_assumed(findings: list[dict], central, measured, gradient: list
         ("memorisation of released adapters", outcome("empirical-above-proven") if measured else "not measured",
          "example canaries planted in the data" if measured else "no example canaries in this run (canaries=N)"),
         ("code the sites ran", "assumed",
-         "that each site ran this run's ClientApp: Flower 1.41's --trusted-entities verifies only signatures "
-         "issued through Flower Hub (online), so a bundle built here cannot be pinned by it (README, Deploy)"),
+         "that each site ran the ClientApp it reviewed: the ledger cannot show it; a site pins it itself with "
+         "`fedrec client superexec` (approved bundle hashes) or Flower's --trusted-entities (Flower Hub signatures)"),
         ("noise generator", "assumed", "torch's generator seeded from the OS entropy pool"),
     ]
     if central:

@@ -48,7 +48,41 @@ def register(commands) -> None:
     c.add_argument("dir")
     c.add_argument("--catalog", help="default: DIR/catalog.csv, else DIR/../catalog.csv")
     c.set_defaults(func=validate_cmd)
+    c = client.add_parser("approve", help="approve a reviewed app bundle: sign its SHA-256 with an ed25519 key")
+    c.add_argument("fab", help="the bundle `flwr build` wrote for the reviewed source")
+    c.add_argument("--key", required=True, help="the reviewer's ed25519 private key (ssh-keygen -t ed25519)")
+    c.add_argument("--key-id", required=True, help="the key's name in the site's trusted-keys file")
+    c.add_argument("--approvals", required=True, help="the site's approvals folder")
+    c.set_defaults(func=approve_cmd)
+    c = client.add_parser("superexec", help="run the site's SuperExec: it launches only approved app bundles")
+    c.add_argument("--runtime-api-address", required=True, help="the SuperNode's runtime API (--isolation process)")
+    c.add_argument("--insecure", action="store_true", help="the runtime API is on localhost without TLS")
+    c.add_argument("--approvals", required=True, help="folder of approvals (`fedrec client approve`)")
+    c.add_argument("--trusted-keys", required=True, help="YAML of key-id: \"ssh-ed25519 …\" the site trusts")
+    c.set_defaults(func=superexec_cmd)
     return client  # the site's group: `fedrec client audit` (audit/commands.py) joins it
+
+
+def approve_cmd(args) -> int:
+    from client.approved_apps import approve
+
+    try:
+        out = approve(Path(args.fab), Path(args.key), args.key_id, Path(args.approvals))
+    except (OSError, ValueError) as e:
+        fail(f"{args.fab}: {e}")
+    console.print(f"approved: {out}")
+    return 0
+
+
+def superexec_cmd(args) -> int:
+    from client.approved_apps import run_superexec, trusted_keys
+
+    try:
+        trusted_keys(Path(args.trusted_keys))
+    except (OSError, ValueError) as e:
+        fail(f"{args.trusted_keys}: {e}")
+    run_superexec(args.runtime_api_address, args.insecure, Path(args.approvals), Path(args.trusted_keys))
+    return 0
 
 
 def prepare_cmd(args) -> int:

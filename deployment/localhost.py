@@ -127,6 +127,7 @@ class LocalDeployment:
         self.port = free_port()
         self.processes: list[subprocess.Popen] = []
         self.counters: dict[str, ByteCounter] = {}
+        self.runtime_ports: dict[str, int] = {}
         self.env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
@@ -207,13 +208,14 @@ class LocalDeployment:
 
     def start_supernode(self, name: str, data_dir: Path, *, ca: bool = True, key: str | None = None,
                         max_retries: int | None = None, budget: tuple[float, float] | None = None,
-                        trusted_entities: Path | None = None) -> subprocess.Popen:
+                        trusted_entities: Path | None = None, isolation: str = "subprocess") -> subprocess.Popen:
         """``flower-supernode`` for one site, reaching the SuperLink through a byte counter."""
         counter = self.counters[name] = ByteCounter(self.port)
         node_config = f'data-dir="{data_dir}"' + (f" epsilon-max={budget[0]} delta={budget[1]}" if budget else "")
+        self.runtime_ports[name] = free_port()  # where its ClientApps (or the site's SuperExec) reach it
         args = ["flower-supernode", "--superlink", f"127.0.0.1:{counter.port}",
                 "--auth-supernode-private-key", str(self.certs / "nodes" / (key or name)),
-                "--port", str(free_port()), "--node-config", node_config]
+                "--port", str(self.runtime_ports[name]), "--node-config", node_config, "--isolation", isolation]
         if ca:
             args += ["--root-certificates", str(self.certs / "ca.crt")]
         if max_retries is not None:
@@ -251,8 +253,8 @@ class LocalDeployment:
                 raise TimeoutError(f"{online} of {count} SuperNodes online after {timeout:.0f} s")
             time.sleep(1)
 
-    def run(self, overrides: dict, timeout: float = 3600) -> str:
-        """``flwr run . onprem --stream`` with these run-config overrides; returns its output.
+    def run(self, overrides: dict, timeout: float = 3600, app: str = ".") -> str:
+        """``flwr run APP onprem --stream`` with these run-config overrides; returns its output.
         The byte counters restart here, so they hold what this run sent and received."""
         for counter in self.counters.values():
             counter.up = counter.down = 0
@@ -261,7 +263,7 @@ class LocalDeployment:
         watcher = threading.Thread(target=self._snapshot_rounds, args=(Path(overrides["run-dir"]), done), daemon=True)
         watcher.start()
         try:
-            out = self.flwr("run", ".", "onprem", "--stream", "--run-config", config, timeout=timeout)
+            out = self.flwr("run", app, "onprem", "--stream", "--run-config", config, timeout=timeout)
         finally:
             done.set()
             watcher.join()

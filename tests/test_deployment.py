@@ -4,6 +4,7 @@ SuperNode authentication on, the real app, canaries in the sites' private text."
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import secrets
 import subprocess
@@ -177,31 +178,74 @@ def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leav
     assert len(canaries) > 100 and CANARY in (sites[0] / "interactions.csv").read_text()
 
 
-def test_a_site_that_trusts_only_signed_bundles_refuses_a_bundle_built_here(tmp_path):
-    """Flower 1.41's `flower-supernode --trusted-entities`: a site that trusts a reviewer's
-    ed25519 key runs only app bundles (FABs) whose signature by that key reaches it. In 1.41 the
-    SuperLink attaches signatures only to bundles it fetches from Flower Hub (online); a bundle
-    built and submitted here (`flwr run .`) carries none, so the site refuses it, releases nothing
-    and spends nothing, while a site without the setting trains. (What this means for the trust
-    model: README, "Which code a site runs".)"""
+def test_a_site_runs_only_the_bundle_it_approved(tmp_path):
+    """Which code a site runs, with real SuperLink and SuperNodes, three sites and two runs.
+
+    - Site 0 pins nothing and trains in both runs.
+    - Site 1 uses Flower's route, `flower-supernode --trusted-entities` with a reviewer's ed25519
+      key. In Flower 1.41 only bundles fetched from Flower Hub carry signatures, so it refuses the
+      bundle `flwr run` builds here, in both runs, and releases nothing.
+    - Site 2 uses the site-side pin (client/approved_apps.py): its SuperNode runs with
+      --isolation process and the site's own SuperExec, which launches a ClientApp only for a
+      bundle whose SHA-256 a trusted key signed. The reviewer signed the bundle `flwr build` makes
+      of this source: that run trains there. The same source with one comment added is refused
+      (no reply within round-timeout) and releases nothing.
+    """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    s = Settings.from_run_config({**defaults(), "max-users": 20, "partition-dir": str(tmp_path / "data")})
-    materialize(s, 2)
-    sites = [tmp_path / "data" / f"client-{k}" for k in range(2)]
-    reviewer = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-    trusted = tmp_path / "trusted-entities.yaml"
-    trusted.write_text(f'fedrec-reviewer: "{reviewer}"\n')
+    from common.config import PROJECT_DIR
+    from common.privacy import load_history
+    from deployment.credentials import make_node_key
+
+    s = Settings.from_run_config({**defaults(), "max-users": 30, "partition-dir": str(tmp_path / "data")})
+    materialize(s, 3)
+    sites = [tmp_path / "data" / f"client-{k}" for k in range(3)]
+    reviewer = ed25519.Ed25519PrivateKey.generate()
+    key = tmp_path / "reviewer"
+    key.write_bytes(reviewer.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                           serialization.NoEncryption()))
+    public = reviewer.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                serialization.PublicFormat.OpenSSH).decode()
+    trusted = tmp_path / "trusted-keys.yaml"  # Flower's trusted-entities format, read by both routes
+    trusted.write_text(f'reviewer: "{public}"\n')
+    altered = tmp_path / "altered"
+    files = subprocess.run(["git", "ls-files"], cwd=PROJECT_DIR, capture_output=True, text=True, check=True).stdout
+    for name in files.split():
+        (altered / name).parent.mkdir(parents=True, exist_ok=True)
+        (altered / name).write_bytes((PROJECT_DIR / name).read_bytes())
+    with open(altered / "client" / "client_app.py", "a") as f:
+        f.write("# one comment more than the reviewed source\n")
+    fabs = {}
+    for name, source in (("reviewed", PROJECT_DIR), ("altered", altered)):
+        (tmp_path / name / "fab").mkdir(parents=True)
+        subprocess.run([str(Path(sys.executable).parent / "flwr"), "build", "--app", str(source)],
+                       cwd=tmp_path / name / "fab", check=True, capture_output=True)
+        (fabs[name],) = (tmp_path / name / "fab").glob("*.fab")
+    approve = subprocess.run([sys.executable, "-m", "common.cli", "client", "approve", str(fabs["reviewed"]),
+                              "--key", str(key), "--key-id", "reviewer", "--approvals", str(tmp_path / "approvals")],
+                             capture_output=True, text=True)
+    assert approve.returncode == 0, approve.stdout + approve.stderr
+
     overrides = {"model-layers": 2, "lora-layers": 1, "num-server-rounds": 1, "local-steps": 2, "batch-size": 8,
-                 "max-users": 20, "min-train-nodes": 1, "run-dir": str(tmp_path / "run")}
-    with LocalDeployment(tmp_path, sites, trusted_entities={1: trusted}) as d:
-        d.wait_for_nodes(2)
-        d.run(overrides, timeout=900)
-        refused = d.log("site-1")
-    assert "App verification is not supported by the connected SuperLink" in refused
-    assert not (sites[1] / "state" / "accountant.json").exists()  # it released nothing
-    assert (sites[0] / "state" / "accountant.json").exists()
-    (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert (row["clients"], row["failures"]) == (1, 1)
+                 "max-users": 30, "min-train-nodes": 1, "popularity-prior": False, "round-timeout": 60}
+    with LocalDeployment(tmp_path, sites[:2], trusted_entities={1: trusted}) as d:
+        d.flwr("supernode", "register", str(make_node_key(d.certs / "nodes", "site-2")), "onprem")
+        d.start_supernode("site-2", sites[2], isolation="process")
+        d.start("site-2-superexec", "fedrec", "client", "superexec", "--insecure", "--runtime-api-address",
+                f"127.0.0.1:{d.runtime_ports['site-2']}", "--approvals", str(tmp_path / "approvals"),
+                "--trusted-keys", str(trusted))
+        d.wait_for_nodes(3)
+        d.run({**overrides, "run-dir": str(tmp_path / "run-reviewed")}, timeout=900)
+        released = len(load_history(sites[2] / "state"))
+        d.run({**overrides, "run-dir": str(tmp_path / "run-altered")}, timeout=900, app=str(altered))
+        flower_route, site_pin = d.log("site-1"), d.log("site-2-superexec")
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("run-reviewed", "run-altered")}
+    assert [(r["clients"], r["failures"]) for r in rows["run-reviewed"]] == [(2, 1)]  # sites 0 and 2 trained
+    assert [(r["clients"], r["failures"]) for r in rows["run-altered"]] == [(1, 2)]  # site 0 alone
+    assert "App verification is not supported by the connected SuperLink" in flower_route
+    assert not (sites[1] / "state" / "accountant.json").exists()
+    assert released == 3  # the approved bundle ran at site 2: DP-SGD, count, evaluation
+    assert len(load_history(sites[2] / "state")) == released  # the altered one released nothing there
+    assert f"{hashlib.sha256(fabs['altered'].read_bytes()).hexdigest()} is not approved by this site" in site_pin
