@@ -441,7 +441,9 @@ Poisson-sampled like its examples) and observed each step's noisy sum along thei
 ε_lb (Steinke, Nasr &amp; Jagielski 2023; the 5 % split over every site, score and k) above the proven ε of its
 DP-SGD steps at the σ it recorded means the site added less noise than it recorded.</p>
 <table><tr><th>site</th><th>ledger name</th><th>canaries</th><th>steps</th><th>recorded σ</th>
-<th>best guesses</th><th>ε_lb</th><th>proven ε (DP-SGD)</th><th>verdict</th></tr>{rows}</table>"""
+<th>best guesses</th><th>ε_lb</th><th>proven ε of its DP-SGD steps (δ = {sites[0]['delta']:g}, the unit above,
+the auditor's accountant)</th><th>verdict</th>
+</tr>{rows}</table>"""
 
 
 def main(run_dir: Path, console, empirical: bool = False) -> int:
@@ -482,7 +484,8 @@ def main(run_dir: Path, console, empirical: bool = False) -> int:
     for g in report["gradient-canaries"]:
         console.print(f"White-box canaries, {g['site']} ({g['node']}): ε_lb = {g['epsilon-lb']:.3f} "
                       f"({g['confidence']:.0%}, split over {len(report['gradient-canaries'])} sites) beside the "
-                      f"proven ε = {g['proven-epsilon']:.3f} of its {g['steps']} DP-SGD steps at σ = "
+                      f"proven ε = {g['proven-epsilon']:.3f} ({report['privacy-unit']}-level, δ = {g['delta']:g}, "
+                      f"{report['accountant'].split(';')[0]}) of its {g['steps']} DP-SGD steps at σ = "
                       f"{g['recorded-sigma']:g}: " + ("ok" if g["below-proven"] else "[red]its noise is below what "
                                                        "it recorded[/red]"))
     for f in report["findings"]:

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     proven = audit_epsilon(((args.sigma, args.sample_rate, args.steps),), 1e-5, "prv")
     table = Table(title=f"White-box canary audit: sites flagged, {args.trials} trials each "
                         f"(m = {args.canaries}, T = {args.steps}, q = {args.sample_rate:g}, recorded σ = "
-                        f"{args.sigma:g}, proven ε = {proven:.3f} at δ = 1e-5, {args.sites} sites share the 5 %)")
+                        f"{args.sigma:g}, proven ε = {proven:.3f}, example-level, δ = 1e-5, dp-accounting PLD; "
+                        f"{args.sites} sites share the 5 %)")
     for column in ("noise really added", "flagged", "rate"):
         table.add_column(column, justify="right")
     rates = {}
