@@ -62,6 +62,8 @@ def site_records(state_dir: Path) -> dict:
     client_id = (state_dir / "client-id").read_text().strip() if (state_dir / "client-id").is_file() else None
     return {"accountant": accountant, "log": read_jsonl(state_dir / "releases.jsonl"),
             "retired": [r for r in read_jsonl(state_dir / "accountant-log.jsonl") if r.get("retired")],
+            "retired-releases": [r for log in sorted(state_dir.glob("releases-retired-*.jsonl"))
+                                 for r in read_jsonl(log)],
             "client-id": client_id}
 
 
@@ -156,7 +158,7 @@ def site_audit(data_dir: Path, state_dir: Path | None = None, ledger: Path | Non
               "epsilon-max": budget.get("epsilon-max"),
               "releases": [{**r, "epsilon-recomputed": after[r["index"]] if r["index"] < len(after) else None}
                            for r in sorted(log, key=lambda r: r["index"])],
-              "retired": records["retired"], "ledger": None}
+              "retired": records["retired"], "retired-releases": records["retired-releases"], "ledger": None}
     if ledger is not None:
         name, differ, notes = check_ledger(ledger, records["client-id"], log)
         findings += differ
@@ -187,6 +189,10 @@ def main(data_dir: Path, state_dir: Path | None, ledger: Path | None, json_out: 
     for r in report["retired"]:
         console.print(f"Retired accountant ({r['reason']}): ε = {r['retired-epsilon']}, δ = {r['retired-delta']} "
                       f"({r['retired']}); it is not composed with the current one.")
+    for r in report["retired-releases"]:
+        console.print(f"  under a retired accountant: {r['run'] or r['flower-run']} round {r['round']} {r['mechanism']} "
+                      f"(σ {r['noise_multiplier']:g}, q {r['sample_rate']:.4g}, {r['steps']} steps), ε after "
+                      f"{r['epsilon-after']:.4f} at δ = {r['delta']:g} ({r['accountant'].upper()})")
     if report["ledger"]:
         led = report["ledger"]
         console.print(f"In the ledger of {led['run-dir']} as {led['name']}; "

@@ -186,3 +186,32 @@ def test_only_a_local_command_starts_a_new_accountant_and_it_is_logged(tmp_path)
     (entry,) = [json.loads(line) for line in (state / "accountant-log.jsonl").read_text().splitlines()]
     assert entry["reason"] == "new data export, DPO approved" and entry["retired-epsilon"] > 0
     assert entry["retired"] == str(retired)
+
+
+def test_a_site_audit_covers_its_lifetime_across_a_new_accountant(tmp_path, capsys):
+    """`fedrec client audit`: the releases under a retired accountant stay in the site's view
+    (with the ε they cost then), beside the current accountant's, which is checked in full."""
+    import json
+
+    from common.privacy import save_history
+
+    site = tmp_path / "site"
+    state = site / "state"
+
+    def release(run: str, sigma: float, history: list) -> list:
+        history = history + [(sigma, 1.0, 1)]
+        save_history(state, history, "prv", 1e-5, "example", [
+            {"run": run, "flower-run": 1, "round": 0, "phase": "prior", "mechanism": "gaussian-histogram",
+             "noise_multiplier": sigma, "sample_rate": 1.0, "steps": 1, "sensitivity": 1.0}])
+        return history
+
+    release("run-b", 3.0, release("run-a", 5.0, []))
+    assert main(["client", "reset-accountant", str(state), "--reason", "new data export"]) == 0
+    release("run-c", 4.0, [])
+    capsys.readouterr()
+    assert main(["client", "audit", str(site), "--json", str(tmp_path / "site.json")]) == 0
+    report = json.loads((tmp_path / "site.json").read_text())
+    assert [r["run"] for r in report["retired-releases"]] == ["run-a", "run-b"]
+    assert [r["run"] for r in report["releases"]] == ["run-c"] and report["ok"]
+    assert report["retired"][0]["reason"] == "new data export"
+    assert "under a retired accountant: run-b" in " ".join(capsys.readouterr().out.split())
