@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 def approve(fab: Path, key: Path, key_id: str, approvals: Path) -> Path:
     """Sign the bundle's SHA-256 with an ed25519 private key (OpenSSH or PEM); the approval file."""
     digest = hashlib.sha256(Path(fab).read_bytes()).hexdigest()
-    private = serialization.load_ssh_private_key(key.read_bytes(), None) if b"OPENSSH" in key.read_bytes() \
-        else serialization.load_pem_private_key(key.read_bytes(), None)
+    raw = Path(key).read_bytes()
+    private = (serialization.load_ssh_private_key if b"OPENSSH" in raw else serialization.load_pem_private_key)(raw, None)
     if not isinstance(private, ed25519.Ed25519PrivateKey):
         raise ValueError(f"{key}: not an ed25519 private key (ssh-keygen -t ed25519)")
     approvals.mkdir(parents=True, exist_ok=True)
