@@ -11,6 +11,19 @@ from common.data import leave_last_out, load_movielens
 from common.model import adapter_config, build_model, load_encoder, refresh_item_embeddings
 from simulations.partition import select_users
 
+# The suite runs on two pytest-xdist workers, one test file at a time each (``-n 2 --dist
+# loadfile`` in pyproject.toml, so a module-scoped simulation runs once): much of a real
+# simulation or deployment is one process importing torch, or a server waiting out a
+# round-timeout, and the other worker uses that core meanwhile. The slowest files start first
+# (serial seconds on 2 cores, from ``pytest --durations``), so the two workers finish together.
+SECONDS = {"test_deployment": 355, "test_resume": 339, "test_simulation": 275, "test_robust": 164,
+           "test_faults": 135, "test_secure_aggregation": 58, "test_client": 44}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: SECONDS.get(item.module.__name__.split(".")[-1], 0), reverse=True)  # stable
+
 
 @pytest.fixture(scope="session")
 def movielens():

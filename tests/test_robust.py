@@ -17,11 +17,13 @@ SETTINGS = ["model-layers=2", "lora-layers=1", "history-len=3", "initial-score-s
 
 
 def test_multikrum_resists_a_sign_flipping_client_that_breaks_fedavg(tmp_path):
-    results = bench(["--clients", "5", "--rounds", "2", "--root", str(tmp_path), "--attackers", "4:sign-flip",
+    results = bench(["--clients", "5", "--rounds", "1", "--root", str(tmp_path), "--attackers", "4:sign-flip",
                      "--aggregators", "fedavg", "multi-krum", "--set", *SETTINGS])
     clean = results["clean, fedavg"]["val-ndcg@10"]
     fedavg, krum = results["attacked, fedavg"]["val-ndcg@10"], results["attacked, multi-krum"]["val-ndcg@10"]
     untrained = significance(["--adapter", "0", "--resamples", "100", str(tmp_path / "clean")])["ndcg@10"]["model"]
     assert clean > untrained  # the clean run learns: above its own round 0 on the same validation users
-    assert fedavg < 0.5 * clean  # FedAvg is dragged backwards by one client in five
-    assert krum >= 0.9 * clean  # Multi-Krum is not dragged down: at least 90 % of the clean run
+    assert fedavg < min(0.5 * clean, untrained)  # FedAvg is dragged backwards by one client in five
+    # Multi-Krum is not: it keeps at least 80 % of the clean run (it averages the four honest
+    # clients' updates where the clean run averages five; 0.0252 against 0.0278 when last measured).
+    assert krum >= 0.8 * clean
