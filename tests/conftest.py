@@ -21,7 +21,6 @@ SECONDS = {"test_deployment": 355, "test_resume": 339, "test_simulation": 275, "
            "test_faults": 135, "test_secure_aggregation": 58, "test_client": 44}
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: SECONDS.get(item.module.__name__.split(".")[-1], 0), reverse=True)  # stable
 
