@@ -48,6 +48,7 @@ from common.data import DataError, catalog_fingerprint, leave_last_out, read_cat
 from common.model import (adapter_config, adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
                           refresh_item_embeddings, sequence_options)
 from common.metrics import METRICS, unit_histogram
+from common.prefix_cache import save_atomically
 from common.privacy import (Budget, BudgetError, client_id, epsilon, history_metrics, load_history,
                             public_sample_rate, read_budget, save_history, spend, unit_conflict)
 from common.releases import ERROR_CATEGORIES, EVAL_SPLITS, check_reply, eval_sensitivity
@@ -157,7 +158,7 @@ def load_model(s: Settings, num_items: int):
         base_sha = fingerprint(encoder)  # before LoRA is injected into it
         model = build_model(encoder, num_items, adapter_config(s, encoder), prefix_cache_mb=s.prefix_cache_mb,
                             **sequence_options(s))
-        _MODELS[key] = {"model": model, "tokenizer": tokenizer, "base-sha256": base_sha, "items-of": None}
+        _MODELS[key] = {"model": model, "tokenizer": tokenizer, "base-sha256": base_sha, "items-of": None, "key": key}
         MODEL_LOADS += 1
     return _MODELS[key]
 
@@ -219,13 +220,44 @@ def prepare(msg: Message, context: Context):
     # per distinct global adapter in this process.
     digest = hashlib.sha256(b"".join(t.numpy().tobytes() for _, t in sorted(state.items()))).hexdigest()
     if entry["items-of"] != digest:
-        # A deployed site runs a new process per message: the catalog's frozen-prefix states are
-        # kept on its disk so that each message does not re-encode the catalog. Simulated sites
-        # share their worker process's memory instead.
-        cache_file = None if is_simulated(context) else state_dir / "prefix-cache" / f"catalog-{entry['base-sha256'][:16]}.pt"
-        refresh_item_embeddings(model, tokenizer, catalog.texts(), cache_file=cache_file)
+        if is_simulated(context):  # simulated sites share their worker process's memory instead
+            refresh_item_embeddings(model, tokenizer, catalog.texts())
+        else:
+            site_item_embeddings(model, tokenizer, catalog, entry, digest, state_dir / "prefix-cache")
         entry["items-of"] = digest
     return s, budget, state_dir, model, tokenizer, train, valid, test
+
+
+ITEM_FILES_KEPT = 4  # the adapters of a run's last rounds, and the initial one a new run starts from
+
+
+def site_item_embeddings(model, tokenizer, catalog, entry: dict, adapter_digest: str, folder: Path) -> None:
+    """The catalog's embeddings under the received adapter, kept in the site's state folder.
+
+    Flower 1.41 starts a new ClientApp process per message, and a round's evaluate message and
+    the next round's train message carry the same global adapter (as do the first train messages
+    of two runs with the same seed): the second process reads what the first computed. The file
+    holds only public values (the public catalog under the server's adapter) and is named by all
+    they depend on: base model, catalog, model shape and adapter. An adapter not seen yet is
+    encoded from the catalog's frozen-prefix states, which the site keeps beside it."""
+    key = repr((entry["base-sha256"], catalog_fingerprint(catalog), entry["key"], adapter_digest))
+    path = folder / f"items-{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+    items = model.get_base_model().item_embeddings
+    try:
+        saved = torch.load(path, map_location=items.device)
+        if saved.shape == items.shape:
+            items.copy_(saved)
+            path.touch()  # recently used: kept
+            return
+    except Exception:  # missing, or damaged: computed again and rewritten
+        pass
+    refresh_item_embeddings(model, tokenizer, catalog.texts(), cache_file=folder / f"catalog-{entry['base-sha256'][:16]}.pt")
+    save_atomically(items.cpu().clone(), path)
+    try:
+        for old in sorted(folder.glob("items-*.pt"), key=lambda p: p.stat().st_mtime)[:-ITEM_FILES_KEPT]:
+            old.unlink(missing_ok=True)
+    except OSError:  # another process of this site pruned first
+        pass
 
 
 def release_record(s: Settings, context: Context, msg: Message, phase: str, *mechanisms: tuple) -> list[dict]:

@@ -133,10 +133,17 @@ class PrefixCache:
                     self.remember(key, state)
                 return
         states = self.lookup(texts, max_length)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two processes of one site may race
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"keys": keys, "layers": self.layers, "states": [s.cpu() for s in states]}, tmp)
-            tmp.replace(path)
-        except OSError:  # an unwritable state folder only costs the next process the encoding
-            tmp.unlink(missing_ok=True)
+        save_atomically({"keys": keys, "layers": self.layers, "states": [s.cpu() for s in states]}, path)
+
+
+def save_atomically(obj, path: Path) -> None:
+    """``torch.save`` under a per-process temporary name, then a rename: two processes of one site
+    may race, and a reader never sees half a file. An unwritable folder only costs the next
+    process the computation."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, tmp)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """Deployment vs simulation, with and without SecAgg+: seconds per round and bytes on the wire.
 
     python -m simulations.bench_deployment --sites 3 --rounds 4 --set max-users=150 local-steps=10
+    python -m simulations.bench_deployment --no-secagg …      # the two engines only
 
 Runs the same config four ways, one after the other: Flower's simulation engine (``fedrec
 simulate``), the localhost Deployment Engine (``deployment/localhost.py``: SuperLink +
@@ -59,11 +60,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--root", type=Path, default=Path(f"/tmp/fedrec-bench-{time.strftime('%Y%m%d-%H%M%S')}"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--no-secagg", action="store_true", help="only the two engines without SecAgg+")
     args = parser.parse_args(argv)
     base = {**parse_overrides(args.set), "num-server-rounds": args.rounds}
     results = {}
     for engine in ("simulation", "deployment"):
-        for secure in (False, True):
+        for secure in (False,) if args.no_secagg else (False, True):
             name = f"{engine}{', SecAgg+' if secure else ''}"
             root = args.root / name.replace(", ", "-").replace("+", "plus")
             root.mkdir(parents=True)

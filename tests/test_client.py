@@ -385,3 +385,33 @@ def test_a_malformed_canary_file_stops_the_train_step_before_any_release(node, c
     (entry,) = [json.loads(line) for line in (data_dir / "state" / "errors.log").read_text().splitlines()]
     assert entry["category"] == "data" and "gradient-canaries.json: not a canary file" in entry["traceback"]
     assert '"included": [true, false, ...]' in entry["traceback"]
+
+
+def test_a_deployed_site_reads_the_catalogs_embeddings_the_previous_process_computed(node, monkeypatch):
+    """Flower starts a new ClientApp process per message, and a round's evaluate and the next
+    round's train carry the same global adapter: the second process reads the catalog's
+    embeddings the first computed (the same to the bit) instead of encoding the catalog again.
+    A new adapter, or a damaged file, is encoded again."""
+    catalog, _, data_dir, context = node
+    encoded = []
+    real_refresh = client_app.refresh_item_embeddings
+    monkeypatch.setattr(client_app, "refresh_item_embeddings", lambda *a, **k: (encoded.append(1), real_refresh(*a, **k)))
+
+    def in_a_new_process(message):
+        client_app._MODELS.clear()  # what a new process starts with
+        reply = client_app.app(message, context)
+        assert not reply.has_error(), reply.error
+        (entry,) = client_app._MODELS.values()
+        return reply, entry["model"].get_base_model().item_embeddings.clone()
+
+    initial = server_message(catalog, context.run_config, 1).content["arrays"]
+    _, evaluated = in_a_new_process(server_message(catalog, context.run_config, 1, "evaluate", arrays=initial))
+    files = list((data_dir / "state" / "prefix-cache").glob("items-*.pt"))
+    assert len(files) == 1 and len(encoded) == 1
+    reply, trained_with = in_a_new_process(server_message(catalog, context.run_config, 2, arrays=initial))
+    assert len(encoded) == 1 and torch.equal(trained_with, evaluated)
+    in_a_new_process(server_message(catalog, context.run_config, 2, "evaluate", arrays=reply.content["arrays"]))
+    assert len(encoded) == 2 and len(list(files[0].parent.glob("items-*.pt"))) == 2
+    files[0].write_bytes(b"not a tensor")
+    _, again = in_a_new_process(server_message(catalog, context.run_config, 3, arrays=initial))
+    assert len(encoded) == 3 and torch.equal(again, evaluated)
