@@ -228,15 +228,15 @@ def prepare(msg: Message, context: Context):
     return s, budget, state_dir, model, tokenizer, train, valid, test
 
 
-ITEM_FILES_KEPT = 4  # the adapters of a run's last rounds, and the initial one a new run starts from
+ITEM_FILES_KEPT = 4  # the last global adapters a site received; the next message needs the newest
 
 
 def site_item_embeddings(model, tokenizer, catalog, entry: dict, adapter_digest: str, folder: Path) -> None:
     """The catalog's embeddings under the received adapter, kept in the site's state folder.
 
     Flower 1.41 starts a new ClientApp process per message, and a round's evaluate message and
-    the next round's train message carry the same global adapter (as do the first train messages
-    of two runs with the same seed): the second process reads what the first computed. The file
+    the next round's train message carry the same global adapter: the second process reads what
+    the first computed. The file
     holds only public values (the public catalog under the server's adapter) and is named by all
     they depend on: base model, catalog, model shape and adapter. An adapter not seen yet is
     encoded from the catalog's frozen-prefix states, which the site keeps beside it."""

@@ -51,8 +51,9 @@ GRIDS = {
     "BPR": [{"embedding_size": d, "learning_rate": lr} for d in (64, 128) for lr in (1e-3, 5e-3)],
 }
 # The sequential models' epoch budget: RecBole trains them on every prefix of every history
-# (97,171 sequences of up to 50 items), and one SASRec epoch takes about 3 minutes on 2 idle cores,
-# so each run stops at 30 epochs, or after 3 without a better validation NDCG@10.
+# (97,171 sequences of up to 50 items), and one SASRec epoch takes 3 to 4.5 minutes on 2 idle
+# cores (an Intel Xeon, an AMD EPYC), so each run stops at 30 epochs, or after 3 without a better
+# validation NDCG@10.
 EPOCHS = {"SASRec": {"epochs": 30, "stopping_step": 3}, "GRU4Rec": {"epochs": 30, "stopping_step": 3}}
 COMMON = {
     "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp",
@@ -188,7 +189,7 @@ def run_all(out: Path, models: list[str]) -> None:
         save()
         return r
 
-    def checkpointed(r):
+    def ensure_checkpoint(r):
         """The run's checkpoint, trained again (to the recorded figure) if it is not here."""
         if not (out / "checkpoints" / r["checkpoint"]).exists():
             console.print(f"[bold]{r['model']}[/] {r['params']} seed {r['seed']}: checkpoint missing, training again")
@@ -196,7 +197,6 @@ def run_all(out: Path, models: list[str]) -> None:
             if abs(again["valid"]["ndcg@10"] - r["valid"]["ndcg@10"]) > 1e-6:
                 raise SystemExit(f"{r['model']} seed {r['seed']} did not reproduce its recorded validation NDCG@10 "
                                  f"({again['valid']['ndcg@10']:.6f} against {r['valid']['ndcg@10']:.6f})")
-        return r
 
     for model_name in models:
         tuned = [trained(model_name, params, 0) for params in GRIDS[model_name]]
@@ -204,7 +204,7 @@ def run_all(out: Path, models: list[str]) -> None:
         for seed in SEEDS:
             r = trained(model_name, best, seed)
             if "test" not in r:
-                checkpointed(r)
+                ensure_checkpoint(r)
                 console.print(f"[bold]{model_name}[/] seed {seed}: reading the test split (final configuration {best})")
                 r["test"] = score_test(r, data, split)
                 console.print(f"  test NDCG@10 {r['test']['ndcg@10']:.4f}")
