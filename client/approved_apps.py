@@ -16,6 +16,12 @@ sees no reply (a failure after ``round-timeout``). Flower installs a bundle unde
 hash and loads the ClientApp from the folder of the hash the task names, so what runs is the
 approved content or nothing.
 
+Each approved ClientApp process is forked from a ``multiprocessing`` forkserver that has
+already imported torch, Opacus, PEFT and transformers (Flower 1.41 starts one process per
+message, and those imports cost about 7 s each on 2 cores). The forked child drops every module
+of this installed copy of fedrec before Flower loads the app, so the app still comes from the
+bundle's own folder.
+
 Approvals are files ``DIR/<sha256>.json`` (``{"fab-sha256", "key-id", "signature"}``): a
 reviewer signs offline, the site copies the file in. The bundle is what ``flwr build`` writes
 for the reviewed source (Flower builds the same bytes for ``flwr run``, with fixed file dates).
@@ -26,6 +32,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import multiprocessing
+import os
+import sys
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -77,7 +86,73 @@ def approved(fab_sha256: str | None, approvals: Path, keys: dict[str, ed25519.Ed
     return True
 
 
-def run_superexec(runtime_api_address: str, insecure: bool, approvals: Path, keys_file: Path) -> None:
+# What the forkserver imports once, so that each message's ClientApp process is forked ready
+# (importing these costs about 7 s a process on 2 cores). Third-party code only: the app's own
+# modules must be imported from the bundle in every child.
+PRELOAD = ["torch", "opacus", "peft", "transformers", "flwr.supernode.cli", "flwr.clientapp", "flwr.app"]
+FEDREC_PACKAGES = {p.parent.name for p in Path(__file__).resolve().parents[1].glob("*/__init__.py")}
+
+
+def clientapp_argv(spec) -> list[str]:
+    """The command line Flower's subprocess executor gives ``flwr-clientapp`` for this task."""
+    argv = ["flwr-clientapp", "--runtime-api-address", spec.runtime_api_address, "--token", spec.token]
+    if spec.insecure:
+        argv.append("--insecure")
+    elif spec.root_certificates_path is not None:
+        argv += ["--root-certificates", spec.root_certificates_path]
+    if spec.parent_pid is not None:
+        argv += ["--parent-pid", str(spec.parent_pid)]
+    if spec.runtime_dependency_install:
+        argv.append("--allow-runtime-dependency-installation")
+    return argv
+
+
+def run_clientapp(argv: list[str], quiet: bool) -> None:
+    """``flwr-clientapp`` in a child of the preloaded forkserver. Flower imports the app module
+    from the bundle's folder unless ``sys.modules`` already holds that name, so every module of
+    this installed copy of fedrec (this function's own package among them) is dropped first."""
+    for name in list(sys.modules):
+        if name.split(".")[0] in FEDREC_PACKAGES:
+            del sys.modules[name]
+    if quiet:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    from flwr.supernode.cli import flwr_clientapp
+
+    sys.argv = argv
+    try:
+        flwr_clientapp()
+    finally:
+        app = sys.modules.get("client.client_app")
+        print(f"fedrec superexec: the ClientApp ran from {getattr(app, '__file__', None)}", flush=True)
+
+
+class Preloaded:
+    """Flower's subprocess executor, but each ClientApp process is forked from a server that
+    already imported torch, Opacus, PEFT and transformers."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.forkserver = multiprocessing.get_context("forkserver")
+        self.forkserver.set_forkserver_preload(PRELOAD)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def launch(self, spec):
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        if spec.task_type != TaskType.CLIENT_APP:
+            return self.inner.launch(spec)
+        multiprocessing.active_children()  # reaps the children that finished
+        self.forkserver.Process(target=run_clientapp, args=(clientapp_argv(spec), spec.suppress_output)).start()
+        return LaunchResult.accepted()
+
+
+def run_superexec(runtime_api_address: str, insecure: bool, approvals: Path, keys_file: Path,
+                  preload: bool = True) -> None:
     """Flower's SuperExec, launching only approved bundles (the one place this site reaches into
     Flower's SuperExec internals: its executor factory)."""
     from flwr.supercore.superexec import run_superexec as flower
@@ -98,5 +173,11 @@ def run_superexec(runtime_api_address: str, insecure: bool, approvals: Path, key
                 return LaunchResult.failed(f"app bundle {spec.fab_hash} is not approved by this site")
             return self.inner.launch(spec)
 
-    flower.get_executor = lambda *args, **kwargs: ApprovedOnly(make_executor(*args, **kwargs))
+    def executor(*args, **kwargs):
+        from flwr.supercore.superexec.executor import SubprocessExecutor
+
+        inner = make_executor(*args, **kwargs)
+        return ApprovedOnly(Preloaded(inner) if preload and isinstance(inner, SubprocessExecutor) else inner)
+
+    flower.get_executor = executor
     flower.run_superexec(runtime_api_address=runtime_api_address, insecure=insecure)

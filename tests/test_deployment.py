@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import secrets
 import subprocess
 import sys
@@ -249,3 +250,7 @@ def test_a_site_runs_only_the_bundle_it_approved(tmp_path):
     assert released == 3  # the approved bundle ran at site 2: DP-SGD, count, evaluation
     assert len(load_history(sites[2] / "state")) == released  # the altered one released nothing there
     assert f"{hashlib.sha256(fabs['altered'].read_bytes()).hexdigest()} is not approved by this site" in site_pin
+    # Site 2's SuperExec forks each ClientApp from a server that preloaded torch, Opacus, PEFT and
+    # transformers; what ran was still the bundle Flower installed, not this checkout's copy.
+    ran_from = re.findall(r"the ClientApp ran from (\S+)", site_pin)
+    assert len(ran_from) == 2 and all(Path(f).is_relative_to(tmp_path / "flwr-home") for f in ran_from), ran_from
