@@ -95,7 +95,10 @@ FEDREC_PACKAGES = {p.parent.name for p in Path(__file__).resolve().parents[1].gl
 
 def clientapp_argv(spec) -> list[str]:
     """The command line Flower's subprocess executor gives ``flwr-clientapp`` for this task."""
-    argv = ["flwr-clientapp", "--runtime-api-address", spec.runtime_api_address, "--token", spec.token]
+    from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND
+
+    argv = [TASK_TYPE_TO_COMMAND[spec.task_type], TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
+            spec.runtime_api_address, "--token", spec.token]
     if spec.insecure:
         argv.append("--insecure")
     elif spec.root_certificates_path is not None:
@@ -151,8 +154,7 @@ class Preloaded:
         return LaunchResult.accepted()
 
 
-def run_superexec(runtime_api_address: str, insecure: bool, approvals: Path, keys_file: Path,
-                  preload: bool = True) -> None:
+def run_superexec(runtime_api_address: str, insecure: bool, approvals: Path, keys_file: Path) -> None:
     """Flower's SuperExec, launching only approved bundles (the one place this site reaches into
     Flower's SuperExec internals: its executor factory)."""
     from flwr.supercore.superexec import run_superexec as flower
@@ -177,7 +179,7 @@ def run_superexec(runtime_api_address: str, insecure: bool, approvals: Path, key
         from flwr.supercore.superexec.executor import SubprocessExecutor
 
         inner = make_executor(*args, **kwargs)
-        return ApprovedOnly(Preloaded(inner) if preload and isinstance(inner, SubprocessExecutor) else inner)
+        return ApprovedOnly(Preloaded(inner) if isinstance(inner, SubprocessExecutor) else inner)
 
     flower.get_executor = executor
     flower.run_superexec(runtime_api_address=runtime_api_address, insecure=insecure)

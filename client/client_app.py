@@ -236,10 +236,9 @@ def site_item_embeddings(model, tokenizer, catalog, entry: dict, adapter_digest:
 
     Flower 1.41 starts a new ClientApp process per message, and a round's evaluate message and
     the next round's train message carry the same global adapter: the second process reads what
-    the first computed. The file
-    holds only public values (the public catalog under the server's adapter) and is named by all
-    they depend on: base model, catalog, model shape and adapter. An adapter not seen yet is
-    encoded from the catalog's frozen-prefix states, which the site keeps beside it."""
+    the first computed. The file holds only public values (the public catalog under the server's
+    adapter) and is named by all they depend on: base model, catalog, model shape and adapter. An
+    adapter not seen yet is encoded from the catalog's frozen-prefix states, kept beside it."""
     key = repr((entry["base-sha256"], catalog_fingerprint(catalog), entry["key"], adapter_digest))
     path = folder / f"items-{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
     items = model.get_base_model().item_embeddings
@@ -252,7 +251,7 @@ def site_item_embeddings(model, tokenizer, catalog, entry: dict, adapter_digest:
     except Exception:  # missing, or damaged: computed again and rewritten
         pass
     refresh_item_embeddings(model, tokenizer, catalog.texts(), cache_file=folder / f"catalog-{entry['base-sha256'][:16]}.pt")
-    save_atomically(items.cpu().clone(), path)
+    save_atomically(items.cpu(), path)
     try:
         for old in sorted(folder.glob("items-*.pt"), key=lambda p: p.stat().st_mtime)[:-ITEM_FILES_KEPT]:
             old.unlink(missing_ok=True)
