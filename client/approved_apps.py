@@ -4,6 +4,8 @@
     flower-supernode … --isolation process --clientappio-api-address 127.0.0.1:9094
     fedrec client superexec --runtime-api-address 127.0.0.1:9094 --insecure \\
         --approvals DIR --trusted-keys KEYS.yaml                     the site's own SuperExec
+    fedrec client superexec --runtime-api-address 127.0.0.1:9094 --insecure --any-bundle
+                                  the same, preloaded, running every bundle its SuperNode accepts
 
 Flower's ``--trusted-entities`` accepts only signatures issued through Flower Hub (README,
 "Which code a site runs"), so a site that reviews a bundle itself pins it here. With
@@ -16,11 +18,12 @@ sees no reply (a failure after ``round-timeout``). Flower installs a bundle unde
 hash and loads the ClientApp from the folder of the hash the task names, so what runs is the
 approved content or nothing.
 
-Each approved ClientApp process is forked from a ``multiprocessing`` forkserver that has
-already imported torch, Opacus, PEFT and transformers (Flower 1.41 starts one process per
-message, and those imports cost about 7 s each on 2 cores). The forked child drops every module
-of this installed copy of fedrec before Flower loads the app, so the app still comes from the
-bundle's own folder.
+Each ClientApp process is forked from a ``multiprocessing`` forkserver that has already
+imported torch, Opacus, PEFT and transformers (Flower 1.41 starts one process per message, and
+those imports cost about 7 s each on 2 cores). The forked child drops every module of this
+installed copy of fedrec before Flower loads the app, so the app still comes from the bundle's
+own folder. A site that wants the preloading without the pin says so, ``--any-bundle``: it then
+runs what its SuperNode accepts (with ``--trusted-entities``, only Hub-signed bundles).
 
 Approvals are files ``DIR/<sha256>.json`` (``{"fab-sha256", "key-id", "signature"}``): a
 reviewer signs offline, the site copies the file in. The bundle is what ``flwr build`` writes
@@ -35,6 +38,7 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -136,9 +140,14 @@ class Preloaded:
     already imported torch, Opacus, PEFT and transformers."""
 
     def __init__(self, inner):
+        from multiprocessing import forkserver
+
         self.inner = inner
         self.forkserver = multiprocessing.get_context("forkserver")
         self.forkserver.set_forkserver_preload(PRELOAD)
+        # Importing PRELOAD takes seconds: start now, while the SuperNode waits for its first
+        # message, not when that message arrives.
+        threading.Thread(target=forkserver.ensure_running, daemon=True).start()
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -154,13 +163,14 @@ class Preloaded:
         return LaunchResult.accepted()
 
 
-def run_superexec(runtime_api_address: str, insecure: bool, approvals: Path, keys_file: Path) -> None:
-    """Flower's SuperExec, launching only approved bundles (the one place this site reaches into
-    Flower's SuperExec internals: its executor factory)."""
+def run_superexec(runtime_api_address: str, insecure: bool, approvals: Path | None, keys_file: Path | None) -> None:
+    """Flower's SuperExec with preloaded ClientApp processes, launching only approved bundles
+    when given ``approvals`` and ``keys_file`` (else every bundle its SuperNode accepted). The one
+    place this site reaches into Flower's SuperExec internals: its executor factory."""
     from flwr.supercore.superexec import run_superexec as flower
     from flwr.supercore.superexec.executor.types import LaunchResult
 
-    keys = trusted_keys(keys_file)
+    keys = trusted_keys(keys_file) if approvals is not None else None
     make_executor = flower.get_executor
 
     class ApprovedOnly:
@@ -179,7 +189,8 @@ def run_superexec(runtime_api_address: str, insecure: bool, approvals: Path, key
         from flwr.supercore.superexec.executor import SubprocessExecutor
 
         inner = make_executor(*args, **kwargs)
-        return ApprovedOnly(Preloaded(inner) if isinstance(inner, SubprocessExecutor) else inner)
+        inner = Preloaded(inner) if isinstance(inner, SubprocessExecutor) else inner
+        return ApprovedOnly(inner) if keys is not None else inner
 
     flower.get_executor = executor
     flower.run_superexec(runtime_api_address=runtime_api_address, insecure=insecure)

@@ -54,11 +54,13 @@ def register(commands) -> None:
     c.add_argument("--key-id", required=True, help="the key's name in the site's trusted-keys file")
     c.add_argument("--approvals", required=True, help="the site's approvals folder")
     c.set_defaults(func=approve_cmd)
-    c = client.add_parser("superexec", help="run the site's SuperExec: it launches only approved app bundles")
+    c = client.add_parser("superexec", help="run the site's SuperExec: preloaded ClientApps, only approved bundles")
     c.add_argument("--runtime-api-address", required=True, help="the SuperNode's runtime API (--isolation process)")
     c.add_argument("--insecure", action="store_true", help="the runtime API is on localhost without TLS")
-    c.add_argument("--approvals", required=True, help="folder of approvals (`fedrec client approve`)")
-    c.add_argument("--trusted-keys", required=True, help="YAML of key-id: \"ssh-ed25519 …\" the site trusts")
+    c.add_argument("--approvals", help="folder of approvals (`fedrec client approve`)")
+    c.add_argument("--trusted-keys", help="YAML of key-id: \"ssh-ed25519 …\" the site trusts")
+    c.add_argument("--any-bundle", action="store_true",
+                   help="no approvals: run every bundle the SuperNode accepts (preloaded all the same)")
     c.set_defaults(func=superexec_cmd)
     return client  # the site's group: `fedrec client audit` (audit/commands.py) joins it
 
@@ -77,6 +79,13 @@ def approve_cmd(args) -> int:
 def superexec_cmd(args) -> int:
     from client.approved_apps import run_superexec, trusted_keys
 
+    pinned = args.approvals is not None or args.trusted_keys is not None
+    if pinned == args.any_bundle or (pinned and None in (args.approvals, args.trusted_keys)):
+        fail("fedrec client superexec: give --approvals DIR and --trusted-keys KEYS.yaml, "
+             "or --any-bundle to run every bundle the SuperNode accepts")
+    if args.any_bundle:
+        run_superexec(args.runtime_api_address, args.insecure, None, None)
+        return 0
     try:
         trusted_keys(Path(args.trusted_keys))
     except (OSError, ValueError) as e:

@@ -57,8 +57,16 @@ RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 100)) + [128
 
 
 def epsilon(history: History, delta: float, accountant: str = "prv") -> float:
-    """ε(δ) of the composition of all releases in ``history`` (0 if nothing has run)."""
-    return _epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta), accountant)
+    """ε(δ) of the composition of all releases in ``history`` (0 if nothing has run).
+
+    Releases of one mechanism (equal σ and q) are handed to the accountant as one entry with
+    their steps summed. Composition does not depend on order, so this is the same guarantee; it
+    keeps the accountant's work proportional to the distinct mechanisms a site uses (a few), not
+    to its lifetime of rounds (a site alternates DP-SGD, count and evaluation releases)."""
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, q, n in history:
+        steps[float(sigma), float(q)] = steps.get((float(sigma), float(q)), 0) + int(n)
+    return _epsilon(tuple((sigma, q, n) for (sigma, q), n in steps.items()), float(delta), accountant)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -14,6 +14,10 @@ run. The README's "Deploy on premise" section gives the same steps as shell comm
 process started here is stopped on exit, also on failure (they detach into their own sessions,
 so their whole process trees are tracked, not just their groups).
 
+Each site runs as ``fedrec client superexec`` documents: its SuperNode with ``--isolation
+process`` and its own SuperExec, which forks each ClientApp from preloaded imports (Flower
+starts one ClientApp process per message).
+
 Each SuperNode reaches the SuperLink through a byte-counting TCP relay, so the bytes each site
 sent and received (TLS records included) are measured on the wire, not estimated.
 """
@@ -119,7 +123,8 @@ class LocalDeployment:
 
     def __init__(self, root: Path, data_dirs: list[Path], register: int | None = None,
                  budgets: list[tuple[float, float]] | None = None, trusted_entities: dict[int, Path] | None = None):
-        self.root, self.data_dirs = root, data_dirs
+        # Absolute: the processes started here run in ``root``, and read these paths from there.
+        self.root, self.data_dirs = Path(root).resolve(), [Path(d).resolve() for d in data_dirs]
         self.trusted_entities = trusted_entities or {}  # site → its --trusted-entities YAML (keys it trusts)
         self.budgets = budgets  # each site's (ε_max, δ), given through --node-config (else its budget.json)
         self.register = len(data_dirs) if register is None else register
@@ -133,11 +138,11 @@ class LocalDeployment:
 
     # -- processes ---------------------------------------------------------------------------
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
+    def start(self, name: str, *args: str, env: dict | None = None) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "ab")
         proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                env=self.env, cwd=self.root, start_new_session=True)
+                                env={**self.env, **(env or {})}, cwd=self.root, start_new_session=True)
         log.close()
         self.processes.append(proc)
         return proc
@@ -179,8 +184,8 @@ class LocalDeployment:
             public = make_node_key(self.certs / "nodes", name)
             if k < self.register:
                 self.flwr("supernode", "register", str(public), "onprem")
-            self.start_supernode(name, data_dir, budget=self.budgets[k] if self.budgets else None,
-                                 trusted_entities=self.trusted_entities.get(k))
+            self.start_site(name, data_dir, budget=self.budgets[k] if self.budgets else None,
+                            trusted_entities=self.trusted_entities.get(k))
 
     def start_superlink(self) -> None:
         self.superlink = self.start(
@@ -206,12 +211,28 @@ class LocalDeployment:
         for counter in self.counters.values():
             counter.listen()
 
+    def start_site(self, name: str, data_dir: Path, *, approvals: tuple[Path, Path] | None = None,
+                   **supernode) -> None:
+        """A site as a site runs it: its SuperNode with ``--isolation process`` and its own
+        SuperExec (``fedrec client superexec``), which forks each message's ClientApp from a
+        process that already imported torch, Opacus, PEFT and transformers. With ``approvals``
+        (a folder of approvals, a trusted-keys YAML) it runs only bundles those keys signed."""
+        self.start_supernode(name, data_dir, isolation="process", **supernode)
+        pin = ["--approvals", str(approvals[0]), "--trusted-keys", str(approvals[1])] if approvals else ["--any-bundle"]
+        # The sites share this machine's cores, as simulated clients do (one core each in Ray):
+        # a site's torch threads get its share, not all of them (oversubscribed, they spin).
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, len(self.data_dirs))))
+        self.start(f"{name}-superexec", "fedrec", "client", "superexec", "--insecure",
+                   "--runtime-api-address", f"127.0.0.1:{self.runtime_ports[name]}", *pin,
+                   env={"OMP_NUM_THREADS": threads})
+
     def start_supernode(self, name: str, data_dir: Path, *, ca: bool = True, key: str | None = None,
                         max_retries: int | None = None, budget: tuple[float, float] | None = None,
                         trusted_entities: Path | None = None, isolation: str = "subprocess") -> subprocess.Popen:
-        """``flower-supernode`` for one site, reaching the SuperLink through a byte counter."""
+        """``flower-supernode`` for one site, reaching the SuperLink through a byte counter (with
+        ``isolation="subprocess"`` it starts each ClientApp itself, importing everything anew)."""
         counter = self.counters[name] = ByteCounter(self.port)
-        node_config = f'data-dir="{data_dir}"' + (f" epsilon-max={budget[0]} delta={budget[1]}" if budget else "")
+        node_config = f'data-dir="{Path(data_dir).resolve()}"' + (f" epsilon-max={budget[0]} delta={budget[1]}" if budget else "")
         self.runtime_ports[name] = free_port()  # where its ClientApps (or the site's SuperExec) reach it
         args = ["flower-supernode", "--superlink", f"127.0.0.1:{counter.port}",
                 "--auth-supernode-private-key", str(self.certs / "nodes" / (key or name)),

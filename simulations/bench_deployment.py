@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-secagg", action="store_true", help="only the two engines without SecAgg+")
     args = parser.parse_args(argv)
+    args.root = args.root.resolve()  # the deployed processes run in their own folders
     base = {**parse_overrides(args.set), "num-server-rounds": args.rounds}
     results = {}
     for engine in ("simulation", "deployment"):

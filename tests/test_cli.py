@@ -53,6 +53,13 @@ def fedrec_lines(err: str) -> list[str]:
     (["client", "prepare", "/nonexistent/export.csv", "--catalog", "/nonexistent/catalog.csv", "--out", "/tmp/x"],
      "/nonexistent/catalog.csv: file not found"),
     (["credentials", "/tmp/nothing-to-make"], "nothing to make: give --host NAME"),
+    (["client", "superexec", "--runtime-api-address", "127.0.0.1:9094"], "or --any-bundle to run every bundle"),
+    (["client", "superexec", "--runtime-api-address", "127.0.0.1:9094", "--approvals", "/tmp/a"],
+     "give --approvals DIR and --trusted-keys KEYS.yaml"),
+    (["client", "superexec", "--runtime-api-address", "127.0.0.1:9094", "--approvals", "/tmp/a",
+      "--trusted-keys", "/tmp/k.yaml", "--any-bundle"], "give --approvals DIR and --trusted-keys KEYS.yaml, or"),
+    (["client", "superexec", "--runtime-api-address", "127.0.0.1:9094", "--approvals", "/tmp/a",
+      "--trusted-keys", "/nonexistent/keys.yaml"], "/nonexistent/keys.yaml: "),
     (["localhost", "/nonexistent/site"], "not a site's data folder (no interactions.csv): /nonexistent/site"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(argv, message, capsys, tmp_path, monkeypatch):

@@ -232,10 +232,7 @@ def test_a_site_runs_only_the_bundle_it_approved(tmp_path):
                  "max-users": 30, "min-train-nodes": 1, "popularity-prior": False, "round-timeout": 60}
     with LocalDeployment(tmp_path, sites[:2], trusted_entities={1: trusted}) as d:
         d.flwr("supernode", "register", str(make_node_key(d.certs / "nodes", "site-2")), "onprem")
-        d.start_supernode("site-2", sites[2], isolation="process")
-        d.start("site-2-superexec", "fedrec", "client", "superexec", "--insecure", "--runtime-api-address",
-                f"127.0.0.1:{d.runtime_ports['site-2']}", "--approvals", str(tmp_path / "approvals"),
-                "--trusted-keys", str(trusted))
+        d.start_site("site-2", sites[2], approvals=(tmp_path / "approvals", trusted))
         d.wait_for_nodes(3)
         d.run({**overrides, "run-dir": str(tmp_path / "run-reviewed")}, timeout=900)
         released = len(load_history(sites[2] / "state"))

@@ -86,6 +86,23 @@ def test_epsilon_is_cumulative_and_matches_a_fresh_accountant(model_and_tokenize
     assert epsilon(load_history(state), s.delta, s.accountant) == round2.epsilon
 
 
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_a_sites_interleaved_releases_cost_what_opacus_says_they_cost(accountant):
+    """A site's lifetime alternates DP-SGD, count and evaluation releases; ``epsilon`` hands the
+    accountant each mechanism once with its summed steps. Opacus on the history as it was made
+    gives the same ε."""
+    from opacus.accountants import create_accountant
+
+    from common.privacy import RDP_ORDERS
+
+    history = [(10.0, 1.0, 1)] + [(1.0, 0.0118, 10), (50.0, 1.0, 1), (100.0, 1.0, 1)] * 12
+    opacus = create_accountant(accountant)
+    opacus.history = list(history)
+    expected = opacus.get_epsilon(1e-5, **({"alphas": RDP_ORDERS} if accountant == "rdp" else {}))
+    assert epsilon(history, 1e-5, accountant) == pytest.approx(expected, rel=1e-9)
+    assert epsilon(history, 1e-5, accountant) > epsilon(history[:-3], 1e-5, accountant)
+
+
 def test_dp_noise_is_not_replayable_from_the_run_seed(model_and_tokenizer, small_split, settings):
     """Same seed, same data, same start: two DP steps must differ (secret noise and sampling)."""
     model, tokenizer = model_and_tokenizer
