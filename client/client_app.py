@@ -46,7 +46,7 @@ from client.train import train as train_local
 from common.config import ConfigError, Settings, partition_root
 from common.data import DataError, catalog_fingerprint, leave_last_out, read_catalog, read_interactions
 from common.model import (adapter_config, adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
-                          refresh_item_embeddings, sequence_options)
+                          prefix_cache, refresh_item_embeddings, sequence_options)
 from common.metrics import METRICS, unit_histogram
 from common.prefix_cache import save_atomically
 from common.privacy import (Budget, BudgetError, client_id, epsilon, history_metrics, load_history,
@@ -219,6 +219,13 @@ def prepare(msg: Message, context: Context):
     # Item embeddings depend only on the adapter and the public catalog: compute them once
     # per distinct global adapter in this process.
     digest = hashlib.sha256(b"".join(t.numpy().tobytes() for _, t in sorted(state.items()))).hexdigest()
+    cache = prefix_cache(model, tokenizer)
+    if cache and cache.disk is None and not is_simulated(context):
+        # Flower 1.41 starts a process per message: a deployed site keeps its users' texts'
+        # states for the next one, in its own state folder (as private as its data; never sent).
+        # The catalog's are kept apart (site_item_embeddings). A simulated site's worker
+        # process keeps them in memory.
+        cache.keep_on_disk(state_dir / "prefix-cache" / f"texts-{entry['base-sha256'][:16]}.pt", set(catalog.texts()))
     if entry["items-of"] != digest:
         if is_simulated(context):  # simulated sites share their worker process's memory instead
             refresh_item_embeddings(model, tokenizer, catalog.texts())
@@ -290,6 +297,8 @@ def train(msg: Message, context: Context) -> Message:
     seed = s.seed * 1_000_003 + server_round * 7919 + node % 100_003
     canaries = gradient_canaries(context, s, state_dir, server_round)
     result = train_local(model, tokenizer, train_examples, s, history, seed, q, canaries)
+    if cache := prefix_cache(model, tokenizer):
+        cache.save_new()  # for a deployed site's next process
     if canaries is not None:
         canaries.save()
     # FedAvg's weight: how many privacy units (examples or users) trained; sensitivity 1 either way.
@@ -408,6 +417,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     examples = {"val": valid, "test": test}
     sums = {f"{EVAL_SPLITS[split]}{k}": v for split in splits
             for k, v in evaluation_sums(model, tokenizer, examples[split], s.max_length).items()}
+    if cache := prefix_cache(model, tokenizer):
+        cache.save_new()  # for a deployed site's next process
     released, eps = dict(sums), math.inf
     if s.dp:
         noise = secret_noise(len(sums), s.eval_noise_multiplier * eval_sensitivity(len(splits)))

@@ -12,7 +12,8 @@ padding (padded keys are masked out), so h(t) is computed unpadded, stored once,
 with zeros for any batch: logits and per-sample gradients are those of the uncached model
 (tested to 1e-5). The cache holds tensors on the model's device, least recently used evicted
 beyond ``max_bytes``. Nothing private leaves the process: it is the site's own computation,
-kept in its own memory (and, for the public catalog only, on its own disk).
+kept in its own memory and on its own disk: a deployed site (a new process per message) keeps
+the catalog's states and its users' states in its state folder, as private as its data folder.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class PrefixCache:
         self.states: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = 0
+        self.computed: set[tuple[str, int]] = set()  # since the last save_new
+        self.disk: tuple[Path, set[str]] | None = None  # see keep_on_disk
 
     @torch.no_grad()
     def compute(self, texts: list[str], max_length: int, batch_size: int = 128) -> list[torch.Tensor]:
@@ -100,6 +103,7 @@ class PrefixCache:
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         computed = dict(zip(missing, self.compute([t for t, _ in missing], max_length)))
+        self.computed.update(missing)
         for key, state in computed.items():
             self.remember(key, state)
         found = []
@@ -134,6 +138,31 @@ class PrefixCache:
                 return
         states = self.lookup(texts, max_length)
         save_atomically({"keys": keys, "layers": self.layers, "states": [s.cpu() for s in states]}, path)
+
+
+    def keep_on_disk(self, path: Path, exclude: set[str]) -> None:
+        """Keep the states of every text but ``exclude`` (kept elsewhere) in ``path`` across
+        processes: load what an earlier process saved there (if it fits this model), and let
+        ``save_new`` add to it."""
+        self.disk = (path, exclude)
+        try:
+            saved = torch.load(path, map_location=next(self.encoder.parameters()).device)
+        except Exception:  # none yet, or damaged: computed again as needed
+            return
+        if isinstance(saved, dict) and saved.get("layers") == self.layers:
+            for key, state in zip(saved["keys"], saved["states"]):
+                self.remember(tuple(key), state)
+
+    def save_new(self) -> None:
+        """Write the kept states (within ``max_bytes``) if this process computed new ones."""
+        if self.disk is None:
+            return
+        path, exclude = self.disk
+        if all(text in exclude for text, _ in self.computed):
+            return
+        keys = [key for key in self.states if key[0] not in exclude]
+        save_atomically({"keys": keys, "layers": self.layers, "states": [self.states[k].cpu() for k in keys]}, path)
+        self.computed.clear()
 
 
 def save_atomically(obj, path: Path) -> None:

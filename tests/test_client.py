@@ -391,8 +391,10 @@ def test_a_deployed_site_reads_the_catalogs_embeddings_the_previous_process_comp
     """Flower starts a new ClientApp process per message, and a round's evaluate and the next
     round's train carry the same global adapter: the second process reads the catalog's
     embeddings the first computed (the same to the bit) instead of encoding the catalog again.
-    A new adapter, or a damaged file, is encoded again."""
+    A new adapter, or a damaged file, is encoded again. The users' texts' frozen-prefix states a
+    process computed are read by the next one, not computed again."""
     catalog, _, data_dir, context = node
+    context.run_config["lora-layers"] = 1  # layer 0 frozen and LoRA-free: its states are cached
     encoded = []
     real_refresh = client_app.refresh_item_embeddings
     monkeypatch.setattr(client_app, "refresh_item_embeddings", lambda *a, **k: (encoded.append(1), real_refresh(*a, **k)))
@@ -402,6 +404,7 @@ def test_a_deployed_site_reads_the_catalogs_embeddings_the_previous_process_comp
         reply = client_app.app(message, context)
         assert not reply.has_error(), reply.error
         (entry,) = client_app._MODELS.values()
+        in_a_new_process.cache = entry["model"].get_base_model().prefix_cache
         return reply, entry["model"].get_base_model().item_embeddings.clone()
 
     initial = server_message(catalog, context.run_config, 1).content["arrays"]
@@ -410,8 +413,17 @@ def test_a_deployed_site_reads_the_catalogs_embeddings_the_previous_process_comp
     assert len(files) == 1 and len(encoded) == 1
     reply, trained_with = in_a_new_process(server_message(catalog, context.run_config, 2, arrays=initial))
     assert len(encoded) == 1 and torch.equal(trained_with, evaluated)
+    (texts_file,) = (data_dir / "state" / "prefix-cache").glob("texts-*.pt")
+    saved = torch.load(texts_file)
+    kept = dict(zip(map(tuple, saved["keys"]), saved["states"]))
+    assert kept and not {text for text, _ in kept} & set(catalog.texts())  # the users' texts only
+    trainer = in_a_new_process.cache
+    assert all(torch.equal(state, trainer.states[key]) for key, state in kept.items())
     in_a_new_process(server_message(catalog, context.run_config, 2, "evaluate", arrays=reply.content["arrays"]))
     assert len(encoded) == 2 and len(list(files[0].parent.glob("items-*.pt"))) == 2
+    evaluator = in_a_new_process.cache  # started with the trainer's states, computed only others
+    users_texts = {key for key in evaluator.states if key[0] not in set(catalog.texts())}
+    assert set(kept) <= users_texts and evaluator.misses == len(users_texts - set(kept))
     files[0].write_bytes(b"not a tensor")
     _, again = in_a_new_process(server_message(catalog, context.run_config, 3, arrays=initial))
     assert len(encoded) == 3 and torch.equal(again, evaluated)

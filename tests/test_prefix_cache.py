@@ -112,6 +112,34 @@ def test_a_new_process_reads_the_catalogs_states_from_disk(movielens, settings, 
     assert fresh.bytes == held == sum(x.numel() * x.element_size() for x in fresh.states.values())
 
 
+def test_a_sites_users_texts_are_kept_on_disk_apart_from_the_catalog(movielens, settings, tmp_path):
+    """A deployed site's next process starts with the users' texts' states this one computed;
+    the catalog's are excluded (kept in their own file); a file of another depth, or a damaged
+    one, is ignored."""
+    catalog, _ = movielens
+    items = catalog.texts()[:3]
+    users = ["Toy Story (1995). Animation. Rated 5/5", "Heat (1995). Action. Rated 3/5"]
+    model, tokenizer = model_pair(settings, len(catalog))
+    path = tmp_path / "texts.pt"
+    cache = PrefixCache(model.get_base_model().encoder, tokenizer, 1, 1 << 30)
+    cache.keep_on_disk(path, set(items))
+    cache.lookup(users + items, 64)
+    cache.save_new()
+    nxt = PrefixCache(cache.encoder, tokenizer, 1, 1 << 30)
+    nxt.keep_on_disk(path, set(items))
+    assert set(nxt.states) == {(t, 64) for t in users}
+    assert all(torch.equal(nxt.states[key], cache.states[key]) for key in nxt.states)
+    nxt.lookup(users, 64)
+    assert nxt.misses == 0
+    deeper = PrefixCache(cache.encoder, tokenizer, 2, 1 << 30)
+    deeper.keep_on_disk(path, set(items))
+    assert not deeper.states
+    path.write_bytes(b"damaged")
+    damaged = PrefixCache(cache.encoder, tokenizer, 1, 1 << 30)
+    damaged.keep_on_disk(path, set(items))
+    assert not damaged.states and torch.equal(damaged.lookup(users[:1], 64)[0], cache.states[(users[0], 64)])
+
+
 def test_training_and_evaluation_with_the_cache_replay_those_without_it(movielens, small_split, settings):
     """Non-private training is reproducible from its seed: the same steps with the cache on and
     off end at the same adapter and the same full-ranking ranks."""
