@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = Table(title=f"{args.sites} clients, {args.rounds} rounds, {' '.join(args.set)} "
                         f"({os.cpu_count()} CPU cores)")
     for col in ("engine", "round 1 (s)", "median round 2+ (s)", "kB sent / received per site per round (median)",
-                "MB per site, whole run", "val NDCG@10"):
+                "MB per site, whole run", "val NDCG@10 (deployed: the sites' DP-noised sums)"):
         table.add_column(col, justify="right")
     for name, r in results.items():
         per_round, wire = r.get("wire-bytes-per-round"), r.get("wire-bytes")

@@ -21,7 +21,8 @@ Protocol: each model's grid below (its stated tuning budget) is trained with see
 stopping on RecBole's validation NDCG@10; the configuration with the best validation
 NDCG@10 (fedrec's rule) is then trained with seeds 0, 1, 2. The test split is scored only for
 those final runs, once each, and the report says so. Results: ``references.json`` and
-``references.md`` in ``--out``; every run is kept (``runs.jsonl``), so the command resumes. A run
+``references.md`` in ``--out``; every run is kept (``runs.jsonl``), so the command resumes, and a
+run cut short resumes at its last validated epoch (``train_run``). A run
 recorded without its checkpoint (``runs.jsonl`` carried to another machine) is trained again when
 its checkpoint is needed, with RecBole's ``reproducibility`` on, and must reproduce its recorded
 validation figure to 1e-6, or the command stops and says so.
@@ -112,19 +113,57 @@ def recbole_setup(model_name: str, params: dict, seed: int, data: Path):
 
 
 def train_run(model_name: str, params: dict, seed: int, data: Path, split: dict, checkpoint: Path) -> dict:
-    """Train one RecBole model with early stopping on validation; fedrec's validation metrics."""
+    """Train one RecBole model with early stopping on validation; fedrec's validation metrics.
+
+    Resumable: after every validated epoch, the trainer's state (model, optimizer, epoch,
+    early-stopping counter, best score) and every random generator's (torch, NumPy, Python, the
+    training loader's shuffle) are saved in ``<checkpoint>.resume``; a run cut short continues
+    from its last epoch with the same random streams, as the uninterrupted run would have."""
+    import random
+
+    import numpy as np
     import torch
     from recbole.utils import get_model, get_trainer
 
     config, dataset, train_data, valid_data, _ = recbole_setup(model_name, params, seed, data)
     model = get_model(model_name)(config, train_data._dataset).to(config["device"])
     trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
+    resume = checkpoint.with_name(checkpoint.name + ".resume")
+    spent, resumed = 0.0, []
+    if resume.is_file():
+        state = torch.load(resume, weights_only=False)  # RecBole's own resume_checkpoint predates weights_only
+        trainer.start_epoch, trainer.cur_step = state["epoch"] + 1, state["cur_step"]
+        trainer.best_valid_score = state["best_valid_score"]
+        model.load_state_dict(state["state_dict"])
+        model.load_other_parameter(state["other_parameter"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["random"])
+        train_data.generator.set_state(state["rng"]["loader"])
+        spent, resumed = state["seconds"], state["resumed"] + [trainer.start_epoch]
+    trainer.saved_model_file = str(checkpoint)  # the best epoch's model, where RecBole saves it
     started = time.time()
-    trainer.fit(train_data, valid_data, saved=True, show_progress=False, verbose=False)
-    os.replace(trainer.saved_model_file, checkpoint)
+
+    def save_resume_state(epoch: int, _score) -> None:
+        state = {"epoch": epoch, "cur_step": trainer.cur_step,
+                 "best_valid_score": trainer.best_valid_score, "state_dict": model.state_dict(),
+                 "other_parameter": model.other_parameter(), "optimizer": trainer.optimizer.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
+                         "loader": train_data.generator.get_state()},
+                 "seconds": spent + time.time() - started, "resumed": resumed}
+        torch.save(state, resume.with_name(resume.name + ".tmp"))
+        resume.with_name(resume.name + ".tmp").replace(resume)
+
+    stopped = trainer.cur_step > trainer.stopping_step or trainer.start_epoch >= trainer.epochs
+    if not stopped:
+        trainer.fit(train_data, valid_data, saved=True, show_progress=False, verbose=False, callback_fn=save_resume_state)
     model.load_state_dict(torch.load(checkpoint, weights_only=False)["state_dict"])
-    return {"model": model_name, "params": params, "seed": seed, "train_seconds": time.time() - started,
-            "checkpoint": checkpoint.name, "valid": fedrec_metrics(model, valid_data, dataset, split["valid"], split["items"])}
+    record = {"model": model_name, "params": params, "seed": seed, "train_seconds": spent + time.time() - started,
+              "checkpoint": checkpoint.name, "resumed-at-epochs": resumed,
+              "valid": fedrec_metrics(model, valid_data, dataset, split["valid"], split["items"])}
+    resume.unlink(missing_ok=True)
+    return record
 
 
 def score_test(run: dict, data: Path, split: dict) -> dict:
