@@ -139,7 +139,6 @@ class PrefixCache:
         states = self.lookup(texts, max_length)
         save_atomically({"keys": keys, "layers": self.layers, "states": [s.cpu() for s in states]}, path)
 
-
     def keep_on_disk(self, path: Path, exclude: set[str]) -> None:
         """Keep the states of every text but ``exclude`` (kept elsewhere) in ``path`` across
         processes: load what an earlier process saved there (if it fits this model), and let
