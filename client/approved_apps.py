@@ -92,7 +92,8 @@ def approved(fab_sha256: str | None, approvals: Path, keys: dict[str, ed25519.Ed
 
 # What the forkserver imports once, so that each message's ClientApp process is forked ready
 # (importing these costs about 7 s a process on 2 cores). Third-party code only: the app's own
-# modules must be imported from the bundle in every child.
+# modules must be imported from the bundle in every child. Importing torch does not initialise
+# CUDA, so a forked child can still use the GPU (CUDA cannot be initialised before a fork).
 PRELOAD = ["torch", "opacus", "peft", "transformers", "flwr.supernode.cli", "flwr.clientapp", "flwr.app"]
 FEDREC_PACKAGES = {p.parent.name for p in Path(__file__).resolve().parents[1].glob("*/__init__.py")}
 

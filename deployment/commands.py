@@ -19,7 +19,8 @@ def register(commands) -> None:
     p.add_argument("--host", action="append", default=[], help="a name or IP the SuperLink is reached at (repeat)")
     p.add_argument("--nodes", nargs="*", default=[], metavar="SITE", help="make a key pair per site name")
     p.set_defaults(func=credentials_cmd)
-    p = commands.add_parser("localhost", help="deploy on this machine: a SuperLink, one SuperNode per site folder")
+    p = commands.add_parser("localhost", help="deploy on this machine: a SuperLink, one SuperNode and its "
+                                              "preloaded SuperExec per site folder")
     p.add_argument("sites", nargs="+", metavar="SITE_DIR", help="each site's data folder (--node-config data-dir)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--root", type=Path, default=None, help="working folder (default: a new one in /tmp)")

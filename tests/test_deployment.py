@@ -140,6 +140,11 @@ def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leav
     (cached,) = (sites[0] / "state" / "prefix-cache").glob("catalog-*.pt")
     assert [text for text, _ in torch.load(cached)["keys"]] == read_catalog(tmp_path / "data" / "catalog.csv").texts()
     assert cached.stat().st_mtime < (tmp_path / "run2" / "config.json").stat().st_mtime  # run 2 read, never rewrote it
+    # Each site ran behind its own preloaded SuperExec (--any-bundle), and every ClientApp it
+    # forked ran the bundle Flower installed, not this checkout's copy.
+    for k in range(3):
+        ran_from = re.findall(r"the ClientApp ran from (\S+)", d.log(f"site-{k}-superexec"))
+        assert ran_from and all(Path(f).is_relative_to(tmp_path / "flwr-home") for f in ran_from), ran_from
     # Run 2's ledger records run 1's releases (phase unrecorded), so its audit replays every ε
     # over the sites' whole lives and finds nothing.
     audit = subprocess.run([sys.executable, "-m", "common.cli", "audit", str(tmp_path / "run2")],
