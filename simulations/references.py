@@ -145,7 +145,9 @@ def train_run(model_name: str, params: dict, seed: int, data: Path, split: dict,
     trainer.saved_model_file = str(checkpoint)  # the best epoch's model, where RecBole saves it
     started = time.time()
 
-    def save_resume_state(epoch: int, _score) -> None:
+    def save_resume_state(epoch: int, score: float) -> None:
+        print(f"  epoch {epoch}: RecBole's validation NDCG@10 {score:.4f}, best {trainer.best_valid_score:.4f}, "
+              f"{spent + time.time() - started:.0f} s so far", flush=True)
         state = {"epoch": epoch, "cur_step": trainer.cur_step,
                  "best_valid_score": trainer.best_valid_score, "state_dict": model.state_dict(),
                  "other_parameter": model.other_parameter(), "optimizer": trainer.optimizer.state_dict(),
