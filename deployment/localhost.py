@@ -220,12 +220,11 @@ class LocalDeployment:
         self.start_supernode(name, data_dir, isolation="process", **supernode)
         pin = ["--approvals", str(approvals[0]), "--trusted-keys", str(approvals[1])] if approvals else ["--any-bundle"]
         # The sites share this machine's cores, as simulated clients do (one core each in Ray):
-        # a site's torch threads get its share, not all of them (oversubscribed, they spin). And
-        # its SuperExec asks for tasks every 0.2 s, not Flower's default 1 s.
+        # a site's torch threads get its share, not all of them (oversubscribed, they spin).
         threads = str(max(1, (os.cpu_count() or 1) // max(1, len(self.data_dirs))))
         self.start(f"{name}-superexec", "fedrec", "client", "superexec", "--insecure",
                    "--runtime-api-address", f"127.0.0.1:{self.runtime_ports[name]}", *pin,
-                   env={"OMP_NUM_THREADS": threads, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"})
+                   env={"OMP_NUM_THREADS": threads})
 
     def start_supernode(self, name: str, data_dir: Path, *, ca: bool = True, key: str | None = None,
                         max_retries: int | None = None, budget: tuple[float, float] | None = None,
