@@ -103,7 +103,8 @@ class PrefixCache:
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         computed = dict(zip(missing, self.compute([t for t, _ in missing], max_length)))
-        self.computed.update(missing)
+        if self.disk is not None:  # only a site that keeps them on disk needs to know (else unbounded)
+            self.computed.update(missing)
         for key, state in computed.items():
             self.remember(key, state)
         found = []
