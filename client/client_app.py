@@ -216,9 +216,9 @@ def prepare(msg: Message, context: Context):
     state = msg.content["arrays"].to_torch_state_dict()
     model, tokenizer = entry["model"], entry["tokenizer"]
     load_adapter_state(model, state)
-    # Item embeddings depend only on the adapter and the public catalog: compute them once
-    # per distinct global adapter in this process.
-    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for _, t in sorted(state.items()))).hexdigest()
+    # Item embeddings depend only on the encoder's LoRA and the public catalog: compute them
+    # once per distinct global LoRA in this process (with sequence training, once per run).
+    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for n, t in sorted(state.items()) if "lora_" in n)).hexdigest()
     cache = prefix_cache(model, tokenizer)
     if cache and cache.disk is None and not is_simulated(context):
         # Flower 1.41 starts a process per message: a deployed site keeps its users' texts'
@@ -244,7 +244,7 @@ def site_item_embeddings(model, tokenizer, catalog, entry: dict, adapter_digest:
     Flower 1.41 starts a new ClientApp process per message, and a round's evaluate message and
     the next round's train message carry the same global adapter: the second process reads what
     the first computed. The file holds only public values (the public catalog under the server's
-    adapter) and is named by all they depend on: base model, catalog, model shape and adapter. An
+    adapter) and is named by all they depend on: base model, catalog, model shape and the adapter's LoRA. An
     adapter not seen yet is encoded from the catalog's frozen-prefix states, kept beside it."""
     key = repr((entry["base-sha256"], catalog_fingerprint(catalog), entry["key"], adapter_digest))
     path = folder / f"items-{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"

@@ -13,6 +13,12 @@ One call of ``train`` runs ``local_steps`` DP-SGD steps over the site's privacy 
   (Opacus' ``DPOptimizer``), then Adam on the noisy sum divided by the public expected batch
   size ``batch-size``.
 
+With ``sequence-training`` a sample is not an example but a window of a user's sequence
+(``user_windows``: up to ``sequence-length`` + 1 consecutive items, every one after the first
+predicted from those before it in one causal pass), and a sampled user brings all of its
+windows: g_u is the mean of the gradients of the user's predicted positions, the sequence
+counterpart of the example mean above, so per-user clipping is per-sample clipping.
+
 Neither q nor the divisor depends on the site's private size, as add/remove accounting
 requires. The round is appended to the client's stored history as (σ, q, steps), so the ε it
 returns is cumulative and exactly what ``fedrec audit`` recomputes.
@@ -35,6 +41,7 @@ from common.data import DataError, Example, privacy_units
 from common.metrics import METRICS, metrics_from_ranks, per_user_metrics, target_ranks
 from common.model import device, history_inputs, is_trained, score_users, text_inputs
 from common.privacy import History, epsilon
+from common.sequence import PAD
 
 
 @dataclass
@@ -61,6 +68,54 @@ def _collate(model, tokenizer, max_length, num_items):
     return collate
 
 
+@dataclass(frozen=True)
+class Window:
+    """Consecutive items of one user's training sequence; each after the first is a target."""
+
+    items: tuple[int, ...]
+    before: tuple[int, ...]  # the user's items before the window: excluded from its softmax, as seen items are
+
+
+def user_windows(examples: list[Example], length: int) -> tuple[list[Window], list[list[int]]]:
+    """Each user's training sequence (their longest example's history and target) cut, from the
+    most recent end, into windows of at most ``length`` + 1 items overlapping by one, so each
+    item but the first is the target of exactly one position; and the windows' indices grouped
+    by user, in order of first appearance (the privacy units of sequence training)."""
+    longest: dict[str, Example] = {}
+    for ex in examples:
+        if ex.user not in longest or len(ex.seen) > len(longest[ex.user].seen):
+            longest[ex.user] = ex
+    windows, units = [], []
+    for ex in longest.values():
+        sequence, unit, end = (*ex.seen, ex.target), [], len(ex.seen) + 1
+        while end > 1:
+            start = max(0, end - length - 1)
+            unit.append(len(windows))
+            windows.append(Window(sequence[start:end], sequence[:start]))
+            end = start + 1
+        units.append(unit)
+    return windows, units
+
+
+def _collate_windows(model, num_items):
+    length = model.get_base_model().sequence_length
+
+    def collate(batch: list[Window]):
+        history = torch.full((len(batch), length), PAD, dtype=torch.long)
+        targets = torch.full((len(batch), length), PAD, dtype=torch.long)
+        seen = torch.zeros(len(batch), length, num_items, dtype=torch.bool)
+        for row, window in enumerate(batch):
+            inputs, predicted = torch.tensor(window.items[:-1]), torch.tensor(window.items[1:])
+            slots = slice(length - len(inputs), length)  # left-padded, as the tower reads histories
+            history[row, slots], targets[row, slots] = inputs, predicted
+            earlier = torch.zeros(num_items, dtype=torch.bool)
+            earlier[list(window.before)] = True
+            read = torch.nn.functional.one_hot(inputs, num_items).cumsum(0) > 0  # items up to each slot
+            seen[row, slots] = (read | earlier).scatter(1, predicted[:, None], False)  # a repeat stays a target
+        return {"history": history.to(device())}, targets.to(device()), seen.to(device())
+    return collate
+
+
 def train(model, tokenizer, examples: list[Example], s, history: History, seed: int, q: float,
           canaries: GradientCanaries | None = None) -> TrainResult:
     """``local_steps`` steps of DP-SGD with Adam at public Poisson rate ``q`` over ``s.privacy_unit``
@@ -75,15 +130,20 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
     # come from the OS entropy pool; only non-private training is reproducible from `seed`.
     generator = torch.Generator().manual_seed(secrets.randbits(63) if s.dp else seed)
     num_items = model.get_base_model().item_embeddings.shape[0]
-    collate = _collate(model, tokenizer, s.max_length, num_items)
+    if s.sequence_training:
+        samples, units = user_windows(examples, s.sequence_length)
+        collate, cap = _collate_windows(model, num_items), None
+    else:
+        samples, units = examples, privacy_units(examples, s.privacy_unit)
+        collate, cap = _collate(model, tokenizer, s.max_length, num_items), s.examples_per_user
     if s.dp:
-        losses = dp_steps(model, optimizer, examples, collate, s, q, generator, canaries)
+        losses = dp_steps(model, optimizer, samples, units, cap, collate, s, q, generator, canaries)
         # Each step was one noisy DPOptimizer step at rate q: exactly what is accounted.
         history = list(history) + [(s.noise_multiplier, q, s.local_steps)]
         eps = epsilon(history, s.delta, s.accountant)
     else:
         torch.manual_seed(seed)  # the encoder's dropout too, so a non-private run replays exactly
-        losses, eps = plain_steps(model, optimizer, examples, collate, s, generator), math.inf
+        losses, eps = plain_steps(model, optimizer, samples, collate, s, generator), math.inf
     model.zero_grad(set_to_none=True)
     return TrainResult(sum(losses) / max(len(losses), 1), s.local_steps, q if s.dp else 0.0, history, eps)
 
@@ -117,9 +177,9 @@ def adam(model, s) -> torch.optim.Adam:
     return torch.optim.Adam(groups)
 
 
-def dp_steps(model, optimizer, examples, collate, s, q, generator, canaries=None) -> list[float]:
-    """``local_steps`` DP-SGD steps, each on a Poisson sample of privacy units (see the module doc)."""
-    units = privacy_units(examples, s.privacy_unit)
+def dp_steps(model, optimizer, samples, units, cap, collate, s, q, generator, canaries=None) -> list[float]:
+    """``local_steps`` DP-SGD steps, each on a Poisson sample of privacy ``units`` (lists of indices
+    into ``samples``; at most ``cap`` samples of a unit per step, None: all); see the module doc."""
     sampler = UniformWithReplacementSampler(num_samples=len(units), sample_rate=q, generator=generator,
                                             steps=s.local_steps)
     module = GradSampleModule(model, loss_reduction="sum")
@@ -132,9 +192,9 @@ def dp_steps(model, optimizer, examples, collate, s, q, generator, canaries=None
             canaries.attach(optimizer, q, s.max_grad_norm)
         for sampled in sampler:
             optimizer.zero_grad(set_to_none=True)
-            rows, owner = capped_rows([units[u] for u in sampled], s.examples_per_user, generator)
+            rows, owner = capped_rows([units[u] for u in sampled], cap, generator)
             if rows:
-                losses.append(unit_gradients(module, collate([examples[i] for i in rows]), owner, len(sampled)))
+                losses.append(unit_gradients(module, collate([samples[i] for i in rows]), owner, len(sampled)))
             else:
                 # An empty Poisson sample still releases a step: the noise alone. The encoder
                 # cannot run on zero rows, so Opacus gets zero-row per-unit gradients.
@@ -202,27 +262,39 @@ class GradientCanaries:
 
 
 def capped_rows(sampled: list[list[int]], cap: int, generator) -> tuple[list[int], torch.Tensor]:
-    """The example rows of the sampled units, at most ``cap`` per unit drawn at random, and the
-    position of each row's unit in the sample."""
+    """The sample rows of the sampled units, at most ``cap`` per unit drawn at random (None: all),
+    and the position of each row's unit in the sample."""
     rows, owner = [], []
     for position, unit in enumerate(sampled):
-        if len(unit) > cap:
+        if cap is not None and len(unit) > cap:
             unit = [unit[i] for i in torch.randperm(len(unit), generator=generator)[:cap].tolist()]
         rows.extend(unit)
         owner.extend([position] * len(unit))
     return rows, torch.tensor(owner, dtype=torch.long)
 
 
+def position_losses(logits: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every predicted position, (rows, positions), and which positions are
+    predicted: one per row for examples, every non-padded slot for sequence windows."""
+    if logits.dim() == 2:  # an example: one prediction
+        logits, targets, seen = logits[:, None], targets[:, None], seen[:, None]
+    predicted = targets != PAD
+    logits = logits.masked_fill(seen, float("-inf"))
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    return losses * predicted, predicted
+
+
 def unit_gradients(module, batch, owner: torch.Tensor, num_units: int) -> float:
-    """Backward on the rows of the sampled units; leaves each unit's mean gradient in
-    ``p.grad_sample`` (one row per unit, which DPOptimizer clips and noises). The mean loss."""
+    """Backward on the rows of the sampled units; leaves each unit's mean gradient over its
+    predicted positions in ``p.grad_sample`` (one row per unit, which DPOptimizer clips and
+    noises). The mean loss."""
     inputs, targets, seen = batch
     owner = owner.to(device())
-    rows_per_unit = torch.bincount(owner, minlength=num_units).to(torch.float32)
-    logits = module(**inputs).masked_fill(seen, float("-inf"))
-    losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-    # Σ_u (1/k_u) Σ_{i∈u} ℓ_i: each row's per-example gradient comes out already divided by k_u.
-    weighted = (losses / rows_per_unit[owner]).sum()
+    losses, predicted = position_losses(module(**inputs), targets, seen)
+    positions_per_unit = torch.zeros(num_units, device=owner.device).index_add_(0, owner, predicted.sum(1).float())
+    # Σ_u (1/k_u) Σ_{i∈u} ℓ_i over the unit's k_u predicted positions: each row's per-sample
+    # gradient comes out already divided by its unit's k_u.
+    weighted = (losses.sum(1) / positions_per_unit[owner]).sum()
     with warnings.catch_warnings():  # the frozen embeddings take no gradient, by design
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         weighted.backward()
@@ -230,19 +302,19 @@ def unit_gradients(module, batch, owner: torch.Tensor, num_units: int) -> float:
         if p.requires_grad:
             per_row = p.grad_sample
             p.grad_sample = per_row.new_zeros((num_units, *p.shape)).index_add_(0, owner, per_row)
-    return float(losses.detach().mean())
+    return float(losses.detach().sum() / predicted.sum())
 
 
-def plain_steps(model, optimizer, examples, collate, s, generator) -> list[float]:
-    """``local_steps`` non-private Adam steps on shuffled batches of ``batch-size`` examples."""
-    loader = DataLoader(examples, batch_size=min(s.batch_size, len(examples)), shuffle=True, generator=generator,
+def plain_steps(model, optimizer, samples, collate, s, generator) -> list[float]:
+    """``local_steps`` non-private Adam steps on shuffled batches of ``batch-size`` samples."""
+    loader = DataLoader(samples, batch_size=min(s.batch_size, len(samples)), shuffle=True, generator=generator,
                         collate_fn=collate)
     losses, steps = [], 0
     while steps < s.local_steps:
         for inputs, targets, seen in loader:
             optimizer.zero_grad(set_to_none=True)
-            logits = model(**inputs).masked_fill(seen, float("-inf"))
-            loss = torch.nn.functional.cross_entropy(logits, targets)
+            position, predicted = position_losses(model(**inputs), targets, seen)
+            loss = position.sum() / predicted.sum()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())

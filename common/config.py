@@ -108,6 +108,8 @@ class Settings:
     sequence_length: int  # the sequence tower reads a user's last this-many items (common/sequence.py); 0 = no tower
     sequence_dim: int
     sequence_layers: int
+    sequence_dropout: float
+    sequence_training: bool  # train the tower alone on whole user sequences, every position (common/sequence.py)
     prefix_cache_mb: int  # per model per process: the frozen lower layers' states (common/prefix_cache.py); 0 = off
     # local training with DP-SGD
     dp: bool
@@ -194,6 +196,13 @@ class Settings:
         require(self.sequence_dim >= 2 and self.sequence_dim % 2 == 0,
                 "sequence-dim must be an even number >= 2 (the tower's two attention heads split it)")
         require(self.sequence_layers >= 1, "sequence-layers must be >= 1")
+        require(0 <= self.sequence_dropout < 1, "sequence-dropout must be in [0, 1)")
+        require(not self.sequence_training or self.sequence_length > 0,
+                "sequence-training trains the sequence tower on whole user sequences; set sequence-length > 0 "
+                "(how many items it reads, e.g. 50)")
+        require(not (self.sequence_training and self.dp and self.privacy_unit == "example"),
+                "sequence-training makes one DP-SGD sample of a user's whole sequence, every position predicted: "
+                "its gradient is that user's, so its unit is the user; set privacy-unit = user (or dp = false)")
         require(self.prefix_cache_mb >= 0, "prefix-cache-mb must be >= 0 (0 = no frozen-prefix cache)")
         require(self.noise_multiplier >= 0, "noise-multiplier must be >= 0")
         require(self.max_grad_norm > 0, "max-grad-norm must be > 0")

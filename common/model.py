@@ -2,6 +2,10 @@
 
 score(user, item) = s · cos(u, e_item) + δ(history) · e_item + b_item
 
+or, trained on whole sequences (``sequence-training``), score = δ(history) · e_item + b_item:
+the sequence tower alone over the catalog's text embeddings, predicting every position of a
+user's sequence in one pass (common/sequence.py).
+
 * ``u`` = mean-pooled encoder output of the user's history text (private, trained on),
 * ``δ`` = the optional sequence tower over the user's last ``sequence-length`` items
   (common/sequence.py; zero at initialisation, absent when ``sequence-length`` = 0),
@@ -13,7 +17,8 @@ The adapter is LoRA on the attention projections plus ``ItemScorer`` and the seq
 (PEFT's ``modules_to_save``), so ``save_pretrained`` writes exactly what is trained and sent.
 Because item embeddings carry no gradient, the gradient of example i flows only through
 example i's own user text (and item sequence): per-sample gradients are those of independent examples,
-which is what Opacus' DP-SGD needs.
+which is what Opacus' DP-SGD needs. Without the text tower LoRA gets no gradient: it stays at its
+start (B = 0), so the catalog embeddings are the frozen encoder's.
 """
 
 from __future__ import annotations
@@ -110,14 +115,17 @@ def _item_scorer_grad_sample(layer: ItemScorer, activations, backprops):
 
 class Recommender(nn.Module):
     def __init__(self, encoder: nn.Module, num_items: int, init_scale: float = 20.0, prefix_cache_mb: int = 1024,
-                 sequence_length: int = 0, sequence_dim: int = 32, sequence_layers: int = 1):
+                 sequence_length: int = 0, sequence_dim: int = 32, sequence_layers: int = 1,
+                 sequence_dropout: float = 0.0, sequence_training: bool = False):
         super().__init__()
         self.encoder = encoder
         self.scorer = ItemScorer(num_items, init_scale)
         hidden = encoder.config.hidden_size
         self.sequence_length = sequence_length
+        self.text_tower = not sequence_training
         if sequence_length:
-            self.sequence = SequenceTower(hidden, sequence_length, sequence_dim, sequence_layers)
+            self.sequence = SequenceTower(hidden, sequence_length, sequence_dim, sequence_layers,
+                                          dropout=sequence_dropout)
         # Not a parameter and not persistent: recomputed from the public catalog.
         self.register_buffer("item_embeddings", torch.zeros(num_items, hidden), persistent=False)
         self.prefix_cache_bytes = prefix_cache_mb << 20
@@ -135,6 +143,9 @@ class Recommender(nn.Module):
         return nn.functional.normalize(pooled, dim=-1)
 
     def forward(self, input_ids=None, attention_mask=None, prefix_states=None, history=None) -> torch.Tensor:
+        if not self.text_tower:  # every position of each history: (batch, length, items)
+            biases = self.scorer(self.item_embeddings.new_zeros(len(history), len(self.item_embeddings)))
+            return biases[:, None, :] + self.sequence(history, self.item_embeddings, all_positions=True) @ self.item_embeddings.T
         users = self.embed(input_ids, attention_mask, prefix_states)
         logits = self.scorer(users @ self.item_embeddings.T)
         if self.sequence_length:
@@ -227,7 +238,8 @@ def adapter_config(s, encoder: nn.Module) -> LoraConfig:
 
 def sequence_options(s) -> dict:
     """The sequence tower's shape from the settings, as ``build_model`` / ``Recommender`` keywords."""
-    return {"sequence_length": s.sequence_length, "sequence_dim": s.sequence_dim, "sequence_layers": s.sequence_layers}
+    return {"sequence_length": s.sequence_length, "sequence_dim": s.sequence_dim, "sequence_layers": s.sequence_layers,
+            "sequence_dropout": s.sequence_dropout, "sequence_training": s.sequence_training}
 
 
 def build_model(encoder: nn.Module, num_items: int, config: LoraConfig, seed: int = 0,
@@ -242,7 +254,10 @@ def build_model(encoder: nn.Module, num_items: int, config: LoraConfig, seed: in
 def is_trained(name: str, s) -> bool:
     """Whether local training changes this adapter tensor under settings ``s`` (parameter or
     state-dict name). LoRA's A only with ``lora-train-a``; the item bias and the score scale
-    only with a learning rate > 0; everything else (LoRA's B) always."""
+    only with a learning rate > 0; everything else (LoRA's B) always. Trained on sequences, the
+    model has no text tower: LoRA and the score scale get no gradient and stay as they are."""
+    if s.sequence_training and ("lora_" in name or name.endswith("log_scale")):
+        return False
     if "lora_A" in name:
         return s.lora_train_a
     if "scorer" in name and name.endswith("bias"):
@@ -303,8 +318,10 @@ def score_users(model: PeftModel, tokenizer, texts: list[str], max_length: int, 
     item sequence (catalog indices, oldest first). Item embeddings must be fresh."""
     recommender = model.get_base_model()
     items = recommender.item_embeddings
-    users = encode_texts(model, tokenizer, texts, max_length, batch_size)
-    scores = recommender.scorer(users @ items.T)
+    if recommender.text_tower:
+        scores = recommender.scorer(encode_texts(model, tokenizer, texts, max_length, batch_size) @ items.T)
+    else:  # the item bias alone, then the tower below
+        scores = recommender.scorer(items.new_zeros(len(texts), len(items)))
     if recommender.sequence_length:
         if sequences is None or len(sequences) != len(texts):
             raise ValueError("this model has a sequence tower (sequence-length > 0): score each user's item "

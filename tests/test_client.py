@@ -16,7 +16,7 @@ from common.config import Settings, defaults
 from common.privacy import Budget, epsilon, load_history, write_budget
 from common.releases import REPLIES, eval_sensitivity
 from common.data import catalog_fingerprint, write_catalog, write_interactions
-from common.model import adapter_state, build_model, adapter_config, fingerprint, load_encoder
+from common.model import adapter_config, adapter_state, build_model, fingerprint, load_encoder, sequence_options
 
 DECLARED_TRAIN_METRICS = {k.removeprefix("metrics.") for k in REPLIES["train"] if k.startswith("metrics.")}
 
@@ -427,3 +427,31 @@ def test_a_deployed_site_reads_the_catalogs_embeddings_the_previous_process_comp
     files[0].write_bytes(b"not a tensor")
     _, again = in_a_new_process(server_message(catalog, context.run_config, 3, arrays=initial))
     assert len(encoded) == 3 and torch.equal(again, evaluated)
+
+
+def test_a_sequence_trained_site_encodes_the_catalog_once_whatever_the_tower_does(node, monkeypatch):
+    """The catalog's embeddings depend on the encoder's LoRA alone. Trained on sequences (here a
+    user-level DP-SGD round through the real ClientApp), LoRA never moves, so a process encodes
+    the catalog once however the tower changes; the reply's LoRA is the global one, to the bit,
+    and its tower is not."""
+    catalog, _, data_dir, context = node
+    write_budget(data_dir, Budget(8.0, 1e-5, declared_examples=64, declared_users=4))
+    context.run_config.update({"sequence-training": True, "sequence-length": 6, "sequence-dim": 8,
+                               "privacy-unit": "user", "batch-size": 2})
+    encoded = []
+    real_refresh = client_app.refresh_item_embeddings
+    monkeypatch.setattr(client_app, "refresh_item_embeddings", lambda *a, **k: (encoded.append(1), real_refresh(*a, **k)))
+    s = Settings.from_run_config(context.run_config)
+    encoder, _ = load_encoder(s.model, s.model_layers)
+    initial = ArrayRecord(adapter_state(build_model(encoder, len(catalog), adapter_config(s, encoder),
+                                                    **sequence_options(s))))
+    client_app._MODELS.clear()
+    trained = client_app.app(server_message(catalog, context.run_config, 1, arrays=initial), context)
+    assert not trained.has_error() and "arrays" in trained.content, trained.content
+    sent, start = trained.content["arrays"].to_torch_state_dict(), initial.to_torch_state_dict()
+    assert any(not torch.equal(sent[k], start[k]) for k in sent if ".sequence." in k)
+    assert all(torch.equal(sent[k], start[k]) for k in sent if "lora_" in k)
+    evaluated = client_app.app(server_message(catalog, context.run_config, 1, "evaluate",
+                                              arrays=trained.content["arrays"]), context)
+    assert not evaluated.has_error(), evaluated.error
+    assert len(encoded) == 1

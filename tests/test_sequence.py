@@ -14,6 +14,7 @@ from client.train import _collate, train
 from common.model import (Recommender, adapter_config, build_model, encode_texts, load_encoder,
                           refresh_item_embeddings, score_users, sequence_options)
 from common.sequence import PAD, histories
+from client.train import user_windows
 from tests.per_example import checked_per_example_gradients
 
 
@@ -108,7 +109,7 @@ def test_the_trained_tower_reads_the_order_of_a_history(sequence_model, small_sp
     models order (the text tower sees only the last history-len items' text)."""
     model, tokenizer = sequence_model
     _, _, train_ex, valid, _ = small_split
-    s = dataclasses.replace(sequence_settings, dp=False, local_steps=20, learning_rate=0.05)
+    s = dataclasses.replace(sequence_settings, dp=False, local_steps=20, learning_rate=0.003)
     train(model, tokenizer, train_ex, s, history=[], seed=0, q=0.0)
     long = [ex for ex in valid if len(ex.seen) >= 6][:4]
     texts = [ex.text for ex in long]
@@ -150,3 +151,119 @@ def test_recommend_reads_the_tower_from_a_run_directory(sequence_model, sequence
     assert top == [catalog.items[i].item_id for i in torch.topk(scores, 10).indices]
     reordered = history[:3][::-1] + history[3:]  # same last item, so the same text: only the tower sees it
     assert [item.item_id for item, _ in recommend(loaded, loaded_tokenizer, catalog, loaded_settings, reordered)] != top
+
+
+# ---- sequence training: one sample per user sequence, every position predicted ----
+
+@pytest.fixture()
+def sequence_training_model(movielens, sequence_settings):
+    catalog, _ = movielens
+    s = dataclasses.replace(sequence_settings, sequence_training=True, privacy_unit="user", sequence_dropout=0.0)
+    encoder, tokenizer = load_encoder(s.model, s.model_layers)
+    model = build_model(encoder, len(catalog), adapter_config(s, encoder), **sequence_options(s))
+    refresh_item_embeddings(model, tokenizer, catalog.texts())
+    with torch.no_grad():  # away from the zero start (W_out = 0), so outputs and gradients are not trivial
+        for name, p in model.named_parameters():
+            if ".sequence." in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model, tokenizer, s
+
+
+def test_a_users_windows_predict_each_of_their_items_once_from_its_past(small_split):
+    _, _, train_ex, _, _ = small_split
+    windows, units = user_windows(train_ex, 6)
+    users = list(dict.fromkeys(ex.user for ex in train_ex))
+    assert len(units) == len(users) == 12 and sorted(i for unit in units for i in unit) == list(range(len(windows)))
+    for user, unit in zip(users, units):
+        examples = [ex for ex in train_ex if ex.user == user]
+        sequence = max(examples, key=lambda ex: len(ex.seen)).seen + (examples[-1].target,)
+        predicted = []
+        for i in unit:
+            w = windows[i]
+            assert 2 <= len(w.items) <= 7 and sequence[:len(w.before) + len(w.items)] == w.before + w.items
+            predicted += list(range(len(w.before) + 1, len(w.before) + len(w.items)))
+        assert sorted(predicted) == list(range(1, len(sequence)))  # every item but the first, once
+        assert len(unit) > 1 or len(sequence) <= 7
+
+
+def test_every_slot_of_a_window_predicts_as_its_prefix_alone(sequence_training_model, small_split):
+    """Causal attention, positions from the oldest item: slot t's scores equal the scores of the
+    history that ends there, however it is padded, so training predicts as scoring does."""
+    model, tokenizer, s = sequence_training_model
+    _, _, train_ex, _, _ = small_split
+    windows, _ = user_windows(train_ex, s.sequence_length)
+    window = next(w for w in windows if len(w.items) == s.sequence_length + 1)
+    short = next(w for w in windows if len(w.items) < s.sequence_length)
+    recommender = model.get_base_model()
+    recommender.eval()
+    for w in (window, short):
+        inputs = w.items[:-1]
+        with torch.no_grad():
+            every_slot = recommender(history=histories([inputs], s.sequence_length))[0]
+        for t in range(len(inputs)):
+            alone = score_users(model, tokenizer, ["unused"], s.max_length, sequences=[inputs[:t + 1]])[0]
+            slot = s.sequence_length - len(inputs) + t
+            assert torch.allclose(every_slot[slot], alone, atol=1e-5), (len(inputs), t)
+
+
+def test_a_users_sequence_gradient_is_the_mean_over_its_positions_and_clips_as_one(sequence_training_model,
+                                                                                   small_split, movielens):
+    """Opacus' per-sample rows, summed per user, equal autograd on that user's windows alone:
+    ∇ (1/k_u) Σ over the user's k_u predicted positions of ℓ. So clipping a row clips a user."""
+    from opacus import GradSampleModule
+
+    from client.train import _collate_windows, adam, capped_rows, position_losses, unit_gradients
+    from tests.per_example import ATOL, RTOL
+
+    model, tokenizer, s = sequence_training_model
+    catalog, _ = movielens
+    _, _, train_ex, _, _ = small_split
+    windows, units = user_windows(train_ex, s.sequence_length)
+    by_windows = sorted(units, key=len)
+    sampled = [by_windows[0], by_windows[len(units) // 2], by_windows[-1]]
+    assert len({len(unit) for unit in sampled}) == 3  # users of different lengths: 1/k_u matters
+    rows, owner = capped_rows(sampled, None, torch.Generator())
+    collate = _collate_windows(model, len(catalog))
+    adam(model, s)  # marks what trains, as local training does
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".sequence." in n or "scorer" in n for n in trainable)  # no LoRA: no text tower
+
+    def alone(unit):
+        model.zero_grad(set_to_none=True)
+        inputs, targets, seen = collate([windows[i] for i in unit])
+        losses, predicted = position_losses(model(**inputs), targets, seen)
+        (losses.sum() / predicted.sum()).backward()
+        return {n: p.grad.detach().clone() for n, p in trainable.items()}
+
+    expected = [alone(unit) for unit in sampled]
+    model.zero_grad(set_to_none=True)
+    module = GradSampleModule(model, loss_reduction="sum")
+    unit_gradients(module, collate([windows[i] for i in rows]), owner, 3)
+    for name, p in trainable.items():
+        for k in range(3):
+            assert torch.allclose(p.grad_sample[k], expected[k][name], rtol=RTOL, atol=ATOL), (name, k)
+    module.to_standard_module()
+
+
+def test_a_user_level_sequence_step_moves_the_tower_and_nothing_else(sequence_training_model, small_split):
+    model, tokenizer, s = sequence_training_model
+    _, _, train_ex, _, _ = small_split
+    s = dataclasses.replace(s, dp=True, local_steps=1, batch_size=6)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train(model, tokenizer, train_ex, s, history=[], seed=0, q=0.5)
+    assert result.history == [(s.noise_multiplier, 0.5, 1)]
+    moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    tower = {n for n in before if ".sequence." in n and "modules_to_save" in n}
+    assert tower and moved == tower  # LoRA, the score scale, the frozen bias and every base weight stay
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"sequence-training": True}, "set sequence-length > 0"),
+    ({"sequence-training": True, "sequence-length": 20}, "set privacy-unit = user"),
+    ({"sequence-dropout": 1.0}, "sequence-dropout must be in"),
+])
+def test_sequence_training_settings_name_what_to_change(overrides, message):
+    from common.config import ConfigError, Settings, defaults
+
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_run_config({**defaults(), **overrides})
