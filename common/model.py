@@ -2,9 +2,12 @@
 
 score(user, item) = s · cos(u, e_item) + δ(history) · e_item + b_item
 
-or, trained on whole sequences (``sequence-training``), score = δ(history) · e_item + b_item:
-the sequence tower alone over the catalog's text embeddings, predicting every position of a
-user's sequence in one pass (common/sequence.py).
+or, trained on whole sequences (``sequence-training``), with the user's last item's catalog
+embedding e_last in place of u:
+
+score(history, item) = s · cos(e_last, e_item) + δ(history) · e_item + b_item
+
+which predicts every position of a user's sequence in one pass (common/sequence.py).
 
 * ``u`` = mean-pooled encoder output of the user's history text (private, trained on),
 * ``δ`` = the optional sequence tower over the user's last ``sequence-length`` items
@@ -103,13 +106,15 @@ class ItemScorer(nn.Module):
 
 @register_grad_sampler(ItemScorer)
 def _item_scorer_grad_sample(layer: ItemScorer, activations, backprops):
-    """Per-sample gradients: d/d bias = g_n, d/d log_scale = exp(log_scale) · <g_n, cos_n>."""
+    """Per-sample gradients: d/d bias = g_n, d/d log_scale = exp(log_scale) · <g_n, cos_n>, each
+    summed over the sample's positions when it scores several (sequence training)."""
     cos = activations[0].to(backprops.dtype)
+    batch, num_items = backprops.shape[0], backprops.shape[-1]
     out = {}
     if layer.bias.requires_grad:
-        out[layer.bias] = backprops
+        out[layer.bias] = backprops.reshape(batch, -1, num_items).sum(dim=1)
     if layer.log_scale.requires_grad:
-        out[layer.log_scale] = layer.log_scale.exp() * (backprops * cos).sum(dim=1)
+        out[layer.log_scale] = layer.log_scale.exp() * (backprops * cos).reshape(batch, -1).sum(dim=1)
     return out
 
 
@@ -143,11 +148,12 @@ class Recommender(nn.Module):
         return nn.functional.normalize(pooled, dim=-1)
 
     def forward(self, input_ids=None, attention_mask=None, prefix_states=None, history=None) -> torch.Tensor:
+        items = self.item_embeddings
         if not self.text_tower:  # every position of each history: (batch, length, items)
-            biases = self.scorer(self.item_embeddings.new_zeros(len(history), len(self.item_embeddings)))
-            return biases[:, None, :] + self.sequence(history, self.item_embeddings, all_positions=True) @ self.item_embeddings.T
+            last_items = items[history.clamp(min=0)]  # a padded slot's scores are never read
+            return self.scorer(last_items @ items.T) + self.sequence(history, items, all_positions=True) @ items.T
         users = self.embed(input_ids, attention_mask, prefix_states)
-        logits = self.scorer(users @ self.item_embeddings.T)
+        logits = self.scorer(users @ items.T)
         if self.sequence_length:
             logits = logits + self.sequence(history, self.item_embeddings) @ self.item_embeddings.T
         return logits
@@ -318,10 +324,13 @@ def score_users(model: PeftModel, tokenizer, texts: list[str], max_length: int, 
     item sequence (catalog indices, oldest first). Item embeddings must be fresh."""
     recommender = model.get_base_model()
     items = recommender.item_embeddings
-    if recommender.text_tower:
+    if not recommender.text_tower:  # the user is their last item's catalog embedding
+        if sequences is None or len(sequences) != len(texts) or not all(sequences):
+            raise ValueError("this model is trained on sequences (sequence-training): score each user's item "
+                             "sequence, of at least one item")
+        scores = recommender.scorer(items[torch.tensor([seq[-1] for seq in sequences], device=items.device)] @ items.T)
+    else:
         scores = recommender.scorer(encode_texts(model, tokenizer, texts, max_length, batch_size) @ items.T)
-    else:  # the item bias alone, then the tower below
-        scores = recommender.scorer(items.new_zeros(len(texts), len(items)))
     if recommender.sequence_length:
         if sequences is None or len(sequences) != len(texts):
             raise ValueError("this model has a sequence tower (sequence-length > 0): score each user's item "

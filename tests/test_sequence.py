@@ -216,6 +216,7 @@ def test_a_users_sequence_gradient_is_the_mean_over_its_positions_and_clips_as_o
     from tests.per_example import ATOL, RTOL
 
     model, tokenizer, s = sequence_training_model
+    s = dataclasses.replace(s, bias_learning_rate=0.01)  # the item bias too: its rows sum over positions
     catalog, _ = movielens
     _, _, train_ex, _, _ = small_split
     windows, units = user_windows(train_ex, s.sequence_length)
@@ -226,7 +227,8 @@ def test_a_users_sequence_gradient_is_the_mean_over_its_positions_and_clips_as_o
     collate = _collate_windows(model, len(catalog))
     adam(model, s)  # marks what trains, as local training does
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".sequence." in n or "scorer" in n for n in trainable)  # no LoRA: no text tower
+    assert any(n.endswith("scorer.modules_to_save.default.bias") for n in trainable)
+    assert all(".sequence." in n or n.endswith("bias") for n in trainable)  # no LoRA, no scale: no text tower
 
     def alone(unit):
         model.zero_grad(set_to_none=True)
@@ -267,3 +269,19 @@ def test_sequence_training_settings_name_what_to_change(overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         Settings.from_run_config({**defaults(), **overrides})
+
+
+def test_an_untrained_sequence_model_scores_by_the_last_items_text_and_the_prior(sequence_training_model, small_split):
+    """Trained on sequences, the user is their last item's catalog embedding: with the tower at
+    zero, score = s · cos(e_last, e_item) + b_item, the frozen encoder's similarity and the prior."""
+    model, tokenizer, s = sequence_training_model
+    _, _, _, valid, _ = small_split
+    recommender = model.get_base_model()
+    with torch.no_grad():
+        recommender.sequence.modules_to_save["default"].out.weight.zero_()
+    sequences = [ex.seen for ex in valid[:5]]
+    items = recommender.item_embeddings
+    expected = recommender.scorer(items[[seq[-1] for seq in sequences]] @ items.T)
+    assert torch.equal(score_users(model, tokenizer, [""] * 5, s.max_length, sequences=sequences), expected.detach())
+    with pytest.raises(ValueError, match="sequence-training"):
+        score_users(model, tokenizer, [""] * 5, s.max_length)
