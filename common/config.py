@@ -119,7 +119,7 @@ class Settings:
     client_epsilon_max: float
     accountant: str
     privacy_unit: str  # what one ε protects: "example" or "user" (common/privacy.py UNITS)
-    examples_per_user: int  # user-level DP-SGD: at most this many of a sampled user's examples per step
+    examples_per_user: int  # user-level DP-SGD: at most this many of a sampled user's examples per step; sequence training: all windows
     batch_size: int  # DP-SGD's expected privacy units (examples or users) per step
     local_steps: int
     popularity_prior: bool
