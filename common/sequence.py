@@ -59,8 +59,9 @@ class SequenceTower(nn.Module):
                  dropout: float = 0.0):
         super().__init__()
         self.length = length
-        # An MLP, not one linear map: measured non-private on the validation split (README, the
-        # sequence tower), it reads the frozen text embeddings better.
+        # An MLP, not one linear map: it read the frozen text embeddings better in an exploratory
+        # non-private comparison (validation NDCG@10 0.112 against 0.098 after 40 epochs, one
+        # run each, a script outside the repository; the README says so).
         self.item_in = nn.Sequential(nn.Linear(text_dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.position = nn.Embedding(length, dim)
         # Small, as GPT-2 does: at N(0, 1) (torch's default) the positions would drown the items'
