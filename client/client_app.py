@@ -217,7 +217,7 @@ def prepare(msg: Message, context: Context):
     model, tokenizer = entry["model"], entry["tokenizer"]
     load_adapter_state(model, state)
     # Item embeddings depend only on the encoder's LoRA and the public catalog: compute them
-    # once per distinct global LoRA in this process (with sequence training, once per run).
+    # once per distinct global LoRA in this process (with sequence training, LoRA never moves).
     digest = hashlib.sha256(b"".join(t.numpy().tobytes() for n, t in sorted(state.items()) if "lora_" in n)).hexdigest()
     cache = prefix_cache(model, tokenizer)
     if cache and cache.disk is None and not is_simulated(context):

@@ -155,7 +155,7 @@ class Recommender(nn.Module):
         users = self.embed(input_ids, attention_mask, prefix_states)
         logits = self.scorer(users @ items.T)
         if self.sequence_length:
-            logits = logits + self.sequence(history, self.item_embeddings) @ self.item_embeddings.T
+            logits = logits + self.sequence(history, items) @ items.T
         return logits
 
 
@@ -324,17 +324,16 @@ def score_users(model: PeftModel, tokenizer, texts: list[str], max_length: int, 
     item sequence (catalog indices, oldest first). Item embeddings must be fresh."""
     recommender = model.get_base_model()
     items = recommender.item_embeddings
-    if not recommender.text_tower:  # the user is their last item's catalog embedding
-        if sequences is None or len(sequences) != len(texts) or not all(sequences):
-            raise ValueError("this model is trained on sequences (sequence-training): score each user's item "
-                             "sequence, of at least one item")
-        scores = recommender.scorer(items[torch.tensor([seq[-1] for seq in sequences], device=items.device)] @ items.T)
-    else:
+    if recommender.sequence_length and (sequences is None or len(sequences) != len(texts)
+                                        or not (recommender.text_tower or all(sequences))):
+        trained = "" if recommender.text_tower else ", trained on sequences (sequence-training), at least one item each"
+        raise ValueError("this model has a sequence tower (sequence-length > 0): score each user's item "
+                         f"sequence along with their text{trained}")
+    if recommender.text_tower:
         scores = recommender.scorer(encode_texts(model, tokenizer, texts, max_length, batch_size) @ items.T)
+    else:  # the user is their last item's catalog embedding
+        scores = recommender.scorer(items[torch.tensor([seq[-1] for seq in sequences], device=items.device)] @ items.T)
     if recommender.sequence_length:
-        if sequences is None or len(sequences) != len(texts):
-            raise ValueError("this model has a sequence tower (sequence-length > 0): score each user's item "
-                             "sequence along with their text")
         was_training = recommender.training
         recommender.eval()
         for start in range(0, len(texts), batch_size):

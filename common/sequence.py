@@ -14,9 +14,9 @@ text-tower term only when the model has one, see common/model.py). At initialisa
 the untrained model (round 0) is the text tower with the popularity prior, unchanged.
 
 Causal attention makes slot t's output the prediction from the first t items alone, so one pass
-over a user's sequence gives the prediction at every position (``all_positions``): trained that
-way (``sequence-training``), a sample is a whole user sequence, as SASRec trains, and its
-per-sample gradient is that user's gradient.
+over a window of a user's sequence gives the prediction at every position (``all_positions``):
+trained that way (``sequence-training``, as SASRec trains), a DP-SGD unit is a user with all of
+its windows, and its gradient is that user's gradient.
 
 Every trainable layer here (Linear, LayerNorm, Embedding) sees a batch-first input of one
 sample per row, so Opacus' hooks give exact per-sample gradients; the catalog enters only
