@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
     table.add_column("split")
     for k in val:
         table.add_column(k, justify="right")
+    model_name = "sequence tower (sequence-training)" if s.sequence_training else "LoRA two-tower"
     for split, metrics in scored.items():
         name = "validation" if split == "valid" else "test (read once)"
-        table.add_row("LoRA two-tower", name, *(f"{v:.4f}" for v in metrics.values()))
+        table.add_row(model_name, name, *(f"{v:.4f}" for v in metrics.values()))
         table.add_row("popularity", name, *(f"{popularity[split][k]:.4f}" for k in metrics))
     console.print(table)
     if s.dp:
