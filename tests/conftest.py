@@ -15,10 +15,12 @@ from simulations.partition import select_users
 # loadfile`` in pyproject.toml, so a module-scoped simulation runs once): much of a real
 # simulation or deployment is one process importing torch, or a server waiting out a
 # round-timeout, and the other worker uses that core meanwhile. The slowest files start first
-# (rough serial seconds on 2 cores, from ``pytest --durations``), so the two workers finish
-# together; this order measured 1,177 s, faults before robust 1,232 s.
-SECONDS = {"test_deployment": 355, "test_resume": 339, "test_simulation": 275, "test_robust": 164,
-           "test_faults": 135, "test_secure_aggregation": 58, "test_client": 44}
+# (seconds per file with both workers busy, from ``pytest --durations`` of 2026-12-01), so the
+# two workers finish together. pytest-xdist 3.8 would otherwise hand out the files with the
+# most tests first (``--no-loadscope-reorder`` in pyproject.toml keeps this order), which
+# started the single 5-minute robust test near the end.
+SECONDS = {"test_simulation": 1150, "test_resume": 690, "test_deployment": 500, "test_robust": 310,
+           "test_secure_aggregation": 250, "test_faults": 250, "test_client": 130}
 
 
 def pytest_collection_modifyitems(items):

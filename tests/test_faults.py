@@ -84,7 +84,7 @@ def test_undeclared_or_mistyped_metrics_are_refused(model_and_tokenizer, metrics
 def simulate(tmp_path, clients, scenario, *settings, sleep=0):
     env = {**os.environ, "FEDREC_HOME": str(tmp_path / "home"), "FEDREC_SCENARIO_SLEEP": str(sleep)}
     cmd = [sys.executable, "-m", "common.cli", "simulate", "--clients", str(clients), "--rounds", "1",
-           "--run-dir", str(tmp_path / "run"), "--scenario", *scenario, "--set", "model-layers=2", "max-users=40", "batch-size=8",
+           "--run-dir", str(tmp_path / "run"), "--scenario", *scenario, "--set", "model-layers=2", "lora-layers=1", "max-users=40", "batch-size=8",
            "local-steps=2", *settings]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
 

@@ -19,11 +19,12 @@ from safetensors.torch import load_file
 from common.config import Settings, defaults
 from common.privacy import epsilon, load_history
 from server.ledger import pseudonym
-from simulations.bench_resume import SMALL, metrics_rows, resume_cmd, run_until, simulate_cmd
+from simulations.bench_resume import SMALL as BENCH_SMALL, metrics_rows, resume_cmd, run_until, simulate_cmd
 from deployment.localhost import LocalDeployment
 from simulations.partition import materialize
 
 CLIENTS, ROUNDS = 3, 2  # killed in round 2, the last: the resumed run finishes it
+SMALL = BENCH_SMALL + ["lora-layers=1"]  # LoRA on the top layer only: the frozen lower layer's states are cached
 
 
 def ledger_rows(run: Path, query: str) -> list:
@@ -144,7 +145,7 @@ def test_deployment_resumes_after_the_superlink_and_serverapp_are_killed(tmp_pat
     materialize(s, 2)
     sites = [tmp_path / "data" / f"client-{k}" for k in range(2)]
     run = tmp_path / "run"
-    overrides = {"model-layers": 2, "num-server-rounds": ROUNDS, "local-steps": 2, "batch-size": 8, "max-users": 30,
+    overrides = {"model-layers": 2, "lora-layers": 1, "num-server-rounds": ROUNDS, "local-steps": 2, "batch-size": 8, "max-users": 30,
                  "run-dir": str(run)}
     with LocalDeployment(tmp_path, sites) as d:
         d.wait_for_nodes(2)

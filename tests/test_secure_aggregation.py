@@ -34,7 +34,7 @@ def simulate(base, name, *extra):
     run = base / name
     env = {**os.environ, "FEDREC_HOME": str(base / "home")}
     cmd = [sys.executable, "-m", "common.cli", "simulate", "--rounds", "1", "--clients", "3", "--run-dir",
-           str(run), "--set", "model-layers=2", "max-users=24", "batch-size=8", "history-len=4", "local-steps=3", "dp=false",
+           str(run), "--set", "model-layers=2", "lora-layers=1", "max-users=24", "batch-size=8", "history-len=4", "local-steps=3", "dp=false",
            "popularity-prior=false", "server-learning-rate=1.0", *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

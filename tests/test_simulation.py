@@ -371,7 +371,7 @@ def test_clients_enforce_their_budgets_and_the_run_stops_cleanly(tmp_path):
     from common.privacy import Budget, read_budget, write_budget
     from simulations.partition import materialize
 
-    overrides = {"model-layers": 2, "max-users": 24, "batch-size": 8, "max-length": 64, "history-len": 4, "fraction-train": 1.0,
+    overrides = {"model-layers": 2, "lora-layers": 1, "max-users": 24, "batch-size": 8, "max-length": 64, "history-len": 4, "fraction-train": 1.0,
                  "local-steps": 3, "min-train-nodes": 3, "partition-dir": str(tmp_path / "parts"),
                  "secure-aggregation": True, "secagg-max-weight": 2000.0}
     s = Settings.from_run_config({**defaults(), **overrides})
@@ -412,7 +412,7 @@ def test_one_client_per_user_with_central_dp_is_user_level_and_audited(tmp_path)
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "common.cli", "simulate", "--rounds", "3", "--clients", "8", "--run-dir", str(run),
-           "--set", "model-layers=2", "max-users=8", "partition=user", "batch-size=8", "max-length=64",
+           "--set", "model-layers=2", "lora-layers=1", "max-users=8", "partition=user", "batch-size=8", "max-length=64",
            "history-len=4", "local-steps=2", "fraction-train=0.6", "dp=false", "central-dp=true",
            "central-population=8", "central-noise-multiplier=1.5", "central-clipping-norm=5",
            "prior-noise-multiplier=2.0"]
@@ -479,7 +479,7 @@ def test_a_user_level_run_is_user_level_from_the_sites_to_the_audit(tmp_path):
 
     run, home = tmp_path / "run", tmp_path / "home"
     cmd = [sys.executable, "-m", "common.cli", "simulate", "--rounds", "2", "--clients", "3", "--run-dir", str(run),
-           "--set", "model-layers=2", "max-users=24", "max-length=64", "history-len=4", "privacy-unit=user",
+           "--set", "model-layers=2", "lora-layers=1", "max-users=24", "max-length=64", "history-len=4", "privacy-unit=user",
            "batch-size=3", "examples-per-user=2", "local-steps=3", "noise-multiplier=1.5",
            "prior-noise-multiplier=1.5", "canaries=12", "canary-examples=3"]
     proc = subprocess.run(cmd, env={**os.environ, "FEDREC_HOME": str(home), "COLUMNS": "250"},
