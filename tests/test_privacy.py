@@ -135,16 +135,18 @@ def test_the_sample_rate_is_public_whatever_the_data_size(model_and_tokenizer, s
         assert result.epsilon == epsilon([(10.0, 1.0, 1), (1.0, 1 / 93, 16)], s.delta, s.accountant)
 
 
-def test_lora_on_the_top_layers_only(movielens, small_split, settings, tmp_path):
+def test_lora_on_the_top_layers_only(movielens, small_split, settings, tmp_path, untrained_catalog_embeddings):
     """lora-layers = 1 on the 2-layer encoder: LoRA sits in layer 1 alone (the gradient stops
     there); one DP step moves all of it and no base weight; the saved adapter folder opens
-    with PEFT onto the same tensors."""
+    with PEFT onto the same tensors. Untrained, it encodes the catalog as the shared fixture's
+    model with LoRA in both layers does (B = 0: the adapter adds nothing yet)."""
     catalog, _ = movielens
     _, _, train_ex, _, _ = small_split
     s = dataclasses.replace(settings, dp=True, local_steps=1, lora_layers=1)
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
     model = build_model(encoder, len(catalog), adapter_config(s, encoder))
     refresh_item_embeddings(model, tokenizer, catalog.texts())
+    torch.testing.assert_close(model.get_base_model().item_embeddings, untrained_catalog_embeddings, rtol=0, atol=1e-5)
     lora = [n for n, _ in model.named_parameters() if "lora_" in n]
     assert len(lora) == 2 * len(s.lora_targets.split(","))  # A and B, per target, one layer
     assert all(".layer.1." in n for n in lora), lora
