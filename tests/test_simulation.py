@@ -184,6 +184,20 @@ def run_audit(run):
                           text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
 
 
+def fedrec_here(capsys, *argv) -> subprocess.CompletedProcess:
+    """``fedrec ARGV`` run by this process: the command's own code, without the 8 s a new process
+    takes to import torch, Opacus, PEFT and transformers. `run_audit` keeps one audit a real process."""
+    from common.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out.out, out.err)
+
+
 def test_audit_recomputes_every_epsilon_and_passes(run_dir):
     run, _ = run_dir
     proc = run_audit(run)
@@ -226,7 +240,7 @@ def test_audit_recomputes_every_epsilon_and_passes(run_dir):
      "WHERE mechanism = 'dp-sgd')", "mechanism-differs"),
     ("mechanisms", "SET noise_multiplier = 2.0 WHERE mechanism = 'gaussian-eval-sums'", "mechanism-differs"),
 ])
-def test_audit_detects_a_tampered_ledger(run_dir, tmp_path, table, edit, finding):
+def test_audit_detects_a_tampered_ledger(run_dir, tmp_path, capsys, table, edit, finding):
     import shutil
     import sqlite3
 
@@ -238,7 +252,7 @@ def test_audit_detects_a_tampered_ledger(run_dir, tmp_path, table, edit, finding
     db.execute(f"UPDATE {table} {edit}")
     db.commit()
     db.close()
-    proc = run_audit(copy)
+    proc = fedrec_here(capsys, "audit", copy)
     assert proc.returncode == 1
     assert finding in proc.stdout
     kinds = {f["kind"] for f in json.loads((copy / "report.json").read_text())["findings"]}
@@ -252,13 +266,11 @@ def site_folders(run):
     return sorted((state.parent.parent, state) for state in home.glob(f"partitions/*/client-*/state/{run.name}"))
 
 
-def run_site_audit(data, state, ledger, out):
-    return subprocess.run([sys.executable, "-m", "common.cli", "client", "audit", str(data), "--state-dir", str(state),
-                           "--ledger", str(ledger), "--json", str(out)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "COLUMNS": "200"})
+def run_site_audit(capsys, data, state, ledger, out):
+    return fedrec_here(capsys, "client", "audit", data, "--state-dir", state, "--ledger", ledger, "--json", out)
 
 
-def test_each_site_audits_its_own_releases_and_agrees_with_the_ledger(run_dir, tmp_path):
+def test_each_site_audits_its_own_releases_and_agrees_with_the_ledger(run_dir, tmp_path, capsys):
     """`fedrec client audit` lists, from the site's own records, every release it made (prior,
     DP-SGD, count, evaluation sums per round) with its ε, and finds each one in the run's ledger."""
     import sqlite3
@@ -268,7 +280,7 @@ def test_each_site_audits_its_own_releases_and_agrees_with_the_ledger(run_dir, t
     assert len(sites) == CLIENTS
     db = sqlite3.connect(run / "ledger.sqlite")
     for data, state in sites:
-        proc = run_site_audit(data, state, run, tmp_path / "site.json")
+        proc = run_site_audit(capsys, data, state, run, tmp_path / "site.json")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
         report = json.loads((tmp_path / "site.json").read_text())
         assert report["ok"] and not report["ledger"]["not-in-ledger"]
@@ -289,7 +301,7 @@ def test_each_site_audits_its_own_releases_and_agrees_with_the_ledger(run_dir, t
     ("ledger-sigma", "ledger-differs"),  # the ledger records another σ for the site's DP-SGD
     ("log-line", "unlogged"),  # a charged release the site's log does not describe
 ])
-def test_a_site_audit_flags_an_altered_record(run_dir, tmp_path, change, finding):
+def test_a_site_audit_flags_an_altered_record(run_dir, tmp_path, capsys, change, finding):
     import shutil
     import sqlite3
 
@@ -299,7 +311,7 @@ def test_a_site_audit_flags_an_altered_record(run_dir, tmp_path, change, finding
     copy_run.mkdir()
     shutil.copy(run / "ledger.sqlite", copy_run / "ledger.sqlite")
     shutil.copytree(state, copy_state)
-    proc = run_site_audit(data, copy_state, copy_run, tmp_path / "before.json")
+    proc = run_site_audit(capsys, data, copy_state, copy_run, tmp_path / "before.json")
     assert proc.returncode == 0, proc.stdout[-3000:]
     name = json.loads((tmp_path / "before.json").read_text())["ledger"]["name"]
     if change == "log-line":
@@ -314,7 +326,7 @@ def test_a_site_audit_flags_an_altered_record(run_dir, tmp_path, change, finding
                    + (" AND mechanism = 'dp-sgd')" if table == "mechanisms" else ")"), (name,))
         db.commit()
         db.close()
-    proc = run_site_audit(data, copy_state, copy_run, tmp_path / "after.json")
+    proc = run_site_audit(capsys, data, copy_state, copy_run, tmp_path / "after.json")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
     kinds = {f["kind"] for f in json.loads((tmp_path / "after.json").read_text())["findings"]}
     assert finding in kinds and finding in proc.stdout, kinds
@@ -360,7 +372,7 @@ def test_empirical_audits_the_adapters_memory_and_catch_the_sites_that_under_noi
     assert html.count("data:image/png;base64,") == 4
 
 
-def test_clients_enforce_their_budgets_and_the_run_stops_cleanly(tmp_path):
+def test_clients_enforce_their_budgets_and_the_run_stops_cleanly(tmp_path, capsys):
     """Client 0 can afford the prior and one round. It declines round 2; with min-train-nodes 3
     the run cannot sample round 3 and stops, saying why; the audit still passes. Under SecAgg+,
     whose protocol has no place for a decline: the decline is asked before it starts
@@ -400,10 +412,10 @@ def test_clients_enforce_their_budgets_and_the_run_stops_cleanly(tmp_path):
     db.close()
     state = json.loads((root / "client-0" / "state" / "run" / "accountant.json").read_text())
     assert state["epsilon"] <= budget  # it never spent past its own budget
-    assert run_audit(run).returncode == 0
+    assert fedrec_here(capsys, "audit", run).returncode == 0
 
 
-def test_one_client_per_user_with_central_dp_is_user_level_and_audited(tmp_path):
+def test_one_client_per_user_with_central_dp_is_user_level_and_audited(tmp_path, capsys):
     """Cross-device: one client per user, client-level DP at the server (= user-level here) on a
     real simulation. The prior is the server's release (unit-norm histograms, one N(0, σ_h²));
     then Poisson sampling at q = 4/8 each round. Every release is in the ledger, its ε printed
@@ -436,7 +448,7 @@ def test_one_client_per_user_with_central_dp_is_user_level_and_audited(tmp_path)
     db.close()
     assert releases == [(2.0, 1.0, 1.0, "flwr-rdp")] + [(1.5, 0.5, 5.0, "flwr-rdp")] * 3
 
-    audit = run_audit(run)
+    audit = fedrec_here(capsys, "audit", run)
     assert audit.returncode == 0, audit.stdout[-3000:]
     report = json.loads((run / "report.json").read_text())
     assert report["central"]["final-epsilon"] == pytest.approx(central[-1], rel=1e-3)
@@ -471,7 +483,7 @@ def test_significance_rescores_the_run_exactly_and_bootstraps_the_lift(run_dir, 
             assert math.isnan(figures[k]["lift"]), k
 
 
-def test_a_user_level_run_is_user_level_from_the_sites_to_the_audit(tmp_path):
+def test_a_user_level_run_is_user_level_from_the_sites_to_the_audit(tmp_path, capsys):
     """privacy-unit = user on a real simulation with user-level canaries (3 examples each): each
     site's accountant, the ledger, the printed statement and `fedrec audit --empirical` all speak
     of users, every site's ε replays, and the canary bound stays below the user-level ε."""
@@ -502,8 +514,7 @@ def test_a_user_level_run_is_user_level_from_the_sites_to_the_audit(tmp_path):
     assert json.loads(meta["privacy-unit"]) == "user" and "one user at one site" in meta["adjacency"]
     assert rates == {3 / 8}  # q = batch-size / declared-users: the split's 24 users over 3 sites (canaries aside)
 
-    audit = subprocess.run([sys.executable, "-m", "common.cli", "audit", "--empirical", str(run)],
-                           capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    audit = fedrec_here(capsys, "audit", "--empirical", run)
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-2000:]
     report = json.loads((run / "report.json").read_text())
     assert report["privacy-unit"] == "user" and not report["findings"]
