@@ -20,8 +20,8 @@ def latest_adapter(run_dir: Path) -> Path:
     return rounds[-1]
 
 
-def load_recommender(run_dir: Path, adapter: Path | None = None):
-    """(PeftModel, tokenizer, catalog, settings) from a run directory's config and adapter."""
+def read_run(run_dir: Path):
+    """(catalog, settings) of a run directory, from its config.json and catalog.csv."""
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.json (is this a fedrec run directory?)")
@@ -30,8 +30,12 @@ def load_recommender(run_dir: Path, adapter: Path | None = None):
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{config_path}: not a fedrec run config ({e})") from None
     # A run made before a key existed ran with that key's default.
-    s = Settings.from_run_config({**defaults(), **config})
-    catalog = read_catalog(run_dir / "catalog.csv")
+    return read_catalog(run_dir / "catalog.csv"), Settings.from_run_config({**defaults(), **config})
+
+
+def load_recommender(run_dir: Path, adapter: Path | None = None):
+    """(PeftModel, tokenizer, catalog, settings) from a run directory's config and adapter."""
+    catalog, s = read_run(run_dir)
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
     base = Recommender(encoder, len(catalog), **sequence_options(s)).to(device())
     path = adapter or latest_adapter(run_dir)
@@ -45,13 +49,18 @@ def load_recommender(run_dir: Path, adapter: Path | None = None):
     return model, tokenizer, catalog, s
 
 
-def recommend(model, tokenizer, catalog, s: Settings, history: list[tuple[str, float | None]], k: int = 10):
-    """Top-k (item, score) for a history of (item_id, rating or None), oldest first."""
+def check_request(catalog, history: list[tuple[str, float | None]], k: int) -> None:
+    """What the catalog alone can refuse: found before the model loads and encodes the catalog."""
     if not 1 <= k <= len(catalog):
         raise ValueError(f"--top {k}: must be between 1 and the catalog's {len(catalog)} items")
     unknown = [item for item, _ in history if item not in catalog.index]
     if unknown:
         raise ValueError(f"item id(s) not in the catalog: {', '.join(unknown)}")
+
+
+def recommend(model, tokenizer, catalog, s: Settings, history: list[tuple[str, float | None]], k: int = 10):
+    """Top-k (item, score) for a history of (item_id, rating or None), oldest first."""
+    check_request(catalog, history, k)
     interactions = [Interaction("you", item, rating, t) for t, (item, rating) in enumerate(history)]
     sequence = tuple(catalog.index[item] for item, _ in history)
     scores = score_users(model, tokenizer, [user_text(interactions, catalog, s.history_len)], s.max_length,

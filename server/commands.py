@@ -45,13 +45,14 @@ def read_history_file(path: Path) -> list[tuple[str, float | None]]:
 
 
 def recommend_cmd(args) -> int:
-    from common.recommend import load_recommender, recommend
+    from common.recommend import check_request, load_recommender, read_run, recommend
 
     if bool(args.items) == bool(args.history):
         fail("give the user's history with exactly one of --items or --history")
     history = read_history_file(Path(args.history)) if args.history else [
         (i.strip(), None) for i in args.items.split(",") if i.strip()]
     try:
+        check_request(read_run(Path(args.run_dir))[0], history, args.top)  # in a second, not after the encoding
         model, tokenizer, catalog, s = load_recommender(Path(args.run_dir))
         top = recommend(model, tokenizer, catalog, s, history, args.top)
     except (FileNotFoundError, ValueError) as e:

@@ -94,9 +94,10 @@ def broken_run(tmp_path, movielens):
 @pytest.mark.parametrize("extra, message", [
     (["--items", "50"], "adapters/round-001: not a readable PEFT adapter for this run's model"),
     (["--items", "50", "--top", "0"], "--top 0: must be between 1 and"),
+    (["--items", "50,99999"], "item id(s) not in the catalog: 99999"),
 ])
 def test_damaged_adapter_or_bad_top_is_one_clear_line(broken_run, capsys, extra, message):
-    if "--top" in extra:  # a good adapter, a bad --top: give the run a real (initial) adapter
+    if "adapter" not in message:  # a good adapter, a bad request: give the run a real (initial) adapter
         import shutil
 
         from common.model import build_model, load_encoder, lora_config
