@@ -24,12 +24,12 @@ def sequence_settings(settings):
 
 
 @pytest.fixture()
-def sequence_model(movielens, sequence_settings):
+def sequence_model(movielens, sequence_settings, untrained_catalog_embeddings):
     catalog, _ = movielens
     s = sequence_settings
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
     model = build_model(encoder, len(catalog), adapter_config(s, encoder), **sequence_options(s))
-    refresh_item_embeddings(model, tokenizer, catalog.texts())
+    model.get_base_model().item_embeddings.copy_(untrained_catalog_embeddings)  # what a refresh sets (conftest)
     return model, tokenizer
 
 
@@ -156,12 +156,12 @@ def test_recommend_reads_the_tower_from_a_run_directory(sequence_model, sequence
 # ---- sequence training: one sample per user sequence, every position predicted ----
 
 @pytest.fixture()
-def sequence_training_model(movielens, sequence_settings):
+def sequence_training_model(movielens, sequence_settings, untrained_catalog_embeddings):
     catalog, _ = movielens
     s = dataclasses.replace(sequence_settings, sequence_training=True, privacy_unit="user", sequence_dropout=0.0)
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
     model = build_model(encoder, len(catalog), adapter_config(s, encoder), **sequence_options(s))
-    refresh_item_embeddings(model, tokenizer, catalog.texts())
+    model.get_base_model().item_embeddings.copy_(untrained_catalog_embeddings)
     with torch.no_grad():  # away from the zero start (W_out = 0), so outputs and gradients are not trivial
         for name, p in model.named_parameters():
             if ".sequence." in name:
