@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 
 import pytest
 
@@ -14,13 +15,15 @@ from simulations.partition import select_users
 # The suite runs on two pytest-xdist workers, one test file at a time each (``-n 2 --dist
 # loadfile`` in pyproject.toml, so a module-scoped simulation runs once): much of a real
 # simulation or deployment is one process importing torch, or a server waiting out a
-# round-timeout, and the other worker uses that core meanwhile. The slowest files start first
-# (seconds per file with both workers busy, from ``pytest --durations`` of 2026-12-01), so the
-# two workers finish together. pytest-xdist 3.8 would otherwise hand out the files with the
-# most tests first (``--no-loadscope-reorder`` in pyproject.toml keeps this order), which
-# started the single 5-minute robust test near the end.
-SECONDS = {"test_simulation": 1150, "test_resume": 690, "test_deployment": 500, "test_robust": 310,
-           "test_secure_aggregation": 250, "test_faults": 250, "test_client": 130}
+# round-timeout, and the other worker uses that core meanwhile. A file runs whole on one
+# worker, so no file should hold much more than its share (test_simulation_settings.py is
+# test_simulation.py's own-settings runs). The slowest files start first (seconds per file with
+# both workers busy, from ``pytest --durations`` of 2026-12-01, less what that day's changes
+# saved), so the two workers finish together. pytest-xdist 3.8 would otherwise hand out the
+# files with the most tests first (``--no-loadscope-reorder`` in pyproject.toml keeps this
+# order), which started the single 5-minute robust test near the end.
+SECONDS = {"test_resume": 690, "test_deployment": 500, "test_simulation_settings": 400, "test_robust": 310,
+           "test_simulation": 300, "test_secure_aggregation": 250, "test_faults": 150, "test_client": 130}
 
 
 def pytest_collection_modifyitems(items):
@@ -65,3 +68,21 @@ def model_and_tokenizer(movielens, settings, untrained_catalog_embeddings):
     model, tokenizer = fresh_model(movielens, settings)
     model.get_base_model().item_embeddings.copy_(untrained_catalog_embeddings)
     return model, tokenizer
+
+
+@pytest.fixture()
+def fedrec_here(capsys):
+    """``fedrec ARGV`` run by the test's own process: the command's code, without the 8 s a new
+    process takes to import torch, Opacus, PEFT and transformers (the CLI's own tests, and one
+    audit in test_simulation.py, keep real processes). Returns what ``subprocess.run`` would."""
+    from common.cli import main
+
+    def run(*argv) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, out.out, out.err)
+    return run
