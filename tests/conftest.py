@@ -55,8 +55,10 @@ def fresh_model(movielens, settings):
 
 @pytest.fixture(scope="session")
 def untrained_catalog_embeddings(movielens, settings):
-    """The catalog through an untrained model, encoded once a session (about 9 s a time). Every
-    fresh model encodes it identically: LoRA's B starts at 0, so the adapter adds exactly 0."""
+    """The catalog through an untrained model, encoded once a session (about 9 s a time). LoRA's
+    B starts at 0, so the adapter adds exactly 0: a fresh model of these settings encodes the
+    catalog bit for bit so, and one with LoRA in fewer layers (its lower layers then run through
+    the prefix cache) to 1e-5 (test_privacy.py::test_lora_on_the_top_layers_only checks)."""
     model, tokenizer = fresh_model(movielens, settings)
     refresh_item_embeddings(model, tokenizer, movielens[0].texts())
     return model.get_base_model().item_embeddings.clone()
