@@ -298,8 +298,9 @@ def unit_gradients(module, batch, owner: torch.Tensor, num_units: int) -> float:
     with warnings.catch_warnings():  # the frozen embeddings take no gradient, by design
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         weighted.backward()
+    rows_are_units = torch.equal(owner, torch.arange(num_units, device=owner.device))  # e.g. example-level DP
     for p in module.parameters():
-        if p.requires_grad:
+        if p.requires_grad and not rows_are_units:  # else the per-row gradients already are the units'
             per_row = p.grad_sample
             p.grad_sample = per_row.new_zeros((num_units, *p.shape)).index_add_(0, owner, per_row)
     return float(losses.detach().sum() / predicted.sum())

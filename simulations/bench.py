@@ -13,6 +13,10 @@ process's peak RSS after the work minus after loading) is its own. Figures are m
   Adam on batches of 64, with the frozen-prefix cache off, and on and warm (every training text
   of the site already cached: the steady state from a site's second round on). "warm-up" is
   what filling it costs once: the frozen lower layers over each distinct training text;
+* same batches: non-DP, DP with Opacus' hooks and DP with ghost clipping on the same fixed
+  batches of 64, cache warm; each step's time and its own peak memory (the kernel's peak-RSS
+  count restarted at the step's start), compared batch by batch. The step cases above draw
+  Poisson batches for DP and peak in their encoding, so their memory is no comparison;
 * catalog refresh: the 1,682 item texts through the encoder, cache off / cold / warm;
 * full-ranking evaluation: all 943 users' test examples over all 1,682 items;
 * bytes on the wire: the adapter tensors a client sends per round against the full fp32 model.
@@ -99,22 +103,17 @@ def step_case(dp: bool, cache: bool, steps: int, repeats: int) -> dict:
             "warm-up-seconds": warm_up, "distinct-texts": len({ex.text for ex in examples})}
 
 
-def ghost_step_case(steps: int, repeats: int) -> dict:
-    """DP-SGD steps with Opacus' ghost clipping (example level, where it applies), cache on and warm:
+def ghost_step(model, s, num_items: int, tokenizer):
+    """One DP-SGD step function with Opacus' ghost clipping (example level, where it applies):
     per-sample gradient norms from activations and backprops, two backward passes, no per-sample
     gradients stored."""
     import torch
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     from client.train import _collate, adam
-    from common.model import refresh_item_embeddings, text_inputs
 
-    s, catalog, examples, _, model, tokenizer = setup(1024)
-    refresh_item_embeddings(model, tokenizer, catalog.texts())
-    text_inputs(model, tokenizer, sorted({ex.text for ex in examples}), s.max_length)
     model.train()
     optimizer = adam(model, s)
     module = GradSampleModuleFastGradientClipping(model, max_grad_norm=s.max_grad_norm, use_ghost_clipping=True,
@@ -123,20 +122,119 @@ def ghost_step_case(steps: int, repeats: int) -> dict:
                                                 max_grad_norm=s.max_grad_norm, expected_batch_size=s.batch_size,
                                                 loss_reduction="mean")
     criterion = DPLossFastGradientClipping(module, optimizer, torch.nn.CrossEntropyLoss(), loss_reduction="mean")
-    collate = _collate(model, tokenizer, s.max_length, len(catalog))
+    collate = _collate(model, tokenizer, s.max_length, num_items)
+
+    def step(batch):
+        inputs, targets, seen = collate(batch)
+        criterion(module(**inputs).masked_fill(seen, float("-inf")), targets).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # at the end, not the start: a step's memory is its own
+    return step
+
+
+def hooks_step(model, s, num_items: int, tokenizer):
+    """One DP-SGD step function as ``client.train.dp_steps`` runs it (Opacus' hooks, each example
+    its own unit), on a given batch instead of a Poisson sample."""
+    import torch
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from client.train import _collate, adam, unit_gradients
+
+    model.train()
+    optimizer = DPOptimizer(adam(model, s), noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
+                            expected_batch_size=s.batch_size, loss_reduction="mean")
+    module = GradSampleModule(model, loss_reduction="sum")
+    collate = _collate(model, tokenizer, s.max_length, num_items)
+
+    def step(batch):
+        unit_gradients(module, collate(batch), torch.arange(len(batch)), len(batch))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def plain_step(model, s, num_items: int, tokenizer):
+    """One non-private Adam step function as ``client.train.plain_steps`` runs it."""
+    from client.train import _collate, adam, position_losses
+
+    model.train()
+    optimizer = adam(model, s)
+    collate = _collate(model, tokenizer, s.max_length, num_items)
+
+    def step(batch):
+        inputs, targets, seen = collate(batch)
+        position, predicted = position_losses(model(**inputs), targets, seen)
+        (position.sum() / predicted.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+STEPS = {"non-DP": plain_step, "DP, Opacus hooks": hooks_step, "DP, ghost clipping": ghost_step}
+
+
+def ghost_step_case(steps: int, repeats: int) -> dict:
+    """DP-SGD steps with ghost clipping on Poisson samples, cache on and warm."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    from common.model import refresh_item_embeddings, text_inputs
+
+    s, catalog, examples, _, model, tokenizer = setup(1024)
+    refresh_item_embeddings(model, tokenizer, catalog.texts())
+    text_inputs(model, tokenizer, sorted({ex.text for ex in examples}), s.max_length)
+    step = ghost_step(model, s, len(catalog), tokenizer)
 
     def run(n):
         for sampled in UniformWithReplacementSampler(num_samples=len(examples), sample_rate=s.batch_size / len(examples),
                                                      steps=n):
-            optimizer.zero_grad()
-            inputs, targets, seen = collate([examples[i] for i in sampled])
-            criterion(module(**inputs).masked_fill(seen, float("-inf")), targets).backward()
-            optimizer.step()
+            step([examples[i] for i in sampled])
 
     run(1)
     before = peak_mb()
     times = [t / steps for t in timed(lambda: run(steps), repeats)]
     return {"seconds": times, "peak-mb": peak_mb(), "peak-mb-over-load": peak_mb() - before}
+
+
+def resident_mb() -> tuple[float, float]:
+    """This process's resident memory now, and its peak since the last ``reset_peak``, in MB."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
+
+
+def reset_peak() -> None:
+    """Return freed heap to the OS, then restart the kernel's peak-RSS count (Linux' clear_refs),
+    so the next peak is what a step itself allocates above what is live."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def same_batch_case(kind: str, steps: int) -> dict:
+    """``steps`` steps of one kind on the same fixed batches of ``batch-size`` examples (seed 0) as
+    the other kinds, cache on and warm. Per step: its seconds, and its peak resident memory above
+    the resident memory at its start, which is the step's own allocations (activations, gradients,
+    per-sample gradients) and not the process's load or encoding."""
+    import torch
+
+    from common.model import refresh_item_embeddings, text_inputs
+
+    s, catalog, examples, _, model, tokenizer = setup(1024)
+    refresh_item_embeddings(model, tokenizer, catalog.texts())
+    text_inputs(model, tokenizer, sorted({ex.text for ex in examples}), s.max_length)
+    order = torch.Generator().manual_seed(0)
+    batches = [[examples[i] for i in torch.randperm(len(examples), generator=order)[:s.batch_size].tolist()]
+               for _ in range(steps + 1)]
+    step = STEPS[kind](model, s, len(catalog), tokenizer)
+    step(batches[0])  # first-call overheads, and the optimizer's state
+    seconds, step_mb = [], []
+    for batch in batches[1:]:
+        reset_peak()
+        start, _ = resident_mb()
+        seconds += timed(lambda: step(batch), 1)
+        step_mb.append(resident_mb()[1] - start)
+    return {"seconds": seconds, "step-mb": step_mb, "batch-size": s.batch_size}
 
 
 def catalog_case(cache: bool, repeats: int) -> dict:
@@ -260,6 +358,10 @@ def median_range(values: list[float], scale: float = 1.0, digits: int = 3) -> st
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
+def paired_ratio(values: list[float], baseline: list[float]) -> float:
+    return statistics.median(v / b for v, b in zip(values, baseline))
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -283,12 +385,18 @@ def report(results: dict, command: str) -> str:
         lines.append(f"| {key} step: cache off / on | {statistics.median(off['seconds']) / statistics.median(on['seconds']):.2f}× | |")
     for cache in ("off", "on (warm)"):
         dp, plain = steps[f"dp step, cache {cache}"], steps[f"plain step, cache {cache}"]
-        lines.append(f"| DP / non-DP step, cache {cache} | {statistics.median(dp['seconds']) / statistics.median(plain['seconds']):.2f}× | "
-                     f"{dp['peak-mb'] / plain['peak-mb']:.2f}× (whole-process peak) |")
+        lines.append(f"| DP / non-DP step, cache {cache} | {statistics.median(dp['seconds']) / statistics.median(plain['seconds']):.2f}× | |")
     if "dp step, ghost clipping, cache on (warm)" in steps:
         ghost, hooks = steps["dp step, ghost clipping, cache on (warm)"], steps["dp step, cache on (warm)"]
-        lines.append(f"| DP step: ghost clipping / Opacus hooks, cache on | {statistics.median(ghost['seconds']) / statistics.median(hooks['seconds']):.2f}× | "
-                     f"{ghost['peak-mb'] / hooks['peak-mb']:.2f}× (whole-process peak) |")
+        lines.append(f"| DP step: ghost clipping / Opacus hooks, cache on | {statistics.median(ghost['seconds']) / statistics.median(hooks['seconds']):.2f}× | |")
+    same = results.get("same-batches", {})
+    for kind, r in same.items():
+        lines.append(f"| same {r['batch-size']}-example batches, cache on (warm): {kind} step | {median_range(r['seconds'])} s | "
+                     f"+{median_range(r['step-mb'], digits=0)} MB above the step's start |")
+    for kind in [k for k in same if k != "non-DP"]:
+        time_ratio = paired_ratio(same[kind]["seconds"], same["non-DP"]["seconds"])
+        memory_ratio = paired_ratio(same[kind]["step-mb"], same["non-DP"]["step-mb"])
+        lines.append(f"| {kind} / non-DP step, same batches (median of per-batch ratios) | {time_ratio:.2f}× | {memory_ratio:.2f}× |")
     warm = steps["dp step, cache on (warm)"]
     held = f"{warm['cache-mb']:.0f} MB held (catalog and training texts)" if "cache-mb" in warm else ""
     lines.append(f"| cache warm-up: {warm['distinct-texts']} distinct training texts of the site, once | {warm['warm-up-seconds']:.1f} s | {held} |")
@@ -340,6 +448,10 @@ def main(argv: list[str] | None = None) -> dict:
         console.print(f"catalog refresh and evaluation, cache {label}")
         results["catalog"][label] = in_fresh_process(catalog_case, cache, args.repeats)
         results["evaluation"][label] = in_fresh_process(evaluation_case, cache, max(1, args.repeats // 2))
+    results["same-batches"] = {}
+    for kind in STEPS:
+        console.print(f"{kind} steps on the same batches, cache on (warm)")
+        results["same-batches"][kind] = in_fresh_process(same_batch_case, kind, 2 * args.steps)
     results["wire"] = in_fresh_process(wire_case)
     console.print("one silo's first two rounds, phase by phase")
     results["round"] = in_fresh_process(round_case)

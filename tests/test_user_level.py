@@ -39,7 +39,8 @@ def mean_loss_gradient(model, collate, rows) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_a_users_clipped_contribution_is_the_clip_of_its_own_gradient(model_and_tokenizer, small_split, settings):
+@pytest.mark.parametrize("cap", [3, 1])  # 1: a row per unit, whose per-row gradients are the units' as they are
+def test_a_users_clipped_contribution_is_the_clip_of_its_own_gradient(model_and_tokenizer, small_split, settings, cap):
     """One noiseless DP step over three sampled users: the summed gradient equals
     Σ_u clip_C(∇ mean loss of u's capped examples, computed alone) / batch-size."""
     model, tokenizer = model_and_tokenizer
@@ -48,8 +49,8 @@ def test_a_users_clipped_contribution_is_the_clip_of_its_own_gradient(model_and_
     units = privacy_units(train_ex, "user")
     assert all(len({train_ex[i].user for i in unit}) == 1 for unit in units) and len(units) == 12
     sampled = [units[0], units[3], units[7]]
-    rows, owner = capped_rows(sampled, cap=3, generator=torch.Generator().manual_seed(1))
-    assert owner.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # every one of them has more than 3 examples
+    rows, owner = capped_rows(sampled, cap=cap, generator=torch.Generator().manual_seed(1))
+    assert owner.tolist() == [u for u in range(3) for _ in range(cap)]  # every one of them has more than 3 examples
     assert all(r in unit for r, u in zip(rows, owner.tolist()) for unit in [sampled[u]])
     collate = _collate(model, tokenizer, settings.max_length, model.get_base_model().item_embeddings.shape[0])
     by_user = [[train_ex[r] for r, u in zip(rows, owner.tolist()) if u == k] for k in range(3)]
