@@ -234,7 +234,7 @@ def test_a_site_runs_only_the_bundle_it_approved(tmp_path):
     assert approve.returncode == 0, approve.stdout + approve.stderr
 
     overrides = {"model-layers": 2, "lora-layers": 1, "num-server-rounds": 1, "local-steps": 2, "batch-size": 8,
-                 "max-users": 30, "min-train-nodes": 1, "popularity-prior": False, "round-timeout": 60}
+                 "max-users": 30, "min-train-nodes": 1, "popularity-prior": False, "round-timeout": 30}
     with LocalDeployment(tmp_path, sites[:2], trusted_entities={1: trusted}) as d:
         d.flwr("supernode", "register", str(make_node_key(d.certs / "nodes", "site-2")), "onprem")
         d.start_site("site-2", sites[2], approvals=(tmp_path / "approvals", trusted))

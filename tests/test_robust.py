@@ -12,7 +12,7 @@ from __future__ import annotations
 from simulations.bench_robust import main as bench
 from simulations.significance import main as significance
 
-SETTINGS = ["model-layers=2", "lora-layers=1", "history-len=3", "initial-score-scale=2", "dp=false", "popularity-prior=false", "bias-learning-rate=0.05", "learning-rate=0.005",
+SETTINGS = ["model-layers=2", "lora-layers=1", "history-len=1", "initial-score-scale=2", "dp=false", "popularity-prior=false", "bias-learning-rate=0.05", "learning-rate=0.005",
             "server-learning-rate=1.0", "local-steps=20", "batch-size=64", "max-users=300"]
 
 
@@ -23,7 +23,8 @@ def test_multikrum_resists_a_sign_flipping_client_that_breaks_fedavg(tmp_path):
     fedavg, krum = results["attacked, fedavg"]["val-ndcg@10"], results["attacked, multi-krum"]["val-ndcg@10"]
     untrained = significance(["--adapter", "0", "--resamples", "100", str(tmp_path / "clean")])["ndcg@10"]["model"]
     assert clean > untrained  # the clean run learns: above its own round 0 on the same validation users
-    assert fedavg < min(0.5 * clean, untrained)  # FedAvg is dragged backwards by one client in five
+    # FedAvg is dragged backwards by one client in five (0.0112 against round 0's 0.0131 when last measured).
+    assert fedavg < min(0.5 * clean, untrained)
     # Multi-Krum is not: it keeps at least 80 % of the clean run (it averages the four honest
-    # clients' updates where the clean run averages five; 0.0252 against 0.0278 when last measured).
+    # clients' updates where the clean run averages five; 0.0261 against 0.0264 when last measured).
     assert krum >= 0.8 * clean
