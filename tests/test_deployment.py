@@ -8,6 +8,7 @@ import hashlib
 import json
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -72,7 +73,7 @@ def first_run_history(s: Settings, declared: int) -> list:
             (s.count_noise_multiplier, 1.0, 1), (s.eval_noise_multiplier, 1.0, 1)]
 
 
-def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leaving_the_sites(tmp_path):
+def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leaving_the_sites(tmp_path, app_dir):
     """Three runs with different run directories against the same SuperNodes: each site's
     accountant belongs to the site and composes them all; site 0 can afford exactly two, and
     declines the third. A third site's data has a malformed row with a canary: the server
@@ -109,7 +110,7 @@ def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leav
 
         for k in (1, 2, 3):  # run 3 needs all three sites: it stops once site 0 declines
             d.run({**overrides, "run-dir": str(tmp_path / f"run{k}"), "min-train-nodes": 3 if k == 3 else 2},
-                  timeout=1200)
+                  timeout=1200, app=str(app_dir))
         started = list(d.processes)
 
     # Every process the deployment started, and everything they started, is gone.
@@ -184,7 +185,7 @@ def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leav
     assert len(canaries) > 100 and CANARY in (sites[0] / "interactions.csv").read_text()
 
 
-def test_a_site_runs_only_the_bundle_it_approved(tmp_path):
+def test_a_site_runs_only_the_bundle_it_approved(tmp_path, app_dir):
     """Which code a site runs, with real SuperLink and SuperNodes, three sites and two runs.
 
     - Site 0 pins nothing and trains in both runs.
@@ -200,7 +201,6 @@ def test_a_site_runs_only_the_bundle_it_approved(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from common.config import PROJECT_DIR
     from common.privacy import load_history
     from deployment.credentials import make_node_key
 
@@ -215,15 +215,11 @@ def test_a_site_runs_only_the_bundle_it_approved(tmp_path):
                                                 serialization.PublicFormat.OpenSSH).decode()
     trusted = tmp_path / "trusted-keys.yaml"  # Flower's trusted-entities format, read by both routes
     trusted.write_text(f'reviewer: "{public}"\n')
-    altered = tmp_path / "altered"
-    files = subprocess.run(["git", "ls-files"], cwd=PROJECT_DIR, capture_output=True, text=True, check=True).stdout
-    for name in files.split():
-        (altered / name).parent.mkdir(parents=True, exist_ok=True)
-        (altered / name).write_bytes((PROJECT_DIR / name).read_bytes())
+    altered = shutil.copytree(app_dir, tmp_path / "altered")
     with open(altered / "client" / "client_app.py", "a") as f:
         f.write("# one comment more than the reviewed source\n")
     fabs = {}
-    for name, source in (("reviewed", PROJECT_DIR), ("altered", altered)):
+    for name, source in (("reviewed", app_dir), ("altered", altered)):
         (tmp_path / name / "fab").mkdir(parents=True)
         subprocess.run([str(Path(sys.executable).parent / "flwr"), "build", "--app", str(source)],
                        cwd=tmp_path / name / "fab", check=True, capture_output=True)
@@ -239,7 +235,7 @@ def test_a_site_runs_only_the_bundle_it_approved(tmp_path):
         d.flwr("supernode", "register", str(make_node_key(d.certs / "nodes", "site-2")), "onprem")
         d.start_site("site-2", sites[2], approvals=(tmp_path / "approvals", trusted))
         d.wait_for_nodes(3)
-        d.run({**overrides, "run-dir": str(tmp_path / "run-reviewed")}, timeout=900)
+        d.run({**overrides, "run-dir": str(tmp_path / "run-reviewed")}, timeout=900, app=str(app_dir))
         released = len(load_history(sites[2] / "state"))
         d.run({**overrides, "run-dir": str(tmp_path / "run-altered")}, timeout=900, app=str(altered))
         flower_route, site_pin = d.log("site-1"), d.log("site-2-superexec")

@@ -136,7 +136,7 @@ def test_resumed_run_ends_with_the_adapter_of_an_uninterrupted_one(tmp_path):
 
 
 
-def test_deployment_resumes_after_the_superlink_and_serverapp_are_killed(tmp_path):
+def test_deployment_resumes_after_the_superlink_and_serverapp_are_killed(tmp_path, app_dir):
     """Flower's Deployment Engine: SIGKILL the SuperLink and the ServerApp process mid-round 2,
     start the SuperLink again on its database, and resume with ``flwr run --run-config
     'run-dir=… resume=true'``: the SuperNodes reconnect, the run completes every round once, and
@@ -150,7 +150,7 @@ def test_deployment_resumes_after_the_superlink_and_serverapp_are_killed(tmp_pat
     with LocalDeployment(tmp_path, sites) as d:
         d.wait_for_nodes(2)
         config = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
-        d.flwr("run", ".", "onprem", "--run-config", config)  # submits and returns: the run goes on
+        d.flwr("run", str(app_dir), "onprem", "--run-config", config)  # submits and returns: the run goes on
         deadline = time.time() + 1200
         # Mid-round 2: round 1 committed, and a site has spent round 2's DP-SGD step.
         while not (metrics_rows(run) == 1 and any(len(load_history(site / "state")) == 6 for site in sites)):
@@ -159,7 +159,7 @@ def test_deployment_resumes_after_the_superlink_and_serverapp_are_killed(tmp_pat
         d.crash_superlink()
         assert metrics_rows(run) == 1
         d.wait_for_nodes(2)
-        d.run({**overrides, "resume": True}, timeout=1800)
+        d.run({**overrides, "resume": True}, timeout=1800, app=str(app_dir))
     check_committed_rounds(run, first_ledger_round=0)
     assert [json.loads(line)["from-round"] for line in (run / "resumes.jsonl").read_text().splitlines()] == [1]
     assert ledger_rows(run, "SELECT COUNT(*) FROM mechanisms WHERE phase = 'unrecorded'")[0][0] >= 1
