@@ -174,15 +174,22 @@ def plain_step(model, s, num_items: int, tokenizer):
 STEPS = {"non-DP": plain_step, "DP, Opacus hooks": hooks_step, "DP, ghost clipping": ghost_step}
 
 
-def ghost_step_case(steps: int, repeats: int) -> dict:
-    """DP-SGD steps with ghost clipping on Poisson samples, cache on and warm."""
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
+def warm_site():
+    """A site's model with the catalog refreshed and every training text's frozen prefix cached:
+    the steady state from a site's second round on."""
     from common.model import refresh_item_embeddings, text_inputs
 
     s, catalog, examples, _, model, tokenizer = setup(1024)
     refresh_item_embeddings(model, tokenizer, catalog.texts())
     text_inputs(model, tokenizer, sorted({ex.text for ex in examples}), s.max_length)
+    return s, catalog, examples, model, tokenizer
+
+
+def ghost_step_case(steps: int, repeats: int) -> dict:
+    """DP-SGD steps with ghost clipping on Poisson samples, cache on and warm."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    s, catalog, examples, model, tokenizer = warm_site()
     step = ghost_step(model, s, len(catalog), tokenizer)
 
     def run(n):
@@ -218,11 +225,7 @@ def same_batch_case(kind: str, steps: int) -> dict:
     per-sample gradients) and not the process's load or encoding."""
     import torch
 
-    from common.model import refresh_item_embeddings, text_inputs
-
-    s, catalog, examples, _, model, tokenizer = setup(1024)
-    refresh_item_embeddings(model, tokenizer, catalog.texts())
-    text_inputs(model, tokenizer, sorted({ex.text for ex in examples}), s.max_length)
+    s, catalog, examples, model, tokenizer = warm_site()
     order = torch.Generator().manual_seed(0)
     batches = [[examples[i] for i in torch.randperm(len(examples), generator=order)[:s.batch_size].tolist()]
                for _ in range(steps + 1)]
