@@ -73,7 +73,8 @@ def first_run_history(s: Settings, declared: int) -> list:
             (s.count_noise_multiplier, 1.0, 1), (s.eval_noise_multiplier, 1.0, 1)]
 
 
-def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leaving_the_sites(tmp_path, app_dir):
+def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leaving_the_sites(tmp_path, app_dir,
+                                                                                           fedrec_here):
     """Three runs with different run directories against the same SuperNodes: each site's
     accountant belongs to the site and composes them all; site 0 can afford exactly two, and
     declines the third. A third site's data has a malformed row with a canary: the server
@@ -148,15 +149,12 @@ def test_deployment_with_tls_node_auth_lifetime_budgets_and_nothing_private_leav
         assert ran_from and all(Path(f).is_relative_to(tmp_path / "flwr-home") for f in ran_from), ran_from
     # Run 2's ledger records run 1's releases (phase unrecorded), so its audit replays every ε
     # over the sites' whole lives and finds nothing.
-    audit = subprocess.run([sys.executable, "-m", "common.cli", "audit", str(tmp_path / "run2")],
-                           capture_output=True, text=True, timeout=600)
+    audit = fedrec_here("audit", tmp_path / "run2")
     assert audit.returncode == 0, audit.stdout[-3000:]
     report = json.loads((tmp_path / "run2" / "report.json").read_text())
     assert {c["releases"] for c in report["clients"]} == {len(two_runs)}
     # Site 0's own audit, from its own records: both runs' releases, each found in run 2's ledger.
-    own = subprocess.run([sys.executable, "-m", "common.cli", "client", "audit", str(sites[0]), "--ledger",
-                          str(tmp_path / "run2"), "--json", str(tmp_path / "site0.json")],
-                         capture_output=True, text=True, timeout=600)
+    own = fedrec_here("client", "audit", sites[0], "--ledger", tmp_path / "run2", "--json", tmp_path / "site0.json")
     assert own.returncode == 0, own.stdout[-3000:]
     site0 = json.loads((tmp_path / "site0.json").read_text())
     assert [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in site0["releases"]] == two_runs

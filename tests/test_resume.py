@@ -10,7 +10,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -52,7 +51,7 @@ def check_committed_rounds(run: Path, first_ledger_round: int) -> list[dict]:
     return rows
 
 
-def test_killed_mid_round_resumes_with_the_same_ledger_accountants_and_audit(tmp_path):
+def test_killed_mid_round_resumes_with_the_same_ledger_accountants_and_audit(tmp_path, fedrec_here):
     """DP on: the kill lands after some clients trained in round 2 (their accountants recorded the
     release) but before the server committed it. The resumed run records those releases, so the
     audit recomputes every ε the clients report, and each client's accountant equals the ledger."""
@@ -100,8 +99,7 @@ def test_killed_mid_round_resumes_with_the_same_ledger_accountants_and_audit(tmp
     assert sorted(set(lengths)) <= [7, 9] and 2 * lengths.count(9) == len(unrecorded)
     assert rows[-1]["epsilon-max"] > rows[0]["epsilon-max"]
 
-    audit = subprocess.run([sys.executable, "-m", "common.cli", "audit", str(run)], env=env,
-                           capture_output=True, text=True, timeout=600)
+    audit = fedrec_here("audit", run)
     assert audit.returncode == 0, audit.stdout[-3000:]
     report = json.loads((run / "report.json").read_text())
     assert report["findings"] == []
@@ -136,7 +134,7 @@ def test_resumed_run_ends_with_the_adapter_of_an_uninterrupted_one(tmp_path):
 
 
 
-def test_deployment_resumes_after_the_superlink_and_serverapp_are_killed(tmp_path, app_dir):
+def test_deployment_resumes_after_the_superlink_and_serverapp_are_killed(tmp_path, app_dir, fedrec_here):
     """Flower's Deployment Engine: SIGKILL the SuperLink and the ServerApp process mid-round 2,
     start the SuperLink again on its database, and resume with ``flwr run --run-config
     'run-dir=… resume=true'``: the SuperNodes reconnect, the run completes every round once, and
@@ -163,7 +161,6 @@ def test_deployment_resumes_after_the_superlink_and_serverapp_are_killed(tmp_pat
     check_committed_rounds(run, first_ledger_round=0)
     assert [json.loads(line)["from-round"] for line in (run / "resumes.jsonl").read_text().splitlines()] == [1]
     assert ledger_rows(run, "SELECT COUNT(*) FROM mechanisms WHERE phase = 'unrecorded'")[0][0] >= 1
-    audit = subprocess.run([sys.executable, "-m", "common.cli", "audit", str(run)], capture_output=True,
-                           text=True, timeout=600)
+    audit = fedrec_here("audit", run)
     assert audit.returncode == 0, audit.stdout[-3000:]
     assert json.loads((run / "report.json").read_text())["findings"] == []
