@@ -10,10 +10,14 @@ target ε the noise multiplier σ is solved so that a site's whole-run ε, every
 (the prior, each round's DP-SGD and count, each round's evaluation; Opacus PRV, δ = 1e-5),
 is at most the target: ε is fixed in advance, never tuned on results.
 
-* example level: the defaults (64 examples per step, 40 steps per round, σ_h = 10), σ solved;
-* user level: 32 users per step, at most 2 examples each, 10 steps per round; one σ for the
-  DP-SGD steps and the prior (σ_h = σ), solved;
-* non-private: ``dp = false``;
+Each unit runs the configuration that led on validation (README, Results):
+
+* example level: the defaults (64 examples per step, 40 steps per round, σ_h = 10) with the
+  sequence tower over the last 20 items (``sequence-length = 20``), σ solved;
+* user level: sequence training (the tower alone on whole user sequences of up to 50 items,
+  one user per DP-SGD sample, ``sequence-dim = 32``), 32 users per step, 10 steps per round;
+  one σ for the DP-SGD steps and the prior (σ_h = σ), solved;
+* non-private: the example level's model with ``dp = false``;
 * default: the defaults as they are (example level, σ = 1), whose per-round validation curve
   the figure shows;
 * centralized: the same model on one machine, no federation and no DP
@@ -42,14 +46,15 @@ from pathlib import Path
 
 from rich.console import Console
 
-from common.config import Settings, defaults, fedrec_home
+from common.config import Settings, defaults, fedrec_home, parse_overrides
 from common.privacy import epsilon
 
 TARGETS = (1.0, 3.0, 8.0)
 SILOS, SITE_USERS, SITE_EXAMPLES = 10, 94, 9717  # MovieLens-100K in 10 silos: the declared sizes
 UNIT_SETTINGS = {
-    "example": {},
-    "user": {"privacy-unit": "user", "batch-size": 32, "examples-per-user": 2, "local-steps": 10},
+    "example": {"sequence-length": 20},
+    "user": {"privacy-unit": "user", "batch-size": 32, "local-steps": 10, "sequence-training": "true",
+             "sequence-length": 50, "sequence-dim": 32},
 }
 METRICS = ("ndcg@10", "hr@10", "recall@20")
 CENTRALIZED_STEPS = 2000  # the federated default's optimizer steps: 10 silos × 5 rounds × 40 local steps
@@ -74,7 +79,7 @@ def solve_sigma(unit: str, target: float) -> tuple[float, float]:
     declared = SITE_USERS if unit == "user" else SITE_EXAMPLES
 
     def eps(sigma: float) -> float:
-        config = {**defaults(), **overrides, "noise-multiplier": sigma}
+        config = {**defaults(), **parse_overrides([f"{k}={v}" for k, v in overrides.items()]), "noise-multiplier": sigma}
         if unit == "user":
             config["prior-noise-multiplier"] = sigma
         s = Settings.from_run_config(config)
@@ -97,7 +102,8 @@ def configurations() -> list[dict]:
                 chosen["prior-noise-multiplier"] = round(sigma, 4)
             runs.append({"name": f"{unit}-eps{target:g}", "unit": unit, "target": target, "planned-epsilon": eps,
                          "set": chosen})
-    return runs[:1] + [{"name": "non-private", "unit": "none", "target": None, "set": {"dp": "false"}}] + runs[1:]
+    non_private = {"name": "non-private", "unit": "none", "target": None, "set": {**UNIT_SETTINGS["example"], "dp": "false"}}
+    return runs[:1] + [non_private] + runs[1:]
 
 
 def run(config: dict, out: Path) -> None:
