@@ -79,7 +79,8 @@ def solve_sigma(unit: str, target: float) -> tuple[float, float]:
     declared = SITE_USERS if unit == "user" else SITE_EXAMPLES
 
     def eps(sigma: float) -> float:
-        config = {**defaults(), **parse_overrides([f"{k}={v}" for k, v in overrides.items()]), "noise-multiplier": sigma}
+        as_set = parse_overrides([f"{k}={v}" for k, v in overrides.items()])  # as `--set` reads them
+        config = {**defaults(), **as_set, "noise-multiplier": sigma}
         if unit == "user":
             config["prior-noise-multiplier"] = sigma
         s = Settings.from_run_config(config)
