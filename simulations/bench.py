@@ -14,9 +14,10 @@ process's peak RSS after the work minus after loading) is its own. Figures are m
   of the site already cached: the steady state from a site's second round on). "warm-up" is
   what filling it costs once: the frozen lower layers over each distinct training text;
 * same batches: non-DP, DP with Opacus' hooks and DP with ghost clipping on the same fixed
-  batches of 64, cache warm; each step's time and its own peak memory (the kernel's peak-RSS
-  count restarted at the step's start), compared batch by batch. The step cases above draw
-  Poisson batches for DP and peak in their encoding, so their memory is no comparison;
+  batches of 64, cache warm, taking turns in one process; each step's time and its own peak
+  memory (the kernel's peak-RSS count restarted at the step's start), compared batch by batch.
+  The step cases above draw Poisson batches for DP, run apart and peak in their encoding, so
+  they are no close comparison;
 * catalog refresh: the 1,682 item texts through the encoder, cache off / cold / warm;
 * full-ranking evaluation: all 943 users' test examples over all 1,682 items;
 * bytes on the wire: the adapter tensors a client sends per round against the full fp32 model.
@@ -218,26 +219,34 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def same_batch_case(kind: str, steps: int) -> dict:
-    """``steps`` steps of one kind on the same fixed batches of ``batch-size`` examples (seed 0) as
-    the other kinds, cache on and warm. Per step: its seconds, and its peak resident memory above
-    the resident memory at its start, which is the step's own allocations (activations, gradients,
-    per-sample gradients) and not the process's load or encoding."""
+def same_batch_case(steps: int) -> dict:
+    """Every kind of step in STEPS on the same ``steps`` fixed batches of ``batch-size`` examples
+    (seed 0), cache on and warm, in one process. Each kind has its own copy of the warm model,
+    and the kinds take turns batch by batch, in an order that rotates, so the machine's drifting
+    speed (here it halved from one day to the next) falls on every kind alike. Per step: its
+    seconds, and its peak resident memory above the resident memory at its start, which is the
+    step's own allocations (activations, gradients, per-sample gradients) and not the
+    process's load, encoding or the other kinds' models."""
+    import copy
+
     import torch
 
     s, catalog, examples, model, tokenizer = warm_site()
     order = torch.Generator().manual_seed(0)
     batches = [[examples[i] for i in torch.randperm(len(examples), generator=order)[:s.batch_size].tolist()]
                for _ in range(steps + 1)]
-    step = STEPS[kind](model, s, len(catalog), tokenizer)
-    step(batches[0])  # first-call overheads, and the optimizer's state
-    seconds, step_mb = [], []
-    for batch in batches[1:]:
-        reset_peak()
-        start, _ = resident_mb()
-        seconds += timed(lambda: step(batch), 1)
-        step_mb.append(resident_mb()[1] - start)
-    return {"seconds": seconds, "step-mb": step_mb, "batch-size": s.batch_size}
+    kinds = list(STEPS)
+    step = {kind: STEPS[kind](copy.deepcopy(model), s, len(catalog), tokenizer) for kind in kinds}
+    for kind in kinds:
+        step[kind](batches[0])  # first-call overheads, and the optimizer's state
+    results = {kind: {"seconds": [], "step-mb": [], "batch-size": s.batch_size} for kind in kinds}
+    for n, batch in enumerate(batches[1:]):
+        for kind in kinds[n % len(kinds):] + kinds[:n % len(kinds)]:
+            reset_peak()
+            start, _ = resident_mb()
+            results[kind]["seconds"] += timed(lambda: step[kind](batch), 1)
+            results[kind]["step-mb"].append(resident_mb()[1] - start)
+    return results
 
 
 def catalog_case(cache: bool, repeats: int) -> dict:
@@ -374,6 +383,18 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{gpu}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
+def same_batch_lines(same: dict) -> list[str]:
+    lines = []
+    for kind, r in same.items():
+        lines.append(f"| same {r['batch-size']}-example batches, kinds taking turns, cache on (warm): {kind} step | "
+                     f"{median_range(r['seconds'])} s | +{median_range(r['step-mb'], digits=0)} MB above the step's start |")
+    for kind in [k for k in same if k != "non-DP"]:
+        time_ratio = paired_ratio(same[kind]["seconds"], same["non-DP"]["seconds"])
+        memory_ratio = paired_ratio(same[kind]["step-mb"], same["non-DP"]["step-mb"])
+        lines.append(f"| {kind} / non-DP step, same batches (median of per-batch ratios) | {time_ratio:.2f}× | {memory_ratio:.2f}× |")
+    return lines
+
+
 def report(results: dict, command: str) -> str:
     steps = results["steps"]
     lines = [f"Measured by `{command}` on {results['machine']}, {results['date']}. "
@@ -392,14 +413,7 @@ def report(results: dict, command: str) -> str:
     if "dp step, ghost clipping, cache on (warm)" in steps:
         ghost, hooks = steps["dp step, ghost clipping, cache on (warm)"], steps["dp step, cache on (warm)"]
         lines.append(f"| DP step: ghost clipping / Opacus hooks, cache on | {statistics.median(ghost['seconds']) / statistics.median(hooks['seconds']):.2f}× | |")
-    same = results.get("same-batches", {})
-    for kind, r in same.items():
-        lines.append(f"| same {r['batch-size']}-example batches, cache on (warm): {kind} step | {median_range(r['seconds'])} s | "
-                     f"+{median_range(r['step-mb'], digits=0)} MB above the step's start |")
-    for kind in [k for k in same if k != "non-DP"]:
-        time_ratio = paired_ratio(same[kind]["seconds"], same["non-DP"]["seconds"])
-        memory_ratio = paired_ratio(same[kind]["step-mb"], same["non-DP"]["step-mb"])
-        lines.append(f"| {kind} / non-DP step, same batches (median of per-batch ratios) | {time_ratio:.2f}× | {memory_ratio:.2f}× |")
+    lines += same_batch_lines(results.get("same-batches", {}))
     warm = steps["dp step, cache on (warm)"]
     held = f"{warm['cache-mb']:.0f} MB held (catalog and training texts)" if "cache-mb" in warm else ""
     lines.append(f"| cache warm-up: {warm['distinct-texts']} distinct training texts of the site, once | {warm['warm-up-seconds']:.1f} s | {held} |")
@@ -433,8 +447,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--simulate", action="store_true", help="also two default simulations, cache on and off")
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from OUT/bench.json")
+    parser.add_argument("--same-batches-only", action="store_true",
+                        help="only the kinds of step taking turns on the same batches: print, and write "
+                             "OUT/same-batches.json (BENCHMARKS.md is left as it is)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.same_batches_only:
+        results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                   "same-batches": in_fresh_process(same_batch_case, 2 * args.steps)}
+        (args.out / "same-batches.json").write_text(json.dumps(results, indent=2))
+        console.print(f"{results['machine']}, {results['date']}", *same_batch_lines(results["same-batches"]), sep="\n")
+        return results
     if args.report_only:
         results = json.loads((args.out / "bench.json").read_text())
         command = "python -m simulations.bench" + (" --simulate" if "simulate" in results else "")
@@ -451,10 +474,8 @@ def main(argv: list[str] | None = None) -> dict:
         console.print(f"catalog refresh and evaluation, cache {label}")
         results["catalog"][label] = in_fresh_process(catalog_case, cache, args.repeats)
         results["evaluation"][label] = in_fresh_process(evaluation_case, cache, max(1, args.repeats // 2))
-    results["same-batches"] = {}
-    for kind in STEPS:
-        console.print(f"{kind} steps on the same batches, cache on (warm)")
-        results["same-batches"][kind] = in_fresh_process(same_batch_case, kind, 2 * args.steps)
+    console.print(f"{', '.join(STEPS)} steps taking turns on the same batches, cache on (warm)")
+    results["same-batches"] = in_fresh_process(same_batch_case, 2 * args.steps)
     results["wire"] = in_fresh_process(wire_case)
     console.print("one silo's first two rounds, phase by phase")
     results["round"] = in_fresh_process(round_case)
