@@ -220,33 +220,3 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600) -> list[int]:
     while len(nodes := list(grid.get_node_ids())) < minimum and time.time() < deadline:
         time.sleep(1)
     return nodes
-
-
-class PromptGrid:
-    """A Grid that looks for replies every ``poll`` seconds instead of Flower's fixed 3 s.
-
-    Flower 1.41's deployment grid (``flwr/superlink/grid/http_grid.py``) pushes a round's
-    messages, then asks the SuperLink for replies and sleeps 3 s between asks: each exchange
-    ends on average 1.5 s after its last reply, twice a round (train, evaluate), and more under
-    SecAgg+. This one asks every ``poll`` seconds (0.1 s, what Flower's own simulation grid
-    waits) through the same public calls (``push_messages``, ``pull_messages``) with the same
-    timeout rule; everything else passes through."""
-
-    def __init__(self, grid: Grid, poll: float = 0.1):
-        self.grid, self.poll = grid, poll
-
-    def __getattr__(self, name):
-        return getattr(self.grid, name)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        waiting = set(self.grid.push_messages(messages))
-        deadline = time.time() + (timeout or 0.0)
-        replies: list[Message] = []
-        while timeout is None or time.time() < deadline:
-            pulled = list(self.grid.pull_messages(waiting))
-            replies += pulled
-            waiting -= {m.metadata.reply_to_message_id for m in pulled}
-            if not waiting:
-                break
-            time.sleep(self.poll)
-        return replies

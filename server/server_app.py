@@ -36,7 +36,7 @@ from server.ledger import Ledger
 from server.prior import popularity_prior
 from server.records import RoundRecord
 from server.replies import Names
-from server.rounds import PromptGrid, RoundPipeline, wait_for_nodes
+from server.rounds import RoundPipeline, wait_for_nodes
 from server.run_dir import RunDirectory, RunStopped
 from server.secure_aggregation import SecureGrid
 
@@ -47,7 +47,6 @@ log = logging.getLogger("fedrec.server")
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     started = time.time()
-    grid = PromptGrid(grid)
     s = Settings.from_run_config(dict(context.run_config))
     run_config = dict(context.run_config)
     catalog = read_catalog(s.catalog) if s.catalog else load_movielens(s.dataset or None)[0]
