@@ -37,7 +37,7 @@ from torch import nn
 import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from common.prefix_cache import PrefixCache, cacheable_layers, run_layers
+from common.prefix_cache import PrefixCache, cacheable_layers, can_run_unpadded, run_layers, run_layers_unpadded
 from common.sequence import SequenceTower, histories
 
 transformers.logging.set_verbosity_error()  # the truncated-layer load report is expected
@@ -135,6 +135,7 @@ class Recommender(nn.Module):
         self.register_buffer("item_embeddings", torch.zeros(num_items, hidden), persistent=False)
         self.prefix_cache_bytes = prefix_cache_mb << 20
         self.prefix_cache: PrefixCache | None = None  # made on first use, once LoRA is in place
+        self.unpadded = True  # the adapted layers skip padding where they can; the benchmark compares
 
     def embed(self, input_ids=None, attention_mask=None, prefix_states=None) -> torch.Tensor:
         """Mean-pooled, normalised encoder output, from tokens or from cached frozen-prefix states."""
@@ -142,7 +143,10 @@ class Recommender(nn.Module):
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         else:
             top = self.encoder.encoder.layer[self.prefix_cache.layers:]
-            hidden = run_layers(self.encoder, prefix_states, attention_mask, top)
+            if self.unpadded and can_run_unpadded(top):
+                hidden = run_layers_unpadded(prefix_states, attention_mask, top)
+            else:
+                hidden = run_layers(self.encoder, prefix_states, attention_mask, top)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return nn.functional.normalize(pooled, dim=-1)

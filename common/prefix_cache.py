@@ -54,6 +54,68 @@ def run_layers(encoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.T
     return hidden
 
 
+def can_run_unpadded(layers) -> bool:
+    """Whether ``run_layers_unpadded`` computes these layers: BERT-style layers (self-attention,
+    then a feed-forward block, each closed by a residual LayerNorm) whose LoRA modules are plain
+    LoRA (no DoRA or other variant)."""
+    for layer in layers:
+        try:
+            attention = layer.attention.self
+            parts = (attention.query, attention.key, attention.value, layer.attention.output.dense,
+                     layer.intermediate.dense, layer.output.dense)
+        except AttributeError:
+            return False
+        if getattr(layer, "is_decoder", False) or any(getattr(m, "lora_variant", None) for m in parts):
+            return False
+    return True
+
+
+def run_layers_unpadded(hidden: torch.Tensor, attention_mask: torch.Tensor, layers) -> torch.Tensor:
+    """``run_layers`` with every linear map on the real tokens only, packed into one [tokens,
+    hidden] matrix: a batch of user texts is about 40 % padding, which the padded layers compute
+    and then throw away. Attention, which mixes a text's tokens, runs on the padded batch (its
+    cost is small beside the linear maps'). LoRA's A and B also run on the padded batch, so
+    Opacus' hooks on them see one row per sample and its per-sample gradients are unchanged
+    (padded tokens carry no gradient). The result equals ``run_layers`` at every real token
+    (to float rounding; tests/test_prefix_cache.py) and is zero at padded ones. Dropout must be
+    off, as it is wherever the prefix cache is on."""
+    real = attention_mask.bool()
+
+    def padded(tokens: torch.Tensor) -> torch.Tensor:
+        out = tokens.new_zeros(*real.shape, tokens.shape[-1])
+        out[real] = tokens
+        return out
+
+    def linear(module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        if not hasattr(module, "lora_A") or module.disable_adapters or module.merged:
+            return module(tokens)
+        out = module.base_layer(tokens)
+        for name in module.active_adapters:
+            if name in module.lora_A:
+                lora = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](padded(tokens))))
+                out = out + lora[real] * module.scaling[name]
+        return out
+
+    batch, length = real.shape
+    keys = real[:, None, None, :]  # every query attends to its own text's real tokens
+    tokens = hidden[real]
+    for layer in layers:
+        attention = layer.attention.self
+        heads, size = attention.num_attention_heads, attention.attention_head_size
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return padded(t).view(batch, length, heads, size).transpose(1, 2)
+
+        q, k, v = (split(linear(m, tokens)) for m in (attention.query, attention.key, attention.value))
+        context = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keys, scale=attention.scaling)
+        context = context.transpose(1, 2).reshape(batch, length, heads * size)[real]
+        out = layer.attention.output
+        tokens = out.LayerNorm(linear(out.dense, context) + tokens)
+        inner = layer.intermediate.intermediate_act_fn(linear(layer.intermediate.dense, tokens))
+        tokens = layer.output.LayerNorm(linear(layer.output.dense, inner) + tokens)
+    return padded(tokens)
+
+
 class PrefixCache:
     """h(t) for each distinct (text, max_length), LRU-bounded by ``max_bytes``."""
 

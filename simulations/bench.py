@@ -17,9 +17,11 @@ process's peak RSS after the work minus after loading) is its own. Figures are m
   batches of 64, cache warm, taking turns in one process; each step's time and its own peak
   memory (the kernel's peak-RSS count restarted at the step's start), compared batch by batch.
   The step cases above draw Poisson batches for DP, run apart and peak in their encoding, so
-  they are no close comparison;
-* catalog refresh: the 1,682 item texts through the encoder, cache off / cold / warm;
-* full-ranking evaluation: all 943 users' test examples over all 1,682 items;
+  they are no close comparison. Non-DP and DP with hooks also take their turns with the adapted
+  layers run on the padded batch, as before they skipped padding (before and after);
+* catalog refresh: the 1,682 item texts through the encoder, cache off / cold / warm, and warm
+  with the adapted layers padded;
+* full-ranking evaluation: all 943 users' test examples over all 1,682 items (the same cases);
 * bytes on the wire: the adapter tensors a client sends per round against the full fp32 model.
 """
 
@@ -173,6 +175,9 @@ def plain_step(model, s, num_items: int, tokenizer):
 
 
 STEPS = {"non-DP": plain_step, "DP, Opacus hooks": hooks_step, "DP, ghost clipping": ghost_step}
+# The same steps with the adapted layers run on the padded batch (common.prefix_cache.run_layers),
+# as before they skipped padding (run_layers_unpadded): before and after, side by side.
+PADDED = {"non-DP, padded layers": "non-DP", "DP, Opacus hooks, padded layers": "DP, Opacus hooks"}
 
 
 def warm_site():
@@ -235,8 +240,12 @@ def same_batch_case(steps: int) -> dict:
     order = torch.Generator().manual_seed(0)
     batches = [[examples[i] for i in torch.randperm(len(examples), generator=order)[:s.batch_size].tolist()]
                for _ in range(steps + 1)]
-    kinds = list(STEPS)
-    step = {kind: STEPS[kind](copy.deepcopy(model), s, len(catalog), tokenizer) for kind in kinds}
+    kinds = list(STEPS) + list(PADDED)
+    step = {}
+    for kind in kinds:
+        copied = copy.deepcopy(model)
+        copied.get_base_model().unpadded = kind not in PADDED
+        step[kind] = STEPS[PADDED.get(kind, kind)](copied, s, len(catalog), tokenizer)
     for kind in kinds:
         step[kind](batches[0])  # first-call overheads, and the optimizer's state
     results = {kind: {"seconds": [], "step-mb": [], "batch-size": s.batch_size} for kind in kinds}
@@ -249,20 +258,22 @@ def same_batch_case(steps: int) -> dict:
     return results
 
 
-def catalog_case(cache: bool, repeats: int) -> dict:
+def catalog_case(cache: bool, repeats: int, unpadded: bool = True) -> dict:
     from common.model import refresh_item_embeddings
 
     _, catalog, _, _, model, tokenizer = setup(1024 if cache else 0)
+    model.get_base_model().unpadded = unpadded
     first = timed(lambda: refresh_item_embeddings(model, tokenizer, catalog.texts()), 1)
     return {"seconds": first + timed(lambda: refresh_item_embeddings(model, tokenizer, catalog.texts()), repeats),
             "items": len(catalog)}
 
 
-def evaluation_case(cache: bool, repeats: int) -> dict:
+def evaluation_case(cache: bool, repeats: int, unpadded: bool = True) -> dict:
     from client.train import evaluate
     from common.model import refresh_item_embeddings
 
     s, catalog, _, test, model, tokenizer = setup(1024 if cache else 0, users=0)
+    model.get_base_model().unpadded = unpadded
     refresh_item_embeddings(model, tokenizer, catalog.texts())
     first = timed(lambda: evaluate(model, tokenizer, test, s.max_length), 1)
     return {"seconds": first + timed(lambda: evaluate(model, tokenizer, test, s.max_length), repeats),
@@ -388,10 +399,16 @@ def same_batch_lines(same: dict) -> list[str]:
     for kind, r in same.items():
         lines.append(f"| same {r['batch-size']}-example batches, kinds taking turns, cache on (warm): {kind} step | "
                      f"{median_range(r['seconds'])} s | +{median_range(r['step-mb'], digits=0)} MB above the step's start |")
-    for kind in [k for k in same if k != "non-DP"]:
+    for kind in [k for k in same if k != "non-DP" and k not in PADDED]:
         time_ratio = paired_ratio(same[kind]["seconds"], same["non-DP"]["seconds"])
         memory_ratio = paired_ratio(same[kind]["step-mb"], same["non-DP"]["step-mb"])
         lines.append(f"| {kind} / non-DP step, same batches (median of per-batch ratios) | {time_ratio:.2f}× | {memory_ratio:.2f}× |")
+    for padded in [k for k in same if k in PADDED]:
+        kind = PADDED[padded]
+        time_ratio = paired_ratio(same[kind]["seconds"], same[padded]["seconds"])
+        memory_ratio = paired_ratio(same[kind]["step-mb"], same[padded]["step-mb"])
+        lines.append(f"| {kind} step: padding skipped / padded layers, same batches (median of per-batch ratios) | "
+                     f"{time_ratio:.2f}× | {memory_ratio:.2f}× |")
     return lines
 
 
@@ -474,7 +491,10 @@ def main(argv: list[str] | None = None) -> dict:
         console.print(f"catalog refresh and evaluation, cache {label}")
         results["catalog"][label] = in_fresh_process(catalog_case, cache, args.repeats)
         results["evaluation"][label] = in_fresh_process(evaluation_case, cache, max(1, args.repeats // 2))
-    console.print(f"{', '.join(STEPS)} steps taking turns on the same batches, cache on (warm)")
+    console.print("catalog refresh and evaluation, cache on, padded layers")
+    results["catalog"]["on, padded layers"] = in_fresh_process(catalog_case, True, args.repeats, False)
+    results["evaluation"]["on, padded layers"] = in_fresh_process(evaluation_case, True, max(1, args.repeats // 2), False)
+    console.print(f"{', '.join([*STEPS, *PADDED])} steps taking turns on the same batches, cache on (warm)")
     results["same-batches"] = in_fresh_process(same_batch_case, 2 * args.steps)
     results["wire"] = in_fresh_process(wire_case)
     console.print("one silo's first two rounds, phase by phase")

@@ -10,7 +10,7 @@ from opacus import GradSampleModule
 
 from client.train import _collate
 from common.model import adapter_config, build_model, encode_texts, load_encoder
-from common.prefix_cache import PrefixCache
+from common.prefix_cache import PrefixCache, can_run_unpadded
 
 EXACT = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -68,6 +68,31 @@ def test_cached_logits_and_per_sample_gradients_equal_the_whole_encoders(moviele
     misses = recommender.prefix_cache.misses
     again, _, _ = collate(batch)
     assert recommender.prefix_cache.misses == misses and torch.equal(again["prefix_states"], cached_inputs["prefix_states"])
+
+
+def test_the_adapted_layers_skip_padding_exactly(movielens, small_split, settings):
+    """Two adapted layers stacked above a cached one, LoRA on every kind of linear map in them
+    (attention's projections and output, both feed-forward maps): run on the real tokens only,
+    they give the padded layers' logits and per-sample gradients."""
+    catalog, _ = movielens
+    _, _, train_ex, _, _ = small_split
+    s = dataclasses.replace(settings, model_layers=3, lora_targets="query,key,value,dense")
+    model, tokenizer = model_pair(s, len(catalog), lora_layers=2)
+    recommender = model.get_base_model()
+    inputs, targets, seen = _collate(model, tokenizer, s.max_length, len(catalog))(train_ex[:8])
+    top = recommender.encoder.encoder.layer[recommender.prefix_cache.layers:]
+    assert len(top) == 2 and can_run_unpadded(top)
+    lengths = inputs["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max()
+    unpadded = per_sample(model, inputs, targets, seen)
+    recommender.unpadded = False
+    padded = per_sample(model, inputs, targets, seen)
+    finite = torch.isfinite(padded[0])
+    assert torch.allclose(unpadded[0][finite], padded[0][finite], **EXACT)
+    assert unpadded[1].keys() == padded[1].keys() and sum("lora_A" in n for n in padded[1]) == 2 * 6
+    for name, grad in padded[1].items():
+        assert grad.abs().max() > 0, name
+        assert torch.allclose(unpadded[1][name], grad, **EXACT), f"{name}: max |Δ| {(unpadded[1][name] - grad).abs().max():.2e}"
 
 
 def test_cached_catalog_embeddings_equal_uncached_and_respect_the_memory_bound(movielens, settings):
