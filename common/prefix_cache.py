@@ -59,10 +59,12 @@ def can_run_unpadded(layers) -> bool:
     then a feed-forward block, each closed by a residual LayerNorm) whose LoRA modules are plain
     LoRA (no DoRA or other variant)."""
     for layer in layers:
-        try:
+        try:  # every attribute run_layers_unpadded reads
             attention = layer.attention.self
             parts = (attention.query, attention.key, attention.value, layer.attention.output.dense,
                      layer.intermediate.dense, layer.output.dense)
+            _ = (attention.num_attention_heads, attention.attention_head_size, attention.scaling,
+                 layer.attention.output.LayerNorm, layer.intermediate.intermediate_act_fn, layer.output.LayerNorm)
         except AttributeError:
             return False
         if getattr(layer, "is_decoder", False) or any(getattr(m, "lora_variant", None) for m in parts):
@@ -96,19 +98,18 @@ def run_layers_unpadded(hidden: torch.Tensor, attention_mask: torch.Tensor, laye
                 out = out + lora[real] * module.scaling[name]
         return out
 
-    batch, length = real.shape
+    def heads(attention: nn.Module, projection: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """[batch, heads, length, head size], as attention takes it."""
+        shape = (*real.shape, attention.num_attention_heads, attention.attention_head_size)
+        return padded(linear(projection, tokens)).view(shape).transpose(1, 2)
+
     keys = real[:, None, None, :]  # every query attends to its own text's real tokens
     tokens = hidden[real]
     for layer in layers:
         attention = layer.attention.self
-        heads, size = attention.num_attention_heads, attention.attention_head_size
-
-        def split(t: torch.Tensor) -> torch.Tensor:
-            return padded(t).view(batch, length, heads, size).transpose(1, 2)
-
-        q, k, v = (split(linear(m, tokens)) for m in (attention.query, attention.key, attention.value))
+        q, k, v = (heads(attention, m, tokens) for m in (attention.query, attention.key, attention.value))
         context = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keys, scale=attention.scaling)
-        context = context.transpose(1, 2).reshape(batch, length, heads * size)[real]
+        context = context.transpose(1, 2).flatten(2)[real]
         out = layer.attention.output
         tokens = out.LayerNorm(linear(out.dense, context) + tokens)
         inner = layer.intermediate.intermediate_act_fn(linear(layer.intermediate.dense, tokens))
