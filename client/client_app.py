@@ -152,12 +152,12 @@ def load_model(s: Settings, num_items: int):
     """The base model is loaded once per process and reused across rounds."""
     global MODEL_LOADS
     key = (s.model, s.model_layers, s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_layers, num_items, s.prefix_cache_mb,
-           *sequence_options(s).values())
+           s.frozen_precision, *sequence_options(s).values())
     if key not in _MODELS:
         encoder, tokenizer = load_encoder(s.model, s.model_layers)
         base_sha = fingerprint(encoder)  # before LoRA is injected into it
         model = build_model(encoder, num_items, adapter_config(s, encoder), prefix_cache_mb=s.prefix_cache_mb,
-                            **sequence_options(s))
+                            frozen_precision=s.frozen_precision, **sequence_options(s))
         _MODELS[key] = {"model": model, "tokenizer": tokenizer, "base-sha256": base_sha, "items-of": None, "key": key}
         MODEL_LOADS += 1
     return _MODELS[key]

@@ -111,6 +111,7 @@ class Settings:
     sequence_dropout: float
     sequence_training: bool  # train the tower alone on whole user sequences, every position (common/sequence.py)
     prefix_cache_mb: int  # per model per process: the frozen lower layers' states (common/prefix_cache.py); 0 = off
+    frozen_precision: str  # the adapted layers' frozen weight products: auto, float32 or bfloat16 (common.model.frozen_dtype)
     # local training with DP-SGD
     dp: bool
     noise_multiplier: float
@@ -204,6 +205,8 @@ class Settings:
                 "sequence-training makes one DP-SGD sample of a user's whole sequence, every position predicted: "
                 "its gradient is that user's, so its unit is the user; set privacy-unit = user (or dp = false)")
         require(self.prefix_cache_mb >= 0, "prefix-cache-mb must be >= 0 (0 = no frozen-prefix cache)")
+        require(self.frozen_precision in ("auto", "float32", "bfloat16"),
+                f"frozen-precision must be 'auto', 'float32' or 'bfloat16', not {self.frozen_precision!r}")
         require(self.noise_multiplier >= 0, "noise-multiplier must be >= 0")
         require(self.max_grad_norm > 0, "max-grad-norm must be > 0")
         require(0 < self.delta < 1, "delta must be in (0, 1)")

@@ -88,6 +88,20 @@ def check_model_settings(s) -> None:
                          f"(its linear layers: {', '.join(linear)})")
 
 
+def frozen_dtype(precision: str, on: torch.device) -> torch.dtype:
+    """``frozen-precision`` as a dtype. ``auto`` is bfloat16 where the device multiplies it natively
+    (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX), float32 elsewhere, where
+    bfloat16 would be emulated and slower."""
+    if precision != "auto":
+        return getattr(torch, precision)
+    if on.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = any(getattr(torch.cpu, check, lambda: False)()
+                     for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return torch.bfloat16 if native else torch.float32
+
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -120,7 +134,7 @@ def _item_scorer_grad_sample(layer: ItemScorer, activations, backprops):
 
 class Recommender(nn.Module):
     def __init__(self, encoder: nn.Module, num_items: int, init_scale: float = 20.0, prefix_cache_mb: int = 1024,
-                 sequence_length: int = 0, sequence_dim: int = 32, sequence_layers: int = 1,
+                 frozen_precision: str = "auto", sequence_length: int = 0, sequence_dim: int = 32, sequence_layers: int = 1,
                  sequence_dropout: float = 0.0, sequence_training: bool = False):
         super().__init__()
         self.encoder = encoder
@@ -136,6 +150,8 @@ class Recommender(nn.Module):
         self.prefix_cache_bytes = prefix_cache_mb << 20
         self.prefix_cache: PrefixCache | None = None  # made on first use, once LoRA is in place
         self.unpadded = True  # the adapted layers skip padding where they can; the benchmark compares
+        # frozen-precision: the dtype of the adapted layers' frozen products (run_layers_unpadded)
+        self.frozen_dtype = frozen_dtype(frozen_precision, device())
 
     def embed(self, input_ids=None, attention_mask=None, prefix_states=None) -> torch.Tensor:
         """Mean-pooled, normalised encoder output, from tokens or from cached frozen-prefix states."""
@@ -144,7 +160,7 @@ class Recommender(nn.Module):
         else:
             top = self.encoder.encoder.layer[self.prefix_cache.layers:]
             if self.unpadded and can_run_unpadded(top):
-                hidden = run_layers_unpadded(prefix_states, attention_mask, top)
+                hidden = run_layers_unpadded(prefix_states, attention_mask, top, self.frozen_dtype)
             else:
                 hidden = run_layers(self.encoder, prefix_states, attention_mask, top)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -253,11 +269,12 @@ def sequence_options(s) -> dict:
 
 
 def build_model(encoder: nn.Module, num_items: int, config: LoraConfig, seed: int = 0,
-                init_scale: float = 20.0, prefix_cache_mb: int = 1024, **sequence) -> PeftModel:
+                init_scale: float = 20.0, prefix_cache_mb: int = 1024, frozen_precision: str = "auto",
+                **sequence) -> PeftModel:
     """Wrap base model with LoRA. Moves to the device *before* wrapping (opacus issue 820).
     ``sequence``: the sequence tower's shape (``sequence_options``); none by default."""
     torch.manual_seed(seed)
-    base = Recommender(encoder, num_items, init_scale, prefix_cache_mb, **sequence).to(device())
+    base = Recommender(encoder, num_items, init_scale, prefix_cache_mb, frozen_precision, **sequence).to(device())
     return get_peft_model(base, config)
 
 

@@ -72,7 +72,23 @@ def can_run_unpadded(layers) -> bool:
     return True
 
 
-def run_layers_unpadded(hidden: torch.Tensor, attention_mask: torch.Tensor, layers) -> torch.Tensor:
+def frozen_linear(module: nn.Module, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A frozen ``nn.Linear`` with its product computed in ``dtype`` (its weights cast once and
+    kept) and returned in the tokens' dtype. bfloat16 keeps float32's range and 8 of its 24
+    mantissa bits: each output is the float32 product to about 0.4 % of its terms' scale. The
+    gradient flows back through the same cast product; the module's weights take none."""
+    if dtype == tokens.dtype or not isinstance(module, nn.Linear) or module.weight.requires_grad:
+        return module(tokens)
+    key = (dtype, module.weight.data_ptr(), module.weight._version)
+    if getattr(module, "_fedrec_low", (None,))[0] != key:
+        bias = None if module.bias is None else module.bias.detach().to(dtype)
+        module._fedrec_low = (key, module.weight.detach().to(dtype), bias)
+    _, weight, bias = module._fedrec_low
+    return nn.functional.linear(tokens.to(dtype), weight, bias).to(tokens.dtype)
+
+
+def run_layers_unpadded(hidden: torch.Tensor, attention_mask: torch.Tensor, layers,
+                        frozen_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``run_layers`` with every linear map on the real tokens only, packed into one [tokens,
     hidden] matrix: a batch of user texts is about 40 % padding, which the padded layers compute
     and then throw away. Attention, which mixes a text's tokens, runs on the padded batch (its
@@ -80,7 +96,9 @@ def run_layers_unpadded(hidden: torch.Tensor, attention_mask: torch.Tensor, laye
     Opacus' hooks on them see one row per sample and its per-sample gradients are unchanged
     (padded tokens carry no gradient). The result equals ``run_layers`` at every real token
     (to float rounding; tests/test_prefix_cache.py) and is zero at padded ones. Dropout must be
-    off, as it is wherever the prefix cache is on."""
+    off, as it is wherever the prefix cache is on. ``frozen_dtype`` (``frozen-precision``): the
+    dtype of the frozen weights' products (``frozen_linear``); LoRA, attention, LayerNorm and
+    everything Opacus sees stay in the hidden states' dtype."""
     real = attention_mask.bool()
 
     def padded(tokens: torch.Tensor) -> torch.Tensor:
@@ -89,9 +107,11 @@ def run_layers_unpadded(hidden: torch.Tensor, attention_mask: torch.Tensor, laye
         return out
 
     def linear(module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        if not hasattr(module, "lora_A") or module.disable_adapters or module.merged:
+        if not hasattr(module, "lora_A"):
+            return frozen_linear(module, tokens, frozen_dtype)
+        if module.disable_adapters or module.merged:
             return module(tokens)
-        out = module.base_layer(tokens)
+        out = frozen_linear(module.base_layer, tokens, frozen_dtype)
         for name in module.active_adapters:
             if name in module.lora_A:
                 lora = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](padded(tokens))))

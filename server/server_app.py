@@ -105,7 +105,7 @@ def global_model(s: Settings, num_items: int):
     encoder, _ = load_encoder(s.model, s.model_layers)
     checks = {"base-sha256": fingerprint(encoder)}  # before LoRA is injected into it
     model = build_model(encoder, num_items, adapter_config(s, encoder), seed=s.seed, init_scale=s.initial_score_scale,
-                        prefix_cache_mb=s.prefix_cache_mb, **sequence_options(s))
+                        prefix_cache_mb=s.prefix_cache_mb, frozen_precision=s.frozen_precision, **sequence_options(s))
     model.peft_config["default"].base_model_name_or_path = str(resolve_model_path(s.model))
     return model, checks
 

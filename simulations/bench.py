@@ -1,7 +1,8 @@
 """Where the time goes: fedrec's costs measured side by side, on the same inputs, on this machine.
 
     python -m simulations.bench                  # writes BENCHMARKS.md and runs/bench/bench.json
-    python -m simulations.bench --simulate       # and two default `fedrec simulate` runs: cache on, off
+    python -m simulations.bench --simulate       # and three default `fedrec simulate` runs (below)
+    python -m simulations.bench --simulate-only  # the default run and the same with float32 products
 
 Every case runs the default model (all-MiniLM-L6-v2, 6 layers, LoRA on the top 2) on one silo
 of MovieLens-100K (94 users, the first of the 10-silo partition's size), with one torch thread,
@@ -17,12 +18,16 @@ process's peak RSS after the work minus after loading) is its own. Figures are m
   batches of 64, cache warm, taking turns in one process; each step's time and its own peak
   memory (the kernel's peak-RSS count restarted at the step's start), compared batch by batch.
   The step cases above draw Poisson batches for DP, run apart and peak in their encoding, so
-  they are no close comparison. Non-DP and DP with hooks also take their turns with the adapted
-  layers run on the padded batch, as before they skipped padding (before and after);
+  they are no close comparison. Non-DP and DP with hooks also take their turns as before two
+  changes: with the adapted layers' frozen products in float32 (``frozen-precision``; the
+  default is bfloat16 where the CPU has it), and on top of that with the adapted layers run on
+  the padded batch, as before they skipped padding (before and after, side by side);
 * catalog refresh: the 1,682 item texts through the encoder, cache off / cold / warm, and warm
-  with the adapted layers padded;
+  with float32 products and with the adapted layers padded;
 * full-ranking evaluation: all 943 users' test examples over all 1,682 items (the same cases);
-* bytes on the wire: the adapter tensors a client sends per round against the full fp32 model.
+* bytes on the wire: the adapter tensors a client sends per round against the full fp32 model;
+* ``--simulate``: the default ``fedrec simulate``, the same with float32 frozen products, and
+  the same with the cache off, one after the other, each in a fresh ``FEDREC_HOME``.
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ def setup(cache_mb: int, users: int = SITE_USERS):
     catalog, interactions = load_movielens()
     train, _, test = leave_last_out(select_users(interactions, users, s.seed), catalog, s.history_len)
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
-    model = build_model(encoder, len(catalog), adapter_config(s, encoder), prefix_cache_mb=cache_mb)
+    model = build_model(encoder, len(catalog), adapter_config(s, encoder), prefix_cache_mb=cache_mb,
+                        frozen_precision=s.frozen_precision)
     return s, catalog, train, test, model, tokenizer
 
 
@@ -175,9 +181,14 @@ def plain_step(model, s, num_items: int, tokenizer):
 
 
 STEPS = {"non-DP": plain_step, "DP, Opacus hooks": hooks_step, "DP, ghost clipping": ghost_step}
-# The same steps with the adapted layers run on the padded batch (common.prefix_cache.run_layers),
-# as before they skipped padding (run_layers_unpadded): before and after, side by side.
-PADDED = {"non-DP, padded layers": "non-DP", "DP, Opacus hooks, padded layers": "DP, Opacus hooks"}
+# The same steps as before two changes, side by side with the defaults: the adapted layers'
+# frozen products in float32 (frozen-precision), and on top of that the adapted layers run on
+# the padded batch (common.prefix_cache.run_layers), as before they skipped padding. Each:
+# (the step it varies, whether padding is skipped, the frozen products' dtype).
+VARIANTS = {"non-DP, float32 products": ("non-DP", True, "float32"),
+            "DP, Opacus hooks, float32 products": ("DP, Opacus hooks", True, "float32"),
+            "non-DP, padded layers": ("non-DP", False, "float32"),
+            "DP, Opacus hooks, padded layers": ("DP, Opacus hooks", False, "float32")}
 
 
 def warm_site():
@@ -240,12 +251,15 @@ def same_batch_case(steps: int) -> dict:
     order = torch.Generator().manual_seed(0)
     batches = [[examples[i] for i in torch.randperm(len(examples), generator=order)[:s.batch_size].tolist()]
                for _ in range(steps + 1)]
-    kinds = list(STEPS) + list(PADDED)
+    kinds = list(STEPS) + list(VARIANTS)
     step = {}
     for kind in kinds:
         copied = copy.deepcopy(model)
-        copied.get_base_model().unpadded = kind not in PADDED
-        step[kind] = STEPS[PADDED.get(kind, kind)](copied, s, len(catalog), tokenizer)
+        base_kind = kind
+        if kind in VARIANTS:
+            base_kind, unpadded, precision = VARIANTS[kind]
+            vary(copied, unpadded, precision)
+        step[kind] = STEPS[base_kind](copied, s, len(catalog), tokenizer)
     for kind in kinds:
         step[kind](batches[0])  # first-call overheads, and the optimizer's state
     results = {kind: {"seconds": [], "step-mb": [], "batch-size": s.batch_size} for kind in kinds}
@@ -258,22 +272,31 @@ def same_batch_case(steps: int) -> dict:
     return results
 
 
-def catalog_case(cache: bool, repeats: int, unpadded: bool = True) -> dict:
+def vary(model, unpadded: bool, precision: str | None) -> None:
+    """The model as before a change: padded adapted layers, or another frozen-products dtype."""
+    import torch
+
+    model.get_base_model().unpadded = unpadded
+    if precision:
+        model.get_base_model().frozen_dtype = getattr(torch, precision)
+
+
+def catalog_case(cache: bool, repeats: int, unpadded: bool = True, precision: str | None = None) -> dict:
     from common.model import refresh_item_embeddings
 
     _, catalog, _, _, model, tokenizer = setup(1024 if cache else 0)
-    model.get_base_model().unpadded = unpadded
+    vary(model, unpadded, precision)
     first = timed(lambda: refresh_item_embeddings(model, tokenizer, catalog.texts()), 1)
     return {"seconds": first + timed(lambda: refresh_item_embeddings(model, tokenizer, catalog.texts()), repeats),
             "items": len(catalog)}
 
 
-def evaluation_case(cache: bool, repeats: int, unpadded: bool = True) -> dict:
+def evaluation_case(cache: bool, repeats: int, unpadded: bool = True, precision: str | None = None) -> dict:
     from client.train import evaluate
     from common.model import refresh_item_embeddings
 
     s, catalog, _, test, model, tokenizer = setup(1024 if cache else 0, users=0)
-    model.get_base_model().unpadded = unpadded
+    vary(model, unpadded, precision)
     refresh_item_embeddings(model, tokenizer, catalog.texts())
     first = timed(lambda: evaluate(model, tokenizer, test, s.max_length), 1)
     return {"seconds": first + timed(lambda: evaluate(model, tokenizer, test, s.max_length), repeats),
@@ -359,13 +382,17 @@ def in_fresh_process(fn, *args) -> dict:
         return pool.apply(fn, args)
 
 
-def simulate_case(cache_mb: int, out: Path) -> dict:
-    """One default ``fedrec simulate``, wall time and final metrics, in a fresh FEDREC_HOME."""
-    run_dir = out / f"simulate-cache-{cache_mb}-{int(time.time())}"
+# The default run beside the same run as before a change: label -> its --set overrides.
+SIMULATIONS = {"on": [], "on, float32 products": ["frozen-precision=float32"], "off": ["prefix-cache-mb=0"]}
+
+
+def simulate_case(overrides: list[str], out: Path) -> dict:
+    """One default ``fedrec simulate`` (with ``overrides``), wall time and final metrics, in a fresh FEDREC_HOME."""
+    run_dir = out / f"simulate-{'-'.join(o.split('=')[1] for o in overrides) or 'default'}-{int(time.time())}"
     env = {**os.environ, "FEDREC_HOME": str(out / f"home-{run_dir.name}")}
     started = time.perf_counter()
     subprocess.run([str(Path(sys.executable).parent / "fedrec"), "simulate", "--run-dir", str(run_dir),
-                    "--set", f"prefix-cache-mb={cache_mb}"], env=env, check=True, stdout=subprocess.DEVNULL)
+                    *(["--set", *overrides] if overrides else [])], env=env, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
     summary = json.loads((run_dir / "summary.json").read_text())
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -399,16 +426,20 @@ def same_batch_lines(same: dict) -> list[str]:
     for kind, r in same.items():
         lines.append(f"| same {r['batch-size']}-example batches, kinds taking turns, cache on (warm): {kind} step | "
                      f"{median_range(r['seconds'])} s | +{median_range(r['step-mb'], digits=0)} MB above the step's start |")
-    for kind in [k for k in same if k != "non-DP" and k not in PADDED]:
-        time_ratio = paired_ratio(same[kind]["seconds"], same["non-DP"]["seconds"])
-        memory_ratio = paired_ratio(same[kind]["step-mb"], same["non-DP"]["step-mb"])
-        lines.append(f"| {kind} / non-DP step, same batches (median of per-batch ratios) | {time_ratio:.2f}× | {memory_ratio:.2f}× |")
-    for padded in [k for k in same if k in PADDED]:
-        kind = PADDED[padded]
-        time_ratio = paired_ratio(same[kind]["seconds"], same[padded]["seconds"])
-        memory_ratio = paired_ratio(same[kind]["step-mb"], same[padded]["step-mb"])
-        lines.append(f"| {kind} step: padding skipped / padded layers, same batches (median of per-batch ratios) | "
-                     f"{time_ratio:.2f}× | {memory_ratio:.2f}× |")
+    def ratio_line(label: str, kind: str, baseline: str) -> str:
+        time_ratio = paired_ratio(same[kind]["seconds"], same[baseline]["seconds"])
+        memory_ratio = paired_ratio(same[kind]["step-mb"], same[baseline]["step-mb"])
+        return f"| {label}, same batches (median of per-batch ratios) | {time_ratio:.2f}× | {memory_ratio:.2f}× |"
+
+    for kind in [k for k in same if k != "non-DP" and k not in VARIANTS]:
+        lines.append(ratio_line(f"{kind} / non-DP step", kind, "non-DP"))
+    for variant in [k for k in same if k in VARIANTS]:
+        kind, unpadded, _ = VARIANTS[variant]
+        if unpadded:  # the defaults against float32 products
+            lines.append(ratio_line(f"{kind} step: default / float32 frozen products", kind, variant))
+        else:  # float32 products: padding skipped against padded layers
+            lines.append(ratio_line(f"{kind} step, float32 products: padding skipped / padded layers",
+                                    f"{kind}, float32 products", variant))
     return lines
 
 
@@ -446,14 +477,28 @@ def report(results: dict, command: str) -> str:
         for name, times in site["phases"].items():
             shown = ", ".join(f"round {k}: {t:.2f} s" for k, t in enumerate(times, start=1)) if len(times) > 1 else f"{times[0]:.2f} s"
             lines.append(f"| one silo ({site['site-examples']} examples, {site['site-users']} users): {name} | {shown} | |")
-    for cache, r in results.get("simulate", {}).items():
+    lines += simulate_lines(results.get("simulate", {}))
+    return "\n".join(lines) + "\n"
+
+
+def simulations(labels: list[str], out: Path) -> dict:
+    runs = {}
+    for label in labels:
+        console.print(f"default fedrec simulate, cache {label}")
+        runs[label] = simulate_case(SIMULATIONS[label], out)
+    return runs
+
+
+def simulate_lines(runs: dict) -> list[str]:
+    lines = []
+    for cache, r in runs.items():
         lines.append(f"| default `fedrec simulate`, cache {cache} | {r['wall-seconds']:.0f} s wall, "
                      f"{r['client-updates-per-minute']:.1f} client updates/min; validation NDCG@10 {r['val-ndcg@10']:.4f}, ε {r['epsilon-max']:.3f} | |")
         if "server-seconds-per-round" in r:
             lines.append(f"| … its server side per round (aggregation, validation, ledger, checkpoint) | "
                          f"{r['server-seconds-per-round']:.2f} s of a {r['round-seconds']:.0f} s round "
                          f"({r['server-seconds-per-round'] / r['round-seconds']:.2%}) | |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -462,13 +507,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--steps", type=int, default=8, help="steps per repeat")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--simulate", action="store_true", help="also two default simulations, cache on and off")
+    parser.add_argument("--simulate", action="store_true", help="also three default simulations: as they are, float32 products, cache off")
+    parser.add_argument("--simulate-only", action="store_true",
+                        help="only the default simulation and the same with float32 frozen products, back to back: "
+                             "print, and write OUT/simulate.json (BENCHMARKS.md is left as it is)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from OUT/bench.json")
     parser.add_argument("--same-batches-only", action="store_true",
                         help="only the kinds of step taking turns on the same batches: print, and write "
                              "OUT/same-batches.json (BENCHMARKS.md is left as it is)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.simulate_only:
+        results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                   "simulate": simulations(["on", "on, float32 products"], args.out)}
+        (args.out / "simulate.json").write_text(json.dumps(results, indent=2))
+        console.print(f"{results['machine']}, {results['date']}", *simulate_lines(results["simulate"]), sep="\n")
+        return results
     if args.same_batches_only:
         results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
                    "same-batches": in_fresh_process(same_batch_case, 2 * args.steps)}
@@ -491,19 +545,18 @@ def main(argv: list[str] | None = None) -> dict:
         console.print(f"catalog refresh and evaluation, cache {label}")
         results["catalog"][label] = in_fresh_process(catalog_case, cache, args.repeats)
         results["evaluation"][label] = in_fresh_process(evaluation_case, cache, max(1, args.repeats // 2))
-    console.print("catalog refresh and evaluation, cache on, padded layers")
-    results["catalog"]["on, padded layers"] = in_fresh_process(catalog_case, True, args.repeats, False)
-    results["evaluation"]["on, padded layers"] = in_fresh_process(evaluation_case, True, max(1, args.repeats // 2), False)
-    console.print(f"{', '.join([*STEPS, *PADDED])} steps taking turns on the same batches, cache on (warm)")
+    for label, unpadded in (("on, float32 products", True), ("on, padded layers", False)):
+        console.print(f"catalog refresh and evaluation, cache {label}")
+        results["catalog"][label] = in_fresh_process(catalog_case, True, args.repeats, unpadded, "float32")
+        results["evaluation"][label] = in_fresh_process(evaluation_case, True, max(1, args.repeats // 2), unpadded,
+                                                       "float32")
+    console.print(f"{', '.join([*STEPS, *VARIANTS])} steps taking turns on the same batches, cache on (warm)")
     results["same-batches"] = in_fresh_process(same_batch_case, 2 * args.steps)
     results["wire"] = in_fresh_process(wire_case)
     console.print("one silo's first two rounds, phase by phase")
     results["round"] = in_fresh_process(round_case)
     if args.simulate:
-        results["simulate"] = {}
-        for cache_mb, label in ((1024, "on"), (0, "off")):
-            console.print(f"default fedrec simulate, cache {label}")
-            results["simulate"][label] = simulate_case(cache_mb, args.out)
+        results["simulate"] = simulations(list(SIMULATIONS), args.out)
     command = "python -m simulations.bench" + (" --simulate" if args.simulate else "")
     (args.out / "bench.json").write_text(json.dumps(results, indent=2))
     markdown = report(results, command)

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     popularity = popularity_reference(users, catalog, s.history_len)
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
     model = build_model(encoder, len(catalog), adapter_config(s, encoder), seed=s.seed,
-                        init_scale=s.initial_score_scale, prefix_cache_mb=s.prefix_cache_mb, **sequence_options(s))
+                        init_scale=s.initial_score_scale, prefix_cache_mb=s.prefix_cache_mb,
+                        frozen_precision=s.frozen_precision, **sequence_options(s))
     history = []
     if s.popularity_prior:  # the federated run's prior, from one histogram
         counts = unit_histogram(train_ex, len(catalog), s.privacy_unit)

@@ -2,6 +2,7 @@
 
     python -m simulations.references --out runs/references          # tune on validation, then 3 seeds
     python -m simulations.references --out runs/references --report-only
+    python -m simulations.references --out runs/references --jobs 2   # two runs at once, a thread each
 
 RecBole 1.2.1 pins clash with fedrec's (it needs numpy < 2, pandas < 2.2 and ray), so it runs
 in its own environment, ``.venv-references`` beside ``.venv``, which this command creates with
@@ -22,7 +23,10 @@ stopping on RecBole's validation NDCG@10; the configuration with the best valida
 NDCG@10 (fedrec's rule) is then trained with seeds 0, 1, 2. The test split is scored only for
 those final runs, once each, and the report says so. Results: ``references.json`` and
 ``references.md`` in ``--out``; every run is kept (``runs.jsonl``), so the command resumes, and a
-run cut short resumes at its last validated epoch (``train_run``). A run
+run cut short resumes at its last validated epoch (``train_run``). Runs that do not depend on
+each other (a grid's configurations, then the chosen one's seeds) can train side by side
+(``--jobs``), each in its own process with cores/jobs torch threads; thread counts change the
+order of floating-point sums, so a run's figures are those of its thread count. A run
 recorded without its checkpoint (``runs.jsonl`` carried to another machine) is trained again when
 its checkpoint is needed, with RecBole's ``reproducibility`` on, and must reproduce its recorded
 validation figure to 1e-6, or the command stops and says so.
@@ -32,11 +36,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +152,7 @@ def train_run(model_name: str, params: dict, seed: int, data: Path, split: dict,
     started = time.time()
 
     def save_resume_state(epoch: int, score: float) -> None:
-        print(f"  epoch {epoch}: RecBole's validation NDCG@10 {score:.4f}, best {trainer.best_valid_score:.4f}, "
+        print(f"  {model_name} {params} seed {seed}, epoch {epoch}: RecBole's validation NDCG@10 {score:.4f}, best {trainer.best_valid_score:.4f}, "
               f"{spent + time.time() - started:.0f} s so far", flush=True)
         state = {"epoch": epoch, "cur_step": trainer.cur_step,
                  "best_valid_score": trainer.best_valid_score, "state_dict": model.state_dict(),
@@ -166,6 +172,18 @@ def train_run(model_name: str, params: dict, seed: int, data: Path, split: dict,
               "valid": fedrec_metrics(model, valid_data, dataset, split["valid"], split["items"])}
     resume.unlink(missing_ok=True)
     return record
+
+
+def checkpoint_path(out: Path, model_name: str, params: dict, seed: int) -> Path:
+    """Where a run keeps its best epoch's model (and ``.resume`` beside it): named by the run."""
+    settings = "-".join(f"{k}={v}" for k, v in sorted(params.items()))
+    return out / "checkpoints" / f"{model_name}-{settings}-seed{seed}.pth"
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def score_test(run: dict, data: Path, split: dict) -> dict:
@@ -205,7 +223,7 @@ def fedrec_metrics(model, loader, dataset, held_out: dict, item_ids: list[str]) 
     return metrics_from_ranks(ranks)
 
 
-def run_all(out: Path, models: list[str]) -> None:
+def run_all(out: Path, models: list[str], jobs: int = 1) -> None:
     from rich.console import Console
 
     console = Console()
@@ -218,17 +236,33 @@ def run_all(out: Path, models: list[str]) -> None:
     def save():
         runs_file.write_text("".join(json.dumps(r) + "\n" for r in runs))
 
-    def trained(model_name, params, seed):
-        for r in runs:
-            if (r["model"], r["params"], r["seed"]) == (model_name, params, seed):
-                return r
-        console.print(f"[bold]{model_name}[/] {params} seed {seed}: training, early stopping on validation")
-        checkpoint = out / "checkpoints" / f"{model_name}-{len(runs)}.pth"
-        r = train_run(model_name, params, seed, data, split, checkpoint)
-        console.print(f"  valid NDCG@10 {r['valid']['ndcg@10']:.4f} ({r['train_seconds']:.0f} s)")
+    def recorded(model_name, params, seed):
+        return next((r for r in runs if (r["model"], r["params"], r["seed"]) == (model_name, params, seed)), None)
+
+    def trained(specs: list[tuple]) -> list[dict]:
+        """The runs (model, params, seed), those not recorded yet trained, ``jobs`` at a time."""
+        pending = [spec for spec in specs if recorded(*spec) is None]
+        for model_name, params, seed in pending:
+            console.print(f"[bold]{model_name}[/] {params} seed {seed}: training, early stopping on validation")
+        calls = [(*spec, data, split, checkpoint_path(out, *spec)) for spec in pending]
+        if jobs > 1 and len(calls) > 1:
+            # one torch thread per core each: the runs share the machine instead of taking turns
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(min(jobs, len(calls)), mp_context=context, initializer=torch_threads,
+                                     initargs=(max(1, (os.cpu_count() or 1) // jobs),)) as pool:
+                finished = [pool.submit(train_run, *call) for call in calls]
+                for future in as_completed(finished):
+                    record(future.result())
+        else:
+            for call in calls:
+                record(train_run(*call))
+        return [recorded(*spec) for spec in specs]
+
+    def record(r: dict) -> None:
+        console.print(f"[bold]{r['model']}[/] {r['params']} seed {r['seed']}: valid NDCG@10 "
+                      f"{r['valid']['ndcg@10']:.4f} ({r['train_seconds']:.0f} s)")
         runs.append(r)
         save()
-        return r
 
     def ensure_checkpoint(r):
         """The run's checkpoint, trained again (to the recorded figure) if it is not here."""
@@ -240,13 +274,12 @@ def run_all(out: Path, models: list[str]) -> None:
                                  f"({again['valid']['ndcg@10']:.6f} against {r['valid']['ndcg@10']:.6f})")
 
     for model_name in models:
-        tuned = [trained(model_name, params, 0) for params in GRIDS[model_name]]
+        tuned = trained([(model_name, params, 0) for params in GRIDS[model_name]])
         best = max(tuned, key=lambda r: r["valid"]["ndcg@10"])["params"]
-        for seed in SEEDS:
-            r = trained(model_name, best, seed)
+        for r in trained([(model_name, best, seed) for seed in SEEDS]):
             if "test" not in r:
                 ensure_checkpoint(r)
-                console.print(f"[bold]{model_name}[/] seed {seed}: reading the test split (final configuration {best})")
+                console.print(f"[bold]{model_name}[/] seed {r['seed']}: reading the test split (final configuration {best})")
                 r["test"] = score_test(r, data, split)
                 console.print(f"  test NDCG@10 {r['test']['ndcg@10']:.4f}")
                 save()
@@ -287,18 +320,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/references"))
     parser.add_argument("--models", nargs="*", default=list(GRIDS), choices=list(GRIDS))
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="train up to this many independent runs at once (a grid's configurations, the seeds), "
+                             "each with cores/jobs torch threads")
     parser.add_argument("--in-env", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         report(args.out)
     elif args.in_env:
-        run_all(args.out.resolve(), args.models)
+        run_all(args.out.resolve(), args.models, args.jobs)
     else:
         python = ensure_env()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         command = [str(python), "-m", "simulations.references", "--in-env", "--out", str(args.out.resolve()),
-                   "--models", *args.models]
+                   "--models", *args.models, "--jobs", str(args.jobs)]
         # RecBole writes its logs and TensorBoard files into the working directory: --out.
         sys.exit(subprocess.run(command, env=env, cwd=args.out.resolve()).returncode)
 

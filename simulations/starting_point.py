@@ -36,7 +36,8 @@ def untrained_validation(s: Settings, users: dict, catalog) -> dict[str, float]:
     train_examples, valid, _ = leave_last_out(users, catalog, s.history_len)
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
     model = build_model(encoder, len(catalog), adapter_config(s, encoder), seed=s.seed,
-                        init_scale=s.initial_score_scale, prefix_cache_mb=s.prefix_cache_mb)
+                        init_scale=s.initial_score_scale, prefix_cache_mb=s.prefix_cache_mb,
+                        frozen_precision=s.frozen_precision)
     set_item_bias(model, unit_histogram(train_examples, len(catalog), "example"))
     refresh_item_embeddings(model, tokenizer, catalog.texts())
     return evaluate(model, tokenizer, valid, s.max_length)

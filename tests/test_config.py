@@ -17,6 +17,7 @@ def test_defaults_are_valid_and_private():
     ({"accountant": "gdp"}, "accountant must be 'prv' \\(tight, the default\\) or 'rdp'"),
     ({"noise-multiplier": 0.0}, "set dp=false"),
     ({"local-steps": 0}, "local-steps must be >= 1"),
+    ({"frozen-precision": "fp16"}, "frozen-precision must be 'auto', 'float32' or 'bfloat16', not 'fp16'"),
 ])
 def test_bad_run_config_names_the_setting(override, message):
     with pytest.raises(ConfigError, match=message):

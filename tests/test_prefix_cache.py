@@ -4,21 +4,25 @@ as running the whole encoder, on the real model (2 layers, LoRA on the top one).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 from opacus import GradSampleModule
 
 from client.train import _collate
-from common.model import adapter_config, build_model, encode_texts, load_encoder
-from common.prefix_cache import PrefixCache, can_run_unpadded
+from common.model import adapter_config, build_model, encode_texts, frozen_dtype, load_encoder
+from common.prefix_cache import PrefixCache, can_run_unpadded, frozen_linear
 
 EXACT = {"rtol": 1e-5, "atol": 1e-5}
 
 
-def model_pair(settings, num_items, lora_layers=1, prefix_cache_mb=1024):
+def model_pair(settings, num_items, lora_layers=1, prefix_cache_mb=1024, frozen_precision="float32"):
+    """float32 products by default: the cache and the unpadded layers are exact at any precision, and
+    compared here with the whole encoder, which computes in float32."""
     s = dataclasses.replace(settings, lora_layers=lora_layers, lora_train_a=True)
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
-    model = build_model(encoder, num_items, adapter_config(s, encoder), prefix_cache_mb=prefix_cache_mb)
+    model = build_model(encoder, num_items, adapter_config(s, encoder), prefix_cache_mb=prefix_cache_mb,
+                        frozen_precision=frozen_precision)
     torch.manual_seed(0)
     with torch.no_grad():  # LoRA B starts at 0: perturb, so that every gradient is non-trivial
         for p in model.parameters():
@@ -93,6 +97,60 @@ def test_the_adapted_layers_skip_padding_exactly(movielens, small_split, setting
     for name, grad in padded[1].items():
         assert grad.abs().max() > 0, name
         assert torch.allclose(unpadded[1][name], grad, **EXACT), f"{name}: max |Δ| {(unpadded[1][name] - grad).abs().max():.2e}"
+
+
+def test_bfloat16_frozen_products_are_float32s_to_bfloat16_rounding(movielens, small_split, settings):
+    """frozen-precision = bfloat16 on a real frozen map (the top layer's feed-forward input map,
+    on real cached states): with u = 2⁻⁸, bfloat16's unit roundoff, rounding x and W costs at most
+    (2u + u²)·Σ|x_k·w_k|, the bias u·|b|, and the bfloat16 output u·|y|; the sum is accumulated in
+    float32. Every output keeps within that bound, and the products are not float32's."""
+    catalog, _ = movielens
+    _, _, train_ex, _, _ = small_split
+    model, tokenizer = model_pair(settings, len(catalog), frozen_precision="bfloat16")
+    inputs, _, _ = _collate(model, tokenizer, settings.max_length, len(catalog))(train_ex[:8])
+    tokens = inputs["prefix_states"][inputs["attention_mask"].bool()]
+    dense = model.get_base_model().encoder.encoder.layer[-1].intermediate.dense
+    exact = dense(tokens)
+    low = frozen_linear(dense, tokens, torch.bfloat16)
+    assert low.dtype == torch.float32 and low.shape == exact.shape
+    u = 2.0 ** -8
+    scale = tokens.abs() @ dense.weight.abs().T
+    bound = (2 * u + u * u) * scale + u * dense.bias.abs() + u * low.abs() + 1e-6 * (scale + dense.bias.abs())
+    assert ((low - exact).abs() <= bound).all()
+    assert (low - exact).abs().max() > 0  # computed in bfloat16, not float32
+
+
+def test_bfloat16_frozen_products_train_lora_only_as_float32_does(movielens, small_split, settings):
+    """With bfloat16 frozen products a DP step's per-sample gradients reach every LoRA tensor
+    and no base weight, and point where float32's do: per sample and tensor, cosine ≥ 0.999 (one
+    bfloat16 rounding, about 0.4 %, per product on the way)."""
+    catalog, _ = movielens
+    _, _, train_ex, _, _ = small_split
+    grads = {}
+    for precision in ("float32", "bfloat16"):
+        model, tokenizer = model_pair(settings, len(catalog), frozen_precision=precision)
+        inputs, targets, seen = _collate(model, tokenizer, settings.max_length, len(catalog))(train_ex[:8])
+        _, grads[precision] = per_sample(model, inputs, targets, seen)
+        assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+    assert grads["float32"].keys() == grads["bfloat16"].keys() and any("lora_A" in n for n in grads["float32"])
+    for name, exact in grads["float32"].items():
+        low, exact = grads["bfloat16"][name].reshape(len(exact), -1), exact.reshape(len(exact), -1)
+        assert (low.abs().max(1).values > 0).all(), name  # every sample's gradient reaches it
+        cosine = torch.nn.functional.cosine_similarity(low, exact, dim=1)
+        assert (cosine >= 0.999).all(), f"{name}: cosine {cosine.min():.5f}"
+
+
+def test_auto_precision_is_bfloat16_where_the_cpu_multiplies_it():
+    """``auto``: bfloat16 on a CPU whose flags (Linux' /proc/cpuinfo) list AVX512-BF16 or
+    AMX-BF16, float32 elsewhere; an explicit choice is kept."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    cpu = torch.device("cpu")
+    assert frozen_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert frozen_dtype("float32", cpu) == torch.float32 and frozen_dtype("bfloat16", cpu) == torch.bfloat16
 
 
 def test_cached_catalog_embeddings_equal_uncached_and_respect_the_memory_bound(movielens, settings):
