@@ -37,7 +37,8 @@ def load_recommender(run_dir: Path, adapter: Path | None = None):
     """(PeftModel, tokenizer, catalog, settings) from a run directory's config and adapter."""
     catalog, s = read_run(run_dir)
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
-    base = Recommender(encoder, len(catalog), **sequence_options(s)).to(device())
+    base = Recommender(encoder, len(catalog), prefix_cache_mb=s.prefix_cache_mb, frozen_precision=s.frozen_precision,
+                       **sequence_options(s)).to(device())
     path = adapter or latest_adapter(run_dir)
     try:
         model = PeftModel.from_pretrained(base, str(path))

@@ -144,7 +144,8 @@ def test_lora_on_the_top_layers_only(movielens, small_split, settings, tmp_path,
     _, _, train_ex, _, _ = small_split
     s = dataclasses.replace(settings, dp=True, local_steps=1, lora_layers=1)
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
-    model = build_model(encoder, len(catalog), adapter_config(s, encoder))
+    # float32 products, as the fixture's model computes (LoRA in both layers: nothing to cache)
+    model = build_model(encoder, len(catalog), adapter_config(s, encoder), frozen_precision="float32")
     refresh_item_embeddings(model, tokenizer, catalog.texts())
     torch.testing.assert_close(model.get_base_model().item_embeddings, untrained_catalog_embeddings, rtol=0, atol=1e-5)
     lora = [n for n, _ in model.named_parameters() if "lora_" in n]
