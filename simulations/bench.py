@@ -426,6 +426,7 @@ def same_batch_lines(same: dict) -> list[str]:
     for kind, r in same.items():
         lines.append(f"| same {r['batch-size']}-example batches, kinds taking turns, cache on (warm): {kind} step | "
                      f"{median_range(r['seconds'])} s | +{median_range(r['step-mb'], digits=0)} MB above the step's start |")
+
     def ratio_line(label: str, kind: str, baseline: str) -> str:
         time_ratio = paired_ratio(same[kind]["seconds"], same[baseline]["seconds"])
         memory_ratio = paired_ratio(same[kind]["step-mb"], same[baseline]["step-mb"])
@@ -437,7 +438,7 @@ def same_batch_lines(same: dict) -> list[str]:
         kind, unpadded, _ = VARIANTS[variant]
         if unpadded:  # the defaults against float32 products
             lines.append(ratio_line(f"{kind} step: default / float32 frozen products", kind, variant))
-        else:  # float32 products: padding skipped against padded layers
+        elif f"{kind}, float32 products" in same:  # float32 products: padding skipped against padded layers
             lines.append(ratio_line(f"{kind} step, float32 products: padding skipped / padded layers",
                                     f"{kind}, float32 products", variant))
     return lines
