@@ -168,7 +168,7 @@ def train_run(model_name: str, params: dict, seed: int, data: Path, split: dict,
         trainer.fit(train_data, valid_data, saved=True, show_progress=False, verbose=False, callback_fn=save_resume_state)
     model.load_state_dict(torch.load(checkpoint, weights_only=False)["state_dict"])
     record = {"model": model_name, "params": params, "seed": seed, "train_seconds": spent + time.time() - started,
-              "checkpoint": checkpoint.name, "resumed-at-epochs": resumed,
+              "checkpoint": checkpoint.name, "resumed-at-epochs": resumed, "torch-threads": torch.get_num_threads(),
               "valid": fedrec_metrics(model, valid_data, dataset, split["valid"], split["items"])}
     resume.unlink(missing_ok=True)
     return record
@@ -268,21 +268,33 @@ def run_all(out: Path, models: list[str], jobs: int = 1) -> None:
         """The run's checkpoint, trained again (to the recorded figure) if it is not here."""
         if not (out / "checkpoints" / r["checkpoint"]).exists():
             console.print(f"[bold]{r['model']}[/] {r['params']} seed {r['seed']}: checkpoint missing, training again")
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(r.get("torch-threads", threads))  # the run's own: its sums' order
             again = train_run(r["model"], r["params"], r["seed"], data, split, out / "checkpoints" / r["checkpoint"])
+            torch.set_num_threads(threads)
             if abs(again["valid"]["ndcg@10"] - r["valid"]["ndcg@10"]) > 1e-6:
                 raise SystemExit(f"{r['model']} seed {r['seed']} did not reproduce its recorded validation NDCG@10 "
                                  f"({again['valid']['ndcg@10']:.6f} against {r['valid']['ndcg@10']:.6f})")
 
-    for model_name in models:
-        tuned = trained([(model_name, params, 0) for params in GRIDS[model_name]])
-        best = max(tuned, key=lambda r: r["valid"]["ndcg@10"])["params"]
-        for r in trained([(model_name, best, seed) for seed in SEEDS]):
+    def read_test(finals: list[dict]) -> None:
+        for r in finals:
             if "test" not in r:
                 ensure_checkpoint(r)
-                console.print(f"[bold]{model_name}[/] seed {r['seed']}: reading the test split (final configuration {best})")
+                console.print(f"[bold]{r['model']}[/] seed {r['seed']}: reading the test split "
+                              f"(final configuration {r['params']})")
                 r["test"] = score_test(r, data, split)
                 console.print(f"  test NDCG@10 {r['test']['ndcg@10']:.4f}")
                 save()
+
+    for model_name in models:
+        tuned = trained([(model_name, params, 0) for params in GRIDS[model_name]])
+        best = max(tuned, key=lambda r: r["valid"]["ndcg@10"])["params"]
+        finals = [(model_name, best, seed) for seed in SEEDS]
+        # the grid's seed-0 run is a final run: its test now, while its checkpoint is here
+        read_test([recorded(*spec) for spec in finals if recorded(*spec) is not None])
+        read_test(trained(finals))
     report(out)
 
 
@@ -306,7 +318,8 @@ def report(out: Path) -> dict:
              "valid NDCG@10 | test NDCG@10 | test HR@10 | test Recall@20 |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in summary.items():
-        cell = lambda key: f"{row[key][0]:.4f} ± {row[key][1]:.4f}"  # noqa: E731
+        one_seed = len(row["seeds"]) == 1  # no spread to state yet
+        cell = lambda key: f"{row[key][0]:.4f}" if one_seed else f"{row[key][0]:.4f} ± {row[key][1]:.4f}"  # noqa: E731
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
         lines.append(f"| {name} | {row['tuned']} | {params} | {len(row['seeds'])} | {cell('valid ndcg@10')} | "
                      f"{cell('test ndcg@10')} | {cell('test hr@10')} | {cell('test recall@20')} |")
