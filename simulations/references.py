@@ -266,10 +266,10 @@ def run_all(out: Path, models: list[str], jobs: int = 1) -> None:
 
     def ensure_checkpoint(r):
         """The run's checkpoint, trained again (to the recorded figure) if it is not here."""
+        import torch
+
         if not (out / "checkpoints" / r["checkpoint"]).exists():
             console.print(f"[bold]{r['model']}[/] {r['params']} seed {r['seed']}: checkpoint missing, training again")
-            import torch
-
             threads = torch.get_num_threads()
             torch.set_num_threads(r.get("torch-threads", threads))  # the run's own: its sums' order
             again = train_run(r["model"], r["params"], r["seed"], data, split, out / "checkpoints" / r["checkpoint"])

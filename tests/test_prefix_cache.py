@@ -17,8 +17,8 @@ EXACT = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def model_pair(settings, num_items, lora_layers=1, prefix_cache_mb=1024, frozen_precision="float32"):
-    """float32 products by default: the cache and the unpadded layers are exact at any precision, and
-    compared here with the whole encoder, which computes in float32."""
+    """float32 products by default: the exactness tests compare with the whole encoder and the padded
+    layers, which compute in float32."""
     s = dataclasses.replace(settings, lora_layers=lora_layers, lora_train_a=True)
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
     model = build_model(encoder, num_items, adapter_config(s, encoder), prefix_cache_mb=prefix_cache_mb,
