@@ -27,7 +27,9 @@ process's peak RSS after the work minus after loading) is its own. Figures are m
 * full-ranking evaluation: all 943 users' test examples over all 1,682 items (the same cases);
 * bytes on the wire: the adapter tensors a client sends per round against the full fp32 model;
 * ``--simulate``: the default ``fedrec simulate``, the same with float32 frozen products, and
-  the same with the cache off, one after the other, each in a fresh ``FEDREC_HOME``.
+  the same with the cache off, one after the other, each in a fresh ``FEDREC_HOME``. Without
+  it, the report shows the runs of the last ``--simulate-only`` (OUT/simulate.json), saying when
+  and where they ran.
 """
 
 from __future__ import annotations
@@ -397,8 +399,10 @@ def simulate_case(overrides: list[str], out: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     updates = sum(r.get("clients", 0) for r in rounds)
+    unit = json.loads((run_dir / "config.json").read_text())["privacy-unit"].split(" (")[0]
     return {"wall-seconds": wall, "val-ndcg@10": summary["val-ndcg@10"], "val-hr@10": summary["val-hr@10"],
             "val-recall@20": summary["val-recall@20"], "epsilon-max": summary["client-epsilon-max"],
+            "delta": summary["delta"], "accountant": summary["accountant"], "privacy-unit": unit,
             "client-updates-per-minute": updates / (wall / 60), "run-dir": str(run_dir),
             **server_share(run_dir / "flower.log")}
 
@@ -478,7 +482,7 @@ def report(results: dict, command: str) -> str:
         for name, times in site["phases"].items():
             shown = ", ".join(f"round {k}: {t:.2f} s" for k, t in enumerate(times, start=1)) if len(times) > 1 else f"{times[0]:.2f} s"
             lines.append(f"| one silo ({site['site-examples']} examples, {site['site-users']} users): {name} | {shown} | |")
-    lines += simulate_lines(results.get("simulate", {}))
+    lines += simulate_lines(results.get("simulate", {}), results.get("simulate-measured", ""))
     return "\n".join(lines) + "\n"
 
 
@@ -490,16 +494,29 @@ def simulations(labels: list[str], out: Path) -> dict:
     return runs
 
 
-def simulate_lines(runs: dict) -> list[str]:
-    lines = []
+def simulate_lines(runs: dict, measured: str = "") -> list[str]:
+    """``measured``: where the runs came from when not from this report's own command."""
+    lines = [f"| default `fedrec simulate` runs below: {measured} | | |"] if measured and runs else []
     for cache, r in runs.items():
         lines.append(f"| default `fedrec simulate`, cache {cache} | {r['wall-seconds']:.0f} s wall, "
-                     f"{r['client-updates-per-minute']:.1f} client updates/min; validation NDCG@10 {r['val-ndcg@10']:.4f}, ε {r['epsilon-max']:.3f} | |")
+                     f"{r['client-updates-per-minute']:.1f} client updates/min; validation NDCG@10 {r['val-ndcg@10']:.4f}, "
+                     f"clients' ε max {r['epsilon-max']:.3f} ({r['privacy-unit']}, δ = {r['delta']:g}, {r['accountant'].upper()}) | |")
         if "server-seconds-per-round" in r:
             lines.append(f"| … its server side per round (aggregation, validation, ledger, checkpoint) | "
                          f"{r['server-seconds-per-round']:.2f} s of a {r['round-seconds']:.0f} s round "
                          f"({r['server-seconds-per-round'] / r['round-seconds']:.2%}) | |")
     return lines
+
+
+def add_earlier_simulations(results: dict, out: Path) -> None:
+    """The default runs of an earlier ``--simulate-only`` (OUT/simulate.json), with their own
+    command, date and machine, so a report without ``--simulate`` still shows them."""
+    path = out / "simulate.json"
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        results["simulate"] = earlier["simulate"]
+        results["simulate-measured"] = (f"`python -m simulations.bench --simulate-only` ({path}), "
+                                        f"{earlier['date']}, {earlier['machine']}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -532,7 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
         return results
     if args.report_only:
         results = json.loads((args.out / "bench.json").read_text())
-        command = "python -m simulations.bench" + (" --simulate" if "simulate" in results else "")
+        command = "python -m simulations.bench" + (" --simulate" if "simulate" in results and "simulate-measured" not in results else "")
         args.markdown.write_text("# Benchmarks\n\n" + report(results, command))
         return results
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "steps": {}, "catalog": {}, "evaluation": {}}
@@ -558,6 +575,8 @@ def main(argv: list[str] | None = None) -> dict:
     results["round"] = in_fresh_process(round_case)
     if args.simulate:
         results["simulate"] = simulations(list(SIMULATIONS), args.out)
+    else:
+        add_earlier_simulations(results, args.out)
     command = "python -m simulations.bench" + (" --simulate" if args.simulate else "")
     (args.out / "bench.json").write_text(json.dumps(results, indent=2))
     markdown = report(results, command)
