@@ -293,7 +293,7 @@ def run_all(out: Path, models: list[str], jobs: int = 1) -> None:
         best = max(tuned, key=lambda r: r["valid"]["ndcg@10"])["params"]
         finals = [(model_name, best, seed) for seed in SEEDS]
         # the grid's seed-0 run is a final run: its test now, while its checkpoint is here
-        read_test([recorded(*spec) for spec in finals if recorded(*spec) is not None])
+        read_test([r for spec in finals if (r := recorded(*spec)) is not None])
         read_test(trained(finals))
     report(out)
 
