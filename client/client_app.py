@@ -252,7 +252,7 @@ def site_item_embeddings(model, tokenizer, catalog, entry: dict, adapter_digest:
     try:
         saved = torch.load(path, map_location=items.device)
         if saved.shape == items.shape:
-            items.copy_(saved)
+            model.get_base_model().set_item_embeddings(saved)
             path.touch()  # recently used: kept
             return
     except Exception:  # missing, or damaged: computed again and rewritten

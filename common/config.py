@@ -110,6 +110,7 @@ class Settings:
     sequence_layers: int
     sequence_dropout: float
     sequence_training: bool  # train the tower alone on whole user sequences, every position (common/sequence.py)
+    sequence_projection: int  # the tower reads and writes items in the catalog's top this-many principal directions; 0 = all
     prefix_cache_mb: int  # per model per process: the frozen lower layers' states (common/prefix_cache.py); 0 = off
     frozen_precision: str  # the adapted layers' frozen weight products: auto, float32 or bfloat16 (common.model.frozen_dtype)
     # local training with DP-SGD
@@ -204,6 +205,10 @@ class Settings:
         require(not (self.sequence_training and self.dp and self.privacy_unit == "example"),
                 "sequence-training makes one DP-SGD sample of a user's whole sequence, every position predicted: "
                 "its gradient is that user's, so its unit is the user; set privacy-unit = user (or dp = false)")
+        require(self.sequence_projection >= 0, "sequence-projection must be >= 0 (0 = the text embeddings whole)")
+        require(not self.sequence_projection or self.sequence_training,
+                "sequence-projection is fitted to the catalog's embeddings, which stay put only with sequence-training "
+                "(LoRA untrained); set sequence-training = true, or sequence-projection = 0")
         require(self.prefix_cache_mb >= 0, "prefix-cache-mb must be >= 0 (0 = no frozen-prefix cache)")
         require(self.frozen_precision in ("auto", "float32", "bfloat16"),
                 f"frozen-precision must be 'auto', 'float32' or 'bfloat16', not {self.frozen_precision!r}")

@@ -135,7 +135,7 @@ def _item_scorer_grad_sample(layer: ItemScorer, activations, backprops):
 class Recommender(nn.Module):
     def __init__(self, encoder: nn.Module, num_items: int, init_scale: float = 20.0, prefix_cache_mb: int = 1024,
                  frozen_precision: str = "auto", sequence_length: int = 0, sequence_dim: int = 32, sequence_layers: int = 1,
-                 sequence_dropout: float = 0.0, sequence_training: bool = False):
+                 sequence_dropout: float = 0.0, sequence_training: bool = False, sequence_projection: int = 0):
         super().__init__()
         self.encoder = encoder
         self.scorer = ItemScorer(num_items, init_scale)
@@ -144,7 +144,7 @@ class Recommender(nn.Module):
         self.text_tower = not sequence_training
         if sequence_length:
             self.sequence = SequenceTower(hidden, sequence_length, sequence_dim, sequence_layers,
-                                          dropout=sequence_dropout)
+                                          dropout=sequence_dropout, projection=sequence_projection)
         # Not a parameter and not persistent: recomputed from the public catalog.
         self.register_buffer("item_embeddings", torch.zeros(num_items, hidden), persistent=False)
         self.prefix_cache_bytes = prefix_cache_mb << 20
@@ -152,6 +152,15 @@ class Recommender(nn.Module):
         self.unpadded = True  # the adapted layers skip padding where they can; the benchmark compares
         # frozen-precision: the dtype of the adapted layers' frozen products (run_layers_unpadded)
         self.frozen_dtype = frozen_dtype(frozen_precision, device())
+
+    @torch.no_grad()
+    def set_item_embeddings(self, embeddings: torch.Tensor) -> None:
+        """The catalog's embeddings, and the sequence tower's projection fitted to them (in every
+        copy PEFT keeps of the tower)."""
+        self.item_embeddings.copy_(embeddings)
+        for module in self.modules():
+            if isinstance(module, SequenceTower):
+                module.fit_projection(self.item_embeddings)
 
     def embed(self, input_ids=None, attention_mask=None, prefix_states=None) -> torch.Tensor:
         """Mean-pooled, normalised encoder output, from tokens or from cached frozen-prefix states."""
@@ -265,7 +274,8 @@ def adapter_config(s, encoder: nn.Module) -> LoraConfig:
 def sequence_options(s) -> dict:
     """The sequence tower's shape from the settings, as ``build_model`` / ``Recommender`` keywords."""
     return {"sequence_length": s.sequence_length, "sequence_dim": s.sequence_dim, "sequence_layers": s.sequence_layers,
-            "sequence_dropout": s.sequence_dropout, "sequence_training": s.sequence_training}
+            "sequence_dropout": s.sequence_dropout, "sequence_training": s.sequence_training,
+            "sequence_projection": s.sequence_projection}
 
 
 def build_model(encoder: nn.Module, num_items: int, config: LoraConfig, seed: int = 0,
@@ -335,7 +345,7 @@ def refresh_item_embeddings(model: PeftModel, tokenizer, item_texts: list[str], 
     cache = prefix_cache(model, tokenizer)
     if cache and cache_file is not None:
         cache.load_or_compute(item_texts, max_length, cache_file)
-    model.get_base_model().item_embeddings.copy_(encode_texts(model, tokenizer, item_texts, max_length))
+    model.get_base_model().set_item_embeddings(encode_texts(model, tokenizer, item_texts, max_length))
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from peft import PeftModel
 from client.train import _collate, train
 from common.model import (Recommender, adapter_config, build_model, encode_texts, load_encoder,
                           refresh_item_embeddings, score_users, sequence_options)
-from common.sequence import PAD, histories
+from common.sequence import PAD, SequenceTower, histories
 from client.train import user_windows
 from tests.per_example import checked_per_example_gradients
 
@@ -159,12 +159,14 @@ def test_recommend_reads_the_tower_from_a_run_directory(sequence_model, sequence
 # ---- sequence training: one sample per user sequence, every position predicted ----
 
 @pytest.fixture()
-def sequence_training_model(movielens, sequence_settings, untrained_catalog_embeddings):
+def sequence_training_model(request, movielens, sequence_settings, untrained_catalog_embeddings):
+    """Parametrize indirectly with a ``sequence-projection`` (0 when not)."""
     catalog, _ = movielens
-    s = dataclasses.replace(sequence_settings, sequence_training=True, privacy_unit="user", sequence_dropout=0.0)
+    s = dataclasses.replace(sequence_settings, sequence_training=True, privacy_unit="user", sequence_dropout=0.0,
+                            sequence_projection=getattr(request, "param", 0))
     encoder, tokenizer = load_encoder(s.model, s.model_layers)
     model = build_model(encoder, len(catalog), adapter_config(s, encoder), **sequence_options(s))
-    model.get_base_model().item_embeddings.copy_(untrained_catalog_embeddings)
+    model.get_base_model().set_item_embeddings(untrained_catalog_embeddings)
     with torch.no_grad():  # away from the zero start (W_out = 0), so outputs and gradients are not trivial
         for name, p in model.named_parameters():
             if ".sequence." in name:
@@ -209,6 +211,7 @@ def test_every_slot_of_a_window_predicts_as_its_prefix_alone(sequence_training_m
             assert torch.allclose(every_slot[slot], alone, atol=1e-5), (len(inputs), t)
 
 
+@pytest.mark.parametrize("sequence_training_model", [0, 24], indirect=True, ids=["whole", "projected"])
 def test_a_users_sequence_gradient_is_the_mean_over_its_positions_and_clips_as_one(sequence_training_model,
                                                                                    small_split, movielens):
     """Opacus' per-sample rows, summed per user, equal autograd on that user's windows alone:
@@ -250,6 +253,7 @@ def test_a_users_sequence_gradient_is_the_mean_over_its_positions_and_clips_as_o
     module.to_standard_module()
 
 
+@pytest.mark.parametrize("sequence_training_model", [0, 24], indirect=True, ids=["whole", "projected"])
 def test_a_user_level_sequence_step_moves_the_tower_and_nothing_else(sequence_training_model, small_split):
     model, tokenizer, s = sequence_training_model
     _, _, train_ex, _, _ = small_split
@@ -266,6 +270,7 @@ def test_a_user_level_sequence_step_moves_the_tower_and_nothing_else(sequence_tr
     ({"sequence-training": True}, "set sequence-length > 0"),
     ({"sequence-training": True, "sequence-length": 20}, "set privacy-unit = user"),
     ({"sequence-dropout": 1.0}, "sequence-dropout must be in"),
+    ({"sequence-length": 20, "sequence-projection": 64}, "set sequence-training = true"),
 ])
 def test_sequence_training_settings_name_what_to_change(overrides, message):
     from common.config import ConfigError, Settings, defaults
@@ -288,3 +293,38 @@ def test_an_untrained_sequence_model_scores_by_the_last_items_text_and_the_prior
     assert torch.equal(score_users(model, tokenizer, [""] * 5, s.max_length, sequences=sequences), expected.detach())
     with pytest.raises(ValueError, match="sequence-training"):
         score_users(model, tokenizer, [""] * 5, s.max_length)
+
+
+@pytest.mark.parametrize("sequence_training_model", [24], indirect=True)
+def test_the_projection_is_the_catalogs_principal_directions_whoever_fits_it(sequence_training_model, movielens,
+                                                                             untrained_catalog_embeddings):
+    """P is a function of the public catalog alone: orthonormal, the directions of largest
+    variance in order, the same in every copy PEFT keeps of the tower and in a model built with
+    another seed (so sites and server agree without sending it), and refitted by a refresh."""
+    model, _, s = sequence_training_model
+    towers = [m for m in model.modules() if isinstance(m, SequenceTower)]
+    assert len(towers) == 2  # PEFT's original module and the trained copy
+    basis = towers[0].basis.clone()
+    assert basis.shape == (384, 24) and torch.equal(towers[1].basis, basis)
+    assert torch.allclose(basis.T @ basis, torch.eye(24), atol=1e-5)
+    centred = untrained_catalog_embeddings - untrained_catalog_embeddings.mean(dim=0)
+    variances = (centred @ basis).var(dim=0)
+    assert torch.all(variances[:-1] >= variances[1:])
+    rest = centred - centred @ basis @ basis.T  # what P leaves out: less variance than its last direction
+    assert (rest @ torch.linalg.svd(rest, full_matrices=False).Vh[0]).var() <= variances[-1] + 1e-6
+    encoder, _ = load_encoder(s.model, s.model_layers)
+    other = build_model(encoder, len(movielens[0]), adapter_config(s, encoder), seed=7, **sequence_options(s))
+    other.get_base_model().set_item_embeddings(untrained_catalog_embeddings)
+    assert torch.equal(other.get_base_model().sequence.modules_to_save["default"].basis, basis)
+    model.get_base_model().set_item_embeddings(untrained_catalog_embeddings.flip(1))  # another catalog, another P
+    assert not torch.allclose(towers[1].basis, basis)
+
+
+def test_a_projected_tower_trains_fewer_numbers():
+    """The adaptor's first layer and W_out read and write k numbers per item instead of 384."""
+    def trained(projection):
+        tower = SequenceTower(384, 50, 32, projection=projection)
+        return sum(p.numel() for p in tower.parameters())
+    assert trained(0) - trained(64) == (384 - 64) * (4 * 32 + 32)
+    with pytest.raises(ValueError, match="sequence-projection: 500 is not in 0..384"):
+        trained(500)
