@@ -13,10 +13,12 @@ Flower's ``--trusted-entities`` accepts only signatures issued through Flower Hu
 launches each one. This is Flower's SuperExec with one check in front of its executor: a task
 starts only if its bundle's SHA-256 carries an approval, an ed25519 signature over that hash by
 a key in ``KEYS.yaml`` (``key-id: "ssh-ed25519 …"``, the format of Flower's trusted entities).
-Anything else is refused before a process starts: the site releases nothing, and the server
-sees no reply (a failure after ``round-timeout``). Flower installs a bundle under its content
-hash and loads the ClientApp from the folder of the hash the task names, so what runs is the
-approved content or nothing.
+Anything else is refused: the task's process answers its message with an error (``app bundle
+<sha256> is not approved by this site``) and ends, having installed and loaded nothing, so the
+site releases nothing and the server records the refusal at once, as Flower's own
+``--trusted-entities`` check does, instead of waiting out ``round-timeout``. Flower installs a
+bundle under its content hash and loads the ClientApp from the folder of the hash the task
+names, so what runs is the approved content or nothing.
 
 Each ClientApp process is forked from a ``multiprocessing`` forkserver that has already
 imported torch, Opacus, PEFT and transformers (Flower 1.41 starts one process per message, and
@@ -115,10 +117,15 @@ def clientapp_argv(spec) -> list[str]:
     return argv
 
 
-def run_clientapp(argv: list[str], quiet: bool) -> None:
+def run_clientapp(argv: list[str], quiet: bool, refusal: str | None = None) -> None:
     """``flwr-clientapp`` in a child of the preloaded forkserver. Flower imports the app module
     from the bundle's folder unless ``sys.modules`` already holds that name, so every module of
-    this installed copy of fedrec (this function's own package among them) is dropped first."""
+    this installed copy of fedrec (this function's own package among them) is dropped first.
+
+    With ``refusal`` (a bundle this site did not approve) it is still Flower's task process,
+    which pulls the message and pushes the reply, but its first step with the bundle,
+    installing it, raises ``refusal``: Flower answers the message with that error and ends the
+    task, and nothing of the bundle is unpacked, imported or run."""
     for name in list(sys.modules):
         if name.split(".")[0] in FEDREC_PACKAGES:
             del sys.modules[name]
@@ -128,12 +135,20 @@ def run_clientapp(argv: list[str], quiet: bool) -> None:
         os.dup2(devnull, 2)
     from flwr.supernode.cli import flwr_clientapp
 
+    if refusal is not None:
+        from flwr.supernode.runtime import run_clientapp as runtime
+
+        def refuse(*_args, **_kwargs):
+            raise PermissionError(refusal)
+
+        runtime.install_from_fab = refuse
     sys.argv = argv
     try:
         flwr_clientapp()
     finally:
-        app = sys.modules.get("client.client_app")
-        print(f"fedrec superexec: the ClientApp ran from {getattr(app, '__file__', None)}", flush=True)
+        if refusal is None:
+            app = sys.modules.get("client.client_app")
+            print(f"fedrec superexec: the ClientApp ran from {getattr(app, '__file__', None)}", flush=True)
 
 
 class Preloaded:
@@ -166,8 +181,10 @@ class Preloaded:
 
 def run_superexec(runtime_api_address: str, insecure: bool, approvals: Path | None, keys_file: Path | None) -> None:
     """Flower's SuperExec with preloaded ClientApp processes, launching only approved bundles
-    when given ``approvals`` and ``keys_file`` (else every bundle its SuperNode accepted). The one
-    place this site reaches into Flower's SuperExec internals: its executor factory."""
+    when given ``approvals`` and ``keys_file`` (else every bundle its SuperNode accepted). Where
+    this site reaches into Flower's internals: the SuperExec's executor factory, and in a refused
+    task's process the runtime's ``install_from_fab``."""
+    from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec import run_superexec as flower
     from flwr.supercore.superexec.executor.types import LaunchResult
 
@@ -182,9 +199,16 @@ def run_superexec(runtime_api_address: str, insecure: bool, approvals: Path | No
             return getattr(self.inner, name)
 
         def launch(self, spec):
-            if not approved(spec.fab_hash, approvals, keys):
+            if approved(spec.fab_hash, approvals, keys):
+                return self.inner.launch(spec)
+            if spec.task_type != TaskType.CLIENT_APP:  # another kind of task: refused before it starts
                 return LaunchResult.failed(f"app bundle {spec.fab_hash} is not approved by this site")
-            return self.inner.launch(spec)
+            refusal = f"app bundle {spec.fab_hash} is not approved by this site"
+            print(f"fedrec superexec: {refusal}; its task answers with that error", flush=True)
+            multiprocessing.active_children()  # reaps the children that finished
+            multiprocessing.get_context("forkserver").Process(
+                target=run_clientapp, args=(clientapp_argv(spec), spec.suppress_output, refusal)).start()
+            return LaunchResult.accepted()
 
     def executor(*args, **kwargs):
         from flwr.supercore.superexec.executor import SubprocessExecutor

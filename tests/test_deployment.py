@@ -193,8 +193,8 @@ def test_a_site_runs_only_the_bundle_it_approved(tmp_path, app_dir):
     - Site 2 uses the site-side pin (client/approved_apps.py): its SuperNode runs with
       --isolation process and the site's own SuperExec, which launches a ClientApp only for a
       bundle whose SHA-256 a trusted key signed. The reviewer signed the bundle `flwr build` makes
-      of this source: that run trains there. The same source with one comment added is refused
-      (no reply within round-timeout) and releases nothing.
+      of this source: that run trains there. The same source with one comment added is refused:
+      the site answers with that error at once (no round-timeout waited out) and releases nothing.
     """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -245,7 +245,11 @@ def test_a_site_runs_only_the_bundle_it_approved(tmp_path, app_dir):
     assert not (sites[1] / "state" / "accountant.json").exists()
     assert released == 3  # the approved bundle ran at site 2: DP-SGD, count, evaluation
     assert len(load_history(sites[2] / "state")) == released  # the altered one released nothing there
-    assert f"{hashlib.sha256(fabs['altered'].read_bytes()).hexdigest()} is not approved by this site" in site_pin
+    refusal = f"app bundle {hashlib.sha256(fabs['altered'].read_bytes()).hexdigest()} is not approved by this site"
+    assert refusal in site_pin
+    # Both refusing sites answered with their reason; neither left the server waiting.
+    assert sorted(str(c.get("error")) for c in rows["run-altered"][0]["client-updates"]) == \
+        ["None", "The FAB could not be verified.", refusal]
     # Site 2's SuperExec forks each ClientApp from a server that preloaded torch, Opacus, PEFT and
     # transformers; what ran was still the bundle Flower installed, not this checkout's copy.
     ran_from = re.findall(r"the ClientApp ran from (\S+)", site_pin)

@@ -91,13 +91,13 @@ def simulate(tmp_path, clients, scenario, *settings, sleep=0):
 
 def test_faulty_clients_are_dropped_with_their_reasons_and_the_round_completes(tmp_path):
     proc = simulate(tmp_path, 8, ["0:raise", "1:sleep", "2:nan", "3:shape", "4:extra", "5:huge", "6:prior-nan"],
-                    "round-timeout=60", sleep=75)
+                    "round-timeout=40", sleep=45)  # the sleeper misses the timeout, and is back soon after
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "run"
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert (row["clients"], row["failures"], row["rejected"]) == (2, 2, 4)
     reasons = sorted(c.get("error") or c.get("rejected") or "trained" for c in row["client-updates"])
-    expected = ["scenario: this client crashes", "no reply within round-timeout = 60 s", "non-finite value",
+    expected = ["scenario: this client crashes", "no reply within round-timeout = 40 s", "non-finite value",
                 "shape (7, 384), expected (8, 384)", "unexpected ['base_model.model.extra.weight']",
                 "exceeds max-update-norm 100"]
     for fragment in expected:
