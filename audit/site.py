@@ -3,7 +3,8 @@
 A site (its data-protection officer) sees everything its node released over its lifetime: to
 which run and round, by which mechanism (σ, q, steps, L2 sensitivity), and what ε each cost. It
 reads only the site's own files: the accountant (``state/accountant.json``), the release log
-(``state/releases.jsonl``, one line per release, written by the node as it releases), earlier
+(``state/releases.jsonl``, one line per release, written by the node as it releases; the
+last release's lines are also in the accountant, written with its charge), earlier
 accountants the site retired (``accountant-log.jsonl``) and the budget (``budget.json``).
 
 It is the auditor's code, not the node's, and shares none of the node's accountant: ε is
@@ -60,7 +61,12 @@ def site_records(state_dir: Path) -> dict:
                                 "elsewhere (--state-dir; a simulated site's is DATA_DIR/state/RUN_NAME)")
     accountant = json.loads(path.read_text())
     client_id = (state_dir / "client-id").read_text().strip() if (state_dir / "client-id").is_file() else None
-    return {"accountant": accountant, "log": read_jsonl(state_dir / "releases.jsonl"),
+    log = read_jsonl(state_dir / "releases.jsonl")
+    # The node stores its last releases' lines in the accountant with the charge, then appends
+    # them to the log; a crash between the two leaves them in the accountant alone.
+    logged = {r["index"] for r in log}
+    log += [r for r in accountant.get("last-releases", []) if r["index"] not in logged]
+    return {"accountant": accountant, "log": log,
             "retired": [r for r in read_jsonl(state_dir / "accountant-log.jsonl") if r.get("retired")],
             "retired-releases": [r for log in sorted(state_dir.glob("releases-retired-*.jsonl"))
                                  for r in read_jsonl(log)],

@@ -116,11 +116,18 @@ def save_history(state_dir: Path, history: History, accountant: str, delta: floa
     own release log, ``releases.jsonl``, with its index in the history and the ε after the reply
     (``epsilon-after``, covering the history's first ``covers`` entries), so
     the site can see what it released, to whom and at what cost (``fedrec client audit``). The
-    log is written after the accountant: a crash between them leaves a charged release the log
-    does not describe, never the reverse."""
+    lines are stored in the accountant with the charge (``last-releases``, one atomic write),
+    then appended to the log: a crash between the two leaves them in the accountant, and the
+    next call appends them before anything else, so the log never misses a charged release
+    for long and never holds an uncharged one."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
+    complete_release_log(state_dir)
     eps = epsilon(history, delta, accountant)
+    first = len(history) - len(released)
+    rows = [{"index": index, "at": time.time(), **release, "epsilon-after": eps, "covers": len(history),
+             "delta": delta, "accountant": accountant, "privacy-unit": unit}
+            for index, release in enumerate(released, start=first)]
     tmp = state_dir / "accountant.json.tmp"
     tmp.write_text(json.dumps({
         "accountant": accountant,
@@ -129,18 +136,33 @@ def save_history(state_dir: Path, history: History, accountant: str, delta: floa
         "unit": UNITS[unit],
         "history": [list(step) for step in history],
         "epsilon": eps,
+        "last-releases": rows,
     }, indent=1))
     os.replace(tmp, state_dir / "accountant.json")
-    if released:
-        first = len(history) - len(released)
-        with open(state_dir / RELEASE_LOG, "a") as log:
-            for index, release in enumerate(released, start=first):
-                log.write(json.dumps({"index": index, "at": time.time(), **release, "epsilon-after": eps,
-                                      "covers": len(history), "delta": delta, "accountant": accountant,
-                                      "privacy-unit": unit}) + "\n")
-            log.flush()
-            os.fsync(log.fileno())
+    append_release_log(state_dir, rows)
     return eps
+
+
+def append_release_log(state_dir: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    with open(Path(state_dir) / RELEASE_LOG, "a") as log:
+        for row in rows:
+            log.write(json.dumps(row) + "\n")
+        log.flush()
+        os.fsync(log.fileno())
+
+
+def complete_release_log(state_dir: Path) -> None:
+    """Append the stored accountant's last releases that the log lacks (a crash came between
+    the two writes of ``save_history``)."""
+    path = Path(state_dir) / "accountant.json"
+    if not path.is_file():
+        return
+    last = json.loads(path.read_text()).get("last-releases", [])
+    log = Path(state_dir) / RELEASE_LOG
+    logged = {json.loads(line)["index"] for line in log.read_text().splitlines() if line.strip()} if log.is_file() else set()
+    append_release_log(state_dir, [row for row in last if row["index"] not in logged])
 
 
 @dataclass(frozen=True)

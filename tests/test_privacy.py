@@ -167,3 +167,39 @@ def test_lora_on_the_top_layers_only(movielens, small_split, settings, tmp_path,
     reopened_lora = {n: p for n, p in reopened.named_parameters() if "lora_" in n}
     assert sorted(reopened_lora) == sorted(lora)
     assert all(torch.equal(reopened_lora[n].detach(), after[n]) for n in lora)
+
+
+def test_a_crash_between_the_charge_and_the_log_loses_no_line(tmp_path):
+    """A node killed after its accountant's atomic write and before the log's append (the state
+    the run killed mid-round in tests/test_resume.py once left): the site's audit still sees
+    every release, the next release appends the missing lines first, and a line removed from
+    the log otherwise is still a finding."""
+    import json
+
+    from audit.site import site_audit
+
+    site = tmp_path / "site"
+    state = site / "state"
+
+    def release(history: list, phase: str, *mechanisms: tuple) -> list:
+        history = history + [m[1:] for m in mechanisms]
+        save_history(state, history, "prv", 1e-5, "example", [
+            {"run": "run-a", "flower-run": 1, "round": len(history), "phase": phase, "mechanism": m[0],
+             "noise_multiplier": m[1], "sample_rate": m[2], "steps": m[3], "sensitivity": 1.0} for m in mechanisms])
+        return history
+
+    history = release([], "prior", ("gaussian-histogram", 5.0, 1.0, 1))
+    history = release(history, "train", ("dp-sgd", 1.0, 0.01, 40), ("gaussian-count", 50.0, 1.0, 1))
+    log = state / "releases.jsonl"
+    whole = log.read_text().splitlines(keepends=True)
+    assert [json.loads(line)["index"] for line in whole] == [0, 1, 2]
+    log.write_text(whole[0])  # the kill: round 1's two lines never reached the log
+
+    assert site_audit(site)["findings"] == []  # they are in the accountant, written with the charge
+    release(history, "evaluate", ("gaussian-eval-sums", 20.0, 1.0, 1))
+    lines = log.read_text().splitlines(keepends=True)
+    assert lines[:3] == whole and [json.loads(line)["index"] for line in lines] == [0, 1, 2, 3]
+    assert site_audit(site)["findings"] == []
+
+    log.write_text("".join(lines[:1] + lines[2:]))  # an earlier release's line removed
+    assert [f["kind"] for f in site_audit(site)["findings"]] == ["unlogged"]
