@@ -323,6 +323,7 @@ def retire_accountant(state_dir: Path, reason: str) -> Path | None:
     state_dir = Path(state_dir)
     current = state_dir / "accountant.json"
     retired = None
+    complete_release_log(state_dir)  # the retired log describes every release it charged
     if current.is_file():
         stamp = time.strftime('%Y%m%dT%H%M%S')
         retired = state_dir / f"accountant-retired-{stamp}.json"
