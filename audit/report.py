@@ -49,6 +49,13 @@ TRUST_MODEL = (
     "and everyone who sees the global adapters or the metrics are untrusted. The guarantee needs no trust in the "
     "server: nothing it sends can reset or raise a site's budget."
 )
+DISTRIBUTED_TRUST_MODEL = (
+    "Distributed noise (distributed-noise = true): each DP-SGD release is one noisy gradient whose noise the sites "
+    "share. Each site adds σ/√T (T: SecAgg+'s threshold, at most the site's own distributed-noise-max-sites) and "
+    "sends its share only inside SecAgg+, whose sum holds at least T sites' shares and so carries σ. The ε of these "
+    "releases holds against a server that follows the SecAgg+ protocol (honest but curious) with at least T "
+    "honest sites in each sum; a site's share alone carries σ/√T, which its releases.jsonl records. The other "
+    "releases need no trust in the server, and nothing it sends can reset or raise a site's budget.")
 CENTRAL_TRUST_MODEL = (
     "The server sees each client's update and is trusted to clip it, sample clients by Poisson sampling and add "
     "the noise; everyone who sees only the global adapters (the public, other clients) is covered.")
@@ -204,7 +211,7 @@ def audit(run_dir: Path, empirical: bool = False) -> dict:
         "unit": ledger["meta"].get("unit", UNITS["example"]),
         "privacy-unit": ledger["meta"].get("privacy-unit", "example"),
         "adjacency": ledger["meta"].get("adjacency", ADJACENCY["example"]),
-        "trust-model": TRUST_MODEL,
+        "trust-model": DISTRIBUTED_TRUST_MODEL if run_config.get("distributed-noise") else TRUST_MODEL,
         "released": RELEASED,
         "not-covered": NOT_COVERED + [UNIT_NOT_COVERED[ledger["meta"].get("privacy-unit", "example")]],
         "accountant": ("dp-accounting " + ("PLD, pessimistic estimate (an upper bound)" if accountant == "prv"

@@ -40,7 +40,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.secure_aggregation import secure_aggregation_mod
+from client.secure_aggregation import inside_secure_sum, secure_aggregation_mod
 from client.train import GradientCanaries, evaluation_sums, privacy_units
 from client.train import train as train_local
 from common.config import ConfigError, Settings, partition_root
@@ -290,20 +290,29 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     history = load_history(state_dir)
     q, releases = train_releases(s, budget)
-    if reason := check_budget(s, budget, state_dir, history, releases):
+    if reason := check_budget(s, budget, state_dir, history, releases) or distributed_noise_refusal(s, budget):
         return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
+    noise_shared_by = noise_share(s, budget)
     # A simulated client is its partition, whatever node id it got this run.
     node = int(context.node_config.get("partition-id", context.node_id))
     seed = s.seed * 1_000_003 + server_round * 7919 + node % 100_003
     canaries = gradient_canaries(context, s, state_dir, server_round)
-    result = train_local(model, tokenizer, train_examples, s, history, seed, q, canaries)
+    result = train_local(model, tokenizer, train_examples, s, history, seed, q, canaries, noise_shared_by)
     if cache := prefix_cache(model, tokenizer):
         cache.save_new()  # for a deployed site's next process
     if canaries is not None:
         canaries.save()
     # FedAvg's weight: how many privacy units (examples or users) trained; sensitivity 1 either way.
     count, eps = float(len(privacy_units(train_examples, s.privacy_unit))), math.inf
-    if s.dp:
+    if s.distributed_noise:  # every site's noisy gradient weighs the same: no count is released
+        count, history = 1.0, result.history
+        rows = release_record(s, context, msg, "train",
+                              ("dp-sgd", s.noise_multiplier, result.sample_rate, result.steps, s.max_grad_norm))
+        # σ is the sum's; this site's own share carried σ/√T (its guarantee should SecAgg+ fail it).
+        rows[0].update({"noise-shared-by": noise_shared_by,
+                        "own-noise-multiplier": s.noise_multiplier / math.sqrt(noise_shared_by)})
+        eps = save_history(state_dir, history, s.accountant, s.delta, s.privacy_unit, rows)
+    elif s.dp:
         # Clamping at 1 is post-processing: FedAvg needs a positive weight.
         count = max(1.0, count + float(secret_noise(1, s.count_noise_multiplier)))
         history = result.history + [(s.count_noise_multiplier, 1.0, 1)]
@@ -319,7 +328,7 @@ def train(msg: Message, context: Context) -> Message:
         "sample-rate": result.sample_rate,
         "noise-multiplier": s.noise_multiplier if s.dp else 0.0,
         "max-grad-norm": s.max_grad_norm,
-        "count-noise-multiplier": s.count_noise_multiplier if s.dp else 0.0,
+        "count-noise-multiplier": s.count_noise_multiplier if s.dp and not s.distributed_noise else 0.0,
         "epsilon-max": budget.epsilon_max,
         "declined": 0,
         **identity(state_dir, history),
@@ -330,9 +339,10 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def gradient_canaries(context: Context, s: Settings, state_dir: Path, server_round: int) -> GradientCanaries | None:
-    """The site's white-box audit canaries, when its own data folder asks for them (never the server)."""
+    """The site's white-box audit canaries, when its own data folder asks for them (never the server).
+    Not in a distributed-noise round: the noise this site adds there is only its share of σ."""
     spec = data_paths(context, s)[0] / GradientCanaries.FILE
-    if not s.dp or not spec.is_file():
+    if not s.dp or s.distributed_noise or not spec.is_file():
         return None
     observations = state_dir / "gradient-canaries" / f"round-{server_round:03d}.npy"
     try:
@@ -344,9 +354,38 @@ def gradient_canaries(context: Context, s: Settings, state_dir: Path, server_rou
 
 def train_releases(s: Settings, budget: Budget) -> tuple[float, list[tuple]]:
     """A train round's releases, (σ, q, steps) each, from public numbers only: DP-SGD at the public
-    rate q = batch-size / declared-examples (or declared-users), then the noisy count."""
+    rate q = batch-size / declared-examples (or declared-users), then the noisy count (none under
+    distributed noise, where every site weighs 1)."""
     q = public_sample_rate(s.batch_size, budget, s.privacy_unit) if s.dp else 0.0
-    return q, [(s.noise_multiplier, q, s.local_steps), (s.count_noise_multiplier, 1.0, 1)]
+    count = [] if s.distributed_noise else [(s.count_noise_multiplier, 1.0, 1)]
+    return q, [(s.noise_multiplier, q, s.local_steps), *count]
+
+
+def distributed_noise_refusal(s: Settings, budget: Budget) -> str | None:
+    """Why this site takes no distributed-noise round, if it does not: sharing its noise is the
+    site's own choice (``distributed-noise-max-sites``), never the server's."""
+    if s.distributed_noise and budget.distributed_noise_max_sites is None:
+        return (f"distributed-noise: this site shares its DP-SGD noise with no other site ({budget.source} sets no "
+                "distributed-noise-max-sites)")
+    return None
+
+
+def noise_share(s: Settings, budget: Budget) -> int | None:
+    """T, the number of sites this site's DP-SGD noise is shared by (it adds σ/√T), or None.
+
+    Only inside SecAgg+ (``inside_secure_sum``: the protocol's threshold T, the fewest masked
+    vectors its sum is unmasked from), and only up to the site's own limit: a share of σ sent
+    where the server could read it alone would be released at σ/√T while charged at σ."""
+    if not s.distributed_noise:
+        return None
+    threshold = inside_secure_sum()
+    if threshold is None:
+        raise ConfigError("distributed-noise: a train request outside SecAgg+; this site sends its share of the "
+                          "noise only inside the secure sum")
+    if threshold > budget.distributed_noise_max_sites:
+        raise ConfigError(f"distributed-noise: SecAgg+'s threshold is {threshold} sites, more than this site's "
+                          f"distributed-noise-max-sites = {budget.distributed_noise_max_sites}")
+    return threshold
 
 
 @app.query("price")
@@ -357,7 +396,8 @@ def price(msg: Message, context: Context) -> Message:
     nothing and costs nothing."""
     s, budget, _, _, state_dir = settings_and_budget(context)
     history = load_history(state_dir)
-    if reason := check_budget(s, budget, state_dir, history, train_releases(s, budget)[1]):
+    if reason := (check_budget(s, budget, state_dir, history, train_releases(s, budget)[1])
+                  or distributed_noise_refusal(s, budget)):
         return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
     content = RecordDict()
     check_reply("price", content)

@@ -39,6 +39,9 @@ def register(commands) -> None:
                         "users at batch-size / it)")
     c.add_argument("--privacy-unit", choices=["example", "user"],
                    help="with --epsilon-max: the one privacy unit this site releases at (default: the run's)")
+    c.add_argument("--distributed-noise-max-sites", type=int,
+                   help="with --epsilon-max: share DP-SGD's noise under SecAgg+ with at most this many sites "
+                        "(distributed-noise runs; the site's own share is then σ/√T, T ≤ this); default: never")
     c.set_defaults(func=prepare_cmd)
     c = client.add_parser("reset-accountant", help="start a new privacy accountant for this site (logged)")
     c.add_argument("state_dir", help="the site's state folder (node-config state-dir, default DATA_DIR/state)")
@@ -106,8 +109,11 @@ def prepare_cmd(args) -> int:
         for flag, value in (("--declared-examples", args.declared_examples), ("--declared-users", args.declared_users)):
             if value is not None and value < 1:
                 fail(f"{flag} {value}: must be >= 1")
+        if args.distributed_noise_max_sites is not None and args.distributed_noise_max_sites < 2:
+            fail(f"--distributed-noise-max-sites {args.distributed_noise_max_sites}: must be >= 2")
         budget = Budget(args.epsilon_max, args.delta, declared_examples=args.declared_examples,
-                        declared_users=args.declared_users, privacy_unit=args.privacy_unit)
+                        declared_users=args.declared_users, privacy_unit=args.privacy_unit,
+                        distributed_noise_max_sites=args.distributed_noise_max_sites)
     try:
         done = prepare(Path(args.export), Path(args.catalog), Path(args.out), parse_columns(args.columns),
                        drop_unknown=args.drop_unknown, replace=args.replace, budget=budget)

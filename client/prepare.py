@@ -200,6 +200,8 @@ def validate(folder: Path, catalog_path: Path | None = None, max_problems: int =
                                for key, value in (("declared-examples", b.declared_examples),
                                                   ("declared-users", b.declared_users)))
             unit = f", {b.privacy_unit}-level only" if b.privacy_unit else ""
+            if b.distributed_noise_max_sites:
+                unit += f", shares its noise with up to {b.distributed_noise_max_sites} sites under SecAgg+"
             summary.budget = (f"ε ≤ {b.epsilon_max:g} at δ = {b.delta:g}{declared}{unit} ({b.source}; DP-SGD needs "
                               "the declared size of its privacy unit, here or in --node-config)")
         except ValueError as e:

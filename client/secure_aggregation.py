@@ -6,6 +6,12 @@ in the stage that collects masked vectors, calls the ClientApp's ``train`` once.
 that call into an ordinary fedrec train message (named adapter tensors + config) and the reply
 back into the ``FitRes`` the masking expects: the adapter in the server's tensor order, the
 example count as the weight, and the declared metrics. Any other message passes straight through.
+
+While ``train`` runs inside the protocol, ``inside_secure_sum()`` gives the protocol's threshold
+T (no sum of fewer than T clients' masked vectors is unmasked): a ``distributed-noise`` round
+adds its share of the noise only then, never outside SecAgg+. The marker is this process's own
+state, which no message can set.
+
 A budget decline is given before the protocol starts, to the server's ``query.price``; should
 ``train`` still decline here, the mod raises, SecAgg+ treats the client as a dropout and recovers
 its masks, and it releases nothing.
@@ -13,6 +19,7 @@ its masks, and it releases nothing.
 
 from __future__ import annotations
 
+import contextvars
 import json
 from collections import OrderedDict
 
@@ -35,6 +42,13 @@ from flwr.compat.common import recorddict_compat as compat
 
 from common.secure_aggregation import ADAPTER_KEYS
 
+_threshold: contextvars.ContextVar[int | None] = contextvars.ContextVar("secure_sum_threshold", default=None)
+
+
+def inside_secure_sum() -> int | None:
+    """SecAgg+'s threshold T while ``train`` runs inside the protocol; None otherwise."""
+    return _threshold.get()
+
 
 def secure_aggregation_mod(msg: Message, context, call_next):
     if msg.metadata.message_type != "train" or RECORD_KEY_CONFIGS not in msg.content.config_records:
@@ -49,7 +63,12 @@ def secure_aggregation_mod(msg: Message, context, call_next):
         state = OrderedDict((k, torch.from_numpy(a.copy())) for k, a in zip(keys, arrays))
         content = RecordDict({"arrays": ArrayRecord(state),
                               "config": ConfigRecord(dict(fitins.config))})
-        reply = call_next(Message(content=content, metadata=fit_msg.metadata), ctx)
+        protocol = ctx.state.config_records[RECORD_KEY_STATE]  # set in SETUP
+        marker = _threshold.set(int(protocol["threshold"]))
+        try:
+            reply = call_next(Message(content=content, metadata=fit_msg.metadata), ctx)
+        finally:
+            _threshold.reset(marker)
         if reply.has_error():
             raise RuntimeError(reply.error.reason)
         if "decline" in reply.content:
@@ -58,7 +77,7 @@ def secure_aggregation_mod(msg: Message, context, call_next):
         if sorted(trained.keys()) != sorted(keys):
             raise ValueError("SecAgg+ round: this client's adapter tensors differ from the server's")
         metrics = dict(reply.content["metrics"])
-        max_weight = float(ctx.state.config_records[RECORD_KEY_STATE]["max_weight"])  # set in SETUP
+        max_weight = float(protocol["max_weight"])
         if metrics["num-examples"] > max_weight:  # its values would overflow the quantization range
             raise ValueError(f"SecAgg+ round: this client has {int(metrics['num-examples'])} training examples, "
                              f"more than secagg-max-weight = {max_weight:g}; raise secagg-max-weight")

@@ -26,6 +26,7 @@ returns is cumulative and exactly what ``fedrec audit`` recomputes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import warnings
@@ -117,14 +118,21 @@ def _collate_windows(model, num_items):
 
 
 def train(model, tokenizer, examples: list[Example], s, history: History, seed: int, q: float,
-          canaries: GradientCanaries | None = None) -> TrainResult:
+          canaries: GradientCanaries | None = None, noise_shared_by: int | None = None) -> TrainResult:
     """``local_steps`` steps of DP-SGD with Adam at public Poisson rate ``q`` over ``s.privacy_unit``
     (plain Adam on shuffled batches of ``batch-size`` examples when ``s.dp`` is false). With
-    ``canaries``, the site's white-box audit canaries ride in every DP-SGD step."""
+    ``canaries``, the site's white-box audit canaries ride in every DP-SGD step.
+
+    ``noise_shared_by = T`` is a site's share of one distributed-noise step (``share_step``)."""
     if not examples:  # a data problem of the site's, reported as one (category "data"), nothing released
         raise DataError("no training examples: every user of this site has a single event")
     model.train()
-    optimizer = adam(model, s)
+    charged = s.noise_multiplier  # the σ the accountant is charged: the sum's, under distributed noise
+    if noise_shared_by is None:
+        optimizer = adam(model, s)
+    else:  # this site adds its share σ/√T; the T shares in SecAgg+'s sum carry σ
+        optimizer = share_step(model, s)
+        s = dataclasses.replace(s, noise_multiplier=s.noise_multiplier / math.sqrt(noise_shared_by))
     # Under DP the batch sampling and the noise must be secret: a generator seeded from the
     # run config would let anyone who knows the seed replay (and subtract) the noise. Both
     # come from the OS entropy pool; only non-private training is reproducible from `seed`.
@@ -139,7 +147,7 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
     if s.dp:
         losses = dp_steps(model, optimizer, samples, units, cap, collate, s, q, generator, canaries)
         # Each step was one noisy DPOptimizer step at rate q: exactly what is accounted.
-        history = list(history) + [(s.noise_multiplier, q, s.local_steps)]
+        history = list(history) + [(charged, q, s.local_steps)]
         eps = epsilon(history, s.delta, s.accountant)
     else:
         torch.manual_seed(seed)  # the encoder's dropout too, so a non-private run replays exactly
@@ -163,9 +171,7 @@ def adam(model, s) -> torch.optim.Adam:
       is exactly the average of their ΔW (averaging A and B separately is not), and DP noise
       lands on half as many numbers.
     """
-    for n, p in model.named_parameters():
-        if "lora_" in n or "modules_to_save" in n:
-            p.requires_grad_(is_trained(n, s))
+    mark_trained(model, s)
     bias = [p for n, p in model.named_parameters() if n.endswith("scorer.modules_to_save.default.bias")]
     scale = [p for n, p in model.named_parameters() if n.endswith("scorer.modules_to_save.default.log_scale")]
     rest = [p for p in model.parameters() if p.requires_grad and all(p is not b for b in bias + scale)]
@@ -175,6 +181,25 @@ def adam(model, s) -> torch.optim.Adam:
     if s.scale_learning_rate > 0:
         groups.append({"params": scale, "lr": s.scale_learning_rate})
     return torch.optim.Adam(groups)
+
+
+def mark_trained(model, s) -> None:
+    for n, p in model.named_parameters():
+        if "lora_" in n or "modules_to_save" in n:
+            p.requires_grad_(is_trained(n, s))
+
+
+def share_step(model, s) -> torch.optim.SGD:
+    """A site's part of one distributed-noise step: SGD with step size 1, so the adapter it sends
+    is θ − g_k, g_k = (Σ clipped unit gradients + N(0, (σ/√T)²C²)) / batch-size.
+
+    SecAgg+ averages the K ≥ T sites' adapters with weight 1 each: θ − (Σ_k g_k)/K, whose noise
+    is N(0, (K/T)·σ²C²) on the K sites' summed clipped gradients, at least σ's when K ≥ T. It is
+    one DP-SGD step of the pooled sites (expected batch K·batch-size), and the server's optimizer
+    (``server-optimizer``, e.g. Adam) steps with it, as a pooled DP-Adam would. Only what Adam
+    would train moves: the same parameters, at one step size (the server's)."""
+    mark_trained(model, s)
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
 
 
 def dp_steps(model, optimizer, samples, units, cap, collate, s, q, generator, canaries=None) -> list[float]:

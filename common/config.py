@@ -62,7 +62,8 @@ def partition_root(s: Settings, num_clients: int) -> Path:
     if s.partition_dir:
         return Path(s.partition_dir).expanduser()
     spec = json.dumps([s.dataset, s.partition, num_clients, s.skew_alpha, s.seed, s.max_users, s.history_len,
-                       simulated_budget(s), "declared-users"]
+                       simulated_budget(s), "declared-users",
+                       "distributed-noise-max-sites"]
                       + ([s.canaries, s.canary_examples] if s.canaries else [])
                       + ([f"gradient-canaries={s.gradient_canaries}"] if s.gradient_canaries else []))
     return fedrec_home() / "partitions" / hashlib.sha256(spec.encode()).hexdigest()[:16]
@@ -130,6 +131,7 @@ class Settings:
     eval_noise_multiplier: float  # σ_e: the noisy evaluation sums each evaluate reply releases
     learning_rate: float
     server_learning_rate: float
+    server_optimizer: str  # sgd: global += η_s·(aggregate − global); adam: Adam with step η_s on global − aggregate
     bias_learning_rate: float
     scale_learning_rate: float
     # client-level central DP at the server (server/central_dp.py)
@@ -144,6 +146,7 @@ class Settings:
     secagg_reconstruction_threshold: float
     secagg_max_weight: float
     secagg_clipping_range: float
+    distributed_noise: bool  # one noisy gradient a round, the noise shared among the sites (client/train.py share_step)
     # reliability: reply checks, robust aggregation, timeouts (server/validation.py, server_app.py)
     max_update_norm: float
     aggregation: str
@@ -229,6 +232,8 @@ class Settings:
                 "eval-noise-multiplier must be > 0 when dp is on (evaluation metrics are a DP release)")
         require(self.learning_rate > 0, "learning-rate must be > 0")
         require(self.server_learning_rate > 0, "server-learning-rate must be > 0")
+        require(self.server_optimizer in ("sgd", "adam"), f"server-optimizer must be 'sgd' or 'adam', not "
+                                                          f"{self.server_optimizer!r}")
         require(self.bias_learning_rate >= 0, "bias-learning-rate must be >= 0 (0 = frozen)")
         require(self.scale_learning_rate >= 0, "scale-learning-rate must be >= 0 (0 = frozen)")
         require(not (self.dp and self.noise_multiplier == 0),
@@ -260,6 +265,15 @@ class Settings:
                 "secagg-reconstruction-threshold must be a fraction of the shares in (0, 1] or a whole number")
         require(self.secagg_max_weight > 0, "secagg-max-weight must be > 0 (the largest example count weighted)")
         require(self.secagg_clipping_range > 0, "secagg-clipping-range must be > 0")
+        require(not self.distributed_noise or (self.dp and self.secure_aggregation),
+                "distributed-noise splits σ among the sites, so each site's share carries only σ/√T and is private "
+                "only inside SecAgg+'s sum; set dp = true and secure-aggregation = true")
+        require(not (self.distributed_noise and self.gradient_canaries),
+                "gradient-canaries audit the noise one site adds, which under distributed-noise is by design only its "
+                "share σ/√T of the sum's σ; audit a run without distributed-noise")
+        require(not self.distributed_noise or self.local_steps == 1,
+                f"distributed-noise releases one noisy gradient a round, which the server steps with; local-steps = "
+                f"{self.local_steps} would release steps the sum does not cover; set local-steps = 1")
         require(self.max_update_norm > 0, "max-update-norm must be > 0 (the largest L2 norm of a client's update)")
         require(self.aggregation in AGGREGATIONS, f"aggregation must be one of {', '.join(AGGREGATIONS)}")
         require(0 <= self.trim_fraction < 0.5, "trim-fraction must be in [0, 0.5)")

@@ -179,6 +179,12 @@ class Budget:
     fixed in advance). A site with more than it declares trains with larger batches than
     ``batch-size``; the guarantee holds either way. ``privacy_unit``, when the site sets it, is
     the only unit it releases at.
+
+    ``distributed_noise_max_sites`` (``distributed-noise-max-sites``) is the largest number of
+    sites T the site shares DP-SGD's noise with (``distributed-noise``): in such a round it adds
+    σ/√T and charges σ, which holds only if SecAgg+'s sum has at least T honest sites in it. So
+    its own share alone never carries less than σ/√(this number). Not set: the site takes no
+    distributed-noise round.
     """
 
     epsilon_max: float
@@ -187,6 +193,7 @@ class Budget:
     declared_examples: int | None = None
     declared_users: int | None = None
     privacy_unit: str | None = None
+    distributed_noise_max_sites: int | None = None
 
 
 BUDGET_FILE = "budget.json"
@@ -196,7 +203,8 @@ class BudgetError(ValueError):
     """The client's budget is missing or malformed; the message names where it was read."""
 
 
-BUDGET_KEYS = ("epsilon-max", "delta", "declared-examples", "declared-users", "privacy-unit")
+BUDGET_KEYS = ("epsilon-max", "delta", "declared-examples", "declared-users", "privacy-unit",
+               "distributed-noise-max-sites")
 
 
 def read_budget(data_dir: Path, node_config: dict) -> Budget:
@@ -235,13 +243,19 @@ def read_budget(data_dir: Path, node_config: dict) -> Budget:
     unit = raw.get("privacy-unit")
     if unit is not None and unit not in UNITS:
         raise BudgetError(f"{source}: privacy-unit must be one of {', '.join(UNITS)}, got {unit!r}")
-    return Budget(float(eps), float(delta), source, raw.get("declared-examples"), raw.get("declared-users"), unit)
+    sites = raw.get("distributed-noise-max-sites")
+    if sites is not None and (isinstance(sites, bool) or not isinstance(sites, int) or sites < 2):
+        raise BudgetError(f"{source}: distributed-noise-max-sites must be a whole number >= 2 (the most sites this "
+                          f"site shares its noise with), got {sites!r}")
+    return Budget(float(eps), float(delta), source, raw.get("declared-examples"), raw.get("declared-users"), unit,
+                  sites)
 
 
 def write_budget(data_dir: Path, budget: Budget) -> None:
     eps = None if math.isinf(budget.epsilon_max) else budget.epsilon_max
     record = {"epsilon-max": eps, "delta": budget.delta, "declared-examples": budget.declared_examples,
-              "declared-users": budget.declared_users, "privacy-unit": budget.privacy_unit}
+              "declared-users": budget.declared_users, "privacy-unit": budget.privacy_unit,
+              "distributed-noise-max-sites": budget.distributed_noise_max_sites}
     record = {k: v for k, v in record.items() if v is not None or k == "epsilon-max"}
     (Path(data_dir) / BUDGET_FILE).write_text(json.dumps(record) + "\n")
 

@@ -64,15 +64,19 @@ REPLIES: dict[str, dict[str, Field]] = {
         "arrays": Field("tensors", "dp", "the adapter after local DP-SGD: Poisson rate q (public) over privacy "
                                          "units, each unit's gradient (an example's, or the mean over at most "
                                          "examples-per-user of a user's examples) clipped to max-grad-norm, "
-                                         "N(0, σ²C²) on the sum; (σ, q, local-steps)"),
+                                         "N(0, σ²C²) on the sum; (σ, q, local-steps). Under distributed-noise: "
+                                         "θ − one step's noisy gradient sum / batch-size, this site's noise "
+                                         "N(0, σ²C²/T) with T SecAgg+'s threshold, sent only inside SecAgg+, whose "
+                                         "sum of ≥ T sites carries σ; (σ, q, 1), under SecAgg+'s trust model"),
         "metrics.num-examples": Field(float, "dp", "Gaussian count of the privacy units trained on (examples or "
                                                    "users): n + N(0, count-noise-multiplier²), sensitivity 1; "
-                                                   "FedAvg's weight; (σ_n, 1, 1)"),
+                                                   "FedAvg's weight; (σ_n, 1, 1). Under distributed-noise: 1, "
+                                                   "public (every site weighs the same; nothing released)"),
         "metrics.steps": Field(int, "public", "local-steps (run config)"),
         "metrics.sample-rate": Field(float, "public", "q = batch-size / declared-examples or declared-users"),
         "metrics.noise-multiplier": Field(float, "public", "σ (run config)"),
         "metrics.max-grad-norm": Field(float, "public", "C (run config)"),
-        "metrics.count-noise-multiplier": Field(float, "public", "σ_n (run config)"),
+        "metrics.count-noise-multiplier": Field(float, "public", "σ_n (run config); 0 under distributed-noise"),
         **{f"metrics.{k}": f for k, f in ACCOUNTING.items()},
     },
     "evaluate": {

@@ -1,7 +1,8 @@
 """The aggregate step: the one aggregator a run chooses at start, behind Flower's Strategy interface.
 
-Each is a Flower strategy; the server learning rate wraps it the way Flower's own DP strategies
-wrap another (``ServerStep``):
+Each is a Flower strategy; the server's optimizer wraps it the way Flower's own DP strategies
+wrap another (``ServerStep``: a step of size η_s toward the aggregate; ``ServerAdam``: Adam on
+the difference, ``server-optimizer = adam``):
 
     fedavg        Flower's FedAvg: the example-weighted mean of the adapters
     median        Flower's FedMedian: the coordinate-wise median
@@ -19,6 +20,7 @@ compose (e.g. robust aggregation or central DP under SecAgg+).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Iterable
 
@@ -64,6 +66,51 @@ class ServerStep(Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
+
+    def state_dict(self) -> dict | None:
+        """The server optimizer's state to checkpoint with the round's adapter: none for a plain step."""
+        return None
+
+
+class ServerAdam(ServerStep):
+    """global ← Adam(global; gradient = global − the wrapped strategy's aggregate), step size η_s.
+
+    FedAdam (Reddi et al., ICLR 2021), with torch's Adam (bias-corrected, β = (0.9, 0.999),
+    ε = 1e-8). Under ``distributed-noise`` each site sends θ − g_k, one step of its noisy gradient,
+    and the aggregate is θ − ḡ: the pooled sites' noisy gradient, so this is DP-Adam over the
+    pooled sites, post-processing of the released sum. Its moments are the server's state: they
+    are saved with each round's adapter (``state_dict``) so a resumed run steps as it would have.
+    """
+
+    def __init__(self, strategy: FedAvg, server_learning_rate: float):
+        super().__init__(strategy, server_learning_rate)
+        self.params: dict[str, torch.nn.Parameter] = {}
+        self.optimizer: torch.optim.Adam | None = None
+        self.saved_state: dict | None = None  # a resumed run's moments, loaded at the first step
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        aggregate = arrays.to_torch_state_dict()
+        if self.optimizer is None:
+            self.params = {k: torch.nn.Parameter(v.detach().clone().float()) for k, v in self.sent.items()}
+            self.optimizer = torch.optim.Adam(self.params.values(), lr=self.server_learning_rate)
+            if self.saved_state is not None:
+                self.optimizer.load_state_dict(self.saved_state)
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.sent[k])
+                p.grad = (self.sent[k] - aggregate[k]).float()
+        self.optimizer.step()
+        return ArrayRecord({k: p.detach().to(self.sent[k].dtype).clone() for k, p in self.params.items()}), metrics
+
+    def state_dict(self) -> dict | None:
+        # A copy: torch's optimizer hands out its live moments, which its next step changes in place.
+        return copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
+
+    def load_state_dict(self, state: dict) -> None:
+        self.saved_state = state
 
 
 class SecureSum(FedAvg):
@@ -111,7 +158,7 @@ def choose(s: Settings, population: int) -> ServerStep:
         aggregator = MultiKrum(num_malicious_nodes=s.krum_malicious, num_nodes_to_select=s.krum_select, **common)
     else:
         aggregator = FedAvg(**common)
-    return ServerStep(aggregator, s.server_learning_rate)
+    return (ServerAdam if s.server_optimizer == "adam" else ServerStep)(aggregator, s.server_learning_rate)
 
 
 def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:

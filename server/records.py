@@ -33,10 +33,11 @@ def own_releases(phase: str, m: MetricRecord) -> list[dict]:
     if m["noise-multiplier"] <= 0:
         return []
     if phase == "train":
+        count = ([{"mechanism": "gaussian-count", "noise_multiplier": m["count-noise-multiplier"], "sample_rate": 1.0,
+                   "steps": 1, "max_grad_norm": 1.0}]
+                 if m["count-noise-multiplier"] > 0 else [])  # none under distributed noise: every site weighs 1
         return [{"mechanism": "dp-sgd", "noise_multiplier": m["noise-multiplier"], "sample_rate": m["sample-rate"],
-                 "steps": int(m["steps"]), "max_grad_norm": m["max-grad-norm"]},
-                {"mechanism": "gaussian-count", "noise_multiplier": m["count-noise-multiplier"], "sample_rate": 1.0,
-                 "steps": 1, "max_grad_norm": 1.0}]
+                 "steps": int(m["steps"]), "max_grad_norm": m["max-grad-norm"]}, *count]
     if phase == "evaluate":
         splits = sum(f"{prefix}count" in m for prefix in EVAL_SPLITS.values())
         return [{"mechanism": "gaussian-eval-sums", "noise_multiplier": m["noise-multiplier"], "sample_rate": 1.0,

@@ -87,7 +87,7 @@ class RoundPipeline(Strategy):
             self.record.server_release(released)
         self.row = train_row(server_round, replies, self.s, released["row"] if released else {})
         if arrays is not None:
-            self.run.checkpoint(server_round, arrays)
+            self.run.checkpoint(server_round, arrays, self.aggregator.state_dict())
         return arrays, metrics
 
     def norm(self, r: Reply) -> float | None:

@@ -21,10 +21,15 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from flwr.app import ArrayRecord
 
 from common.model import load_adapter_state
 from server.ledger import Ledger
+
+
+SERVER_OPTIMIZER = "server-optimizer.pt"  # server-optimizer = adam: its moments after the round
 
 
 class RunStopped(RuntimeError):
@@ -36,13 +41,16 @@ class RunDirectory:
         self.path, self.model = path, model
         self.metrics = path / "metrics.jsonl"
 
-    def checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
-        """``adapters/round-NNN``: a PEFT adapter folder, written whole or not at all."""
+    def checkpoint(self, server_round: int, arrays: ArrayRecord, optimizer_state: dict | None = None) -> None:
+        """``adapters/round-NNN``: a PEFT adapter folder, written whole or not at all, with the
+        server optimizer's state beside the adapter when it has one (``SERVER_OPTIMIZER``)."""
         load_adapter_state(self.model, arrays.to_torch_state_dict())
         target = self.path / "adapters" / f"round-{server_round:03d}"
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / SERVER_OPTIMIZER)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import flwr
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
@@ -30,14 +31,14 @@ from common.data import catalog_fingerprint, load_movielens, read_catalog, write
 from common.model import (adapter_config, adapter_state, build_model, fingerprint, load_adapter_state, load_encoder,
                           resolve_model_path, sequence_options)
 from common.units import ADJACENCY, UNITS, central_unit
-from server.aggregators import choose
+from server.aggregators import ServerAdam, choose
 from server.central_dp import CentralDP
 from server.ledger import Ledger
 from server.prior import popularity_prior
 from server.records import RoundRecord
 from server.replies import Names
 from server.rounds import RoundPipeline, wait_for_nodes
-from server.run_dir import RunDirectory, RunStopped
+from server.run_dir import SERVER_OPTIMIZER, RunDirectory, RunStopped
 from server.secure_aggregation import SecureGrid
 
 app = ServerApp()
@@ -69,8 +70,10 @@ def main(grid: Grid, context: Context) -> None:
     strategy = RoundPipeline(aggregator, run, record, s, names, resumed_from or 0,
                              partition_root(s, num_nodes) / "reference.json")
     if resumed_from is not None:
-        load_adapter_state(model, load_file(run.path / "adapters" / f"round-{resumed_from:03d}"
-                                            / "adapter_model.safetensors"))
+        folder = run.path / "adapters" / f"round-{resumed_from:03d}"
+        load_adapter_state(model, load_file(folder / "adapter_model.safetensors"))
+        if isinstance(aggregator, ServerAdam) and (folder / SERVER_OPTIMIZER).is_file():
+            aggregator.load_state_dict(torch.load(folder / SERVER_OPTIMIZER))
         strategy.started = time.time() - resume["elapsed-s"]  # elapsed-s carries on from the last row
         with open(run.path / "resumes.jsonl", "a") as f:
             f.write(json.dumps({"at": time.time(), "from-round": resumed_from, **resume,
@@ -84,7 +87,8 @@ def main(grid: Grid, context: Context) -> None:
     if s.secure_aggregation:
         grid = SecureGrid(grid, context, SecAggPlusWorkflow(
             whole_or_fraction(s.secagg_num_shares), whole_or_fraction(s.secagg_reconstruction_threshold),
-            max_weight=s.secagg_max_weight, clipping_range=s.secagg_clipping_range))
+            # Under distributed noise every site weighs 1 (its noisy gradient, not its example count).
+            max_weight=1.0 if s.distributed_noise else s.secagg_max_weight, clipping_range=s.secagg_clipping_range))
     stopped = None
     try:
         if (resumed_from or 0) >= s.num_server_rounds:

@@ -270,8 +270,11 @@ def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path)
         released = ([f"the popularity histogram (Gaussian, σ_h = {s.prior_noise_multiplier:g})"]
                     if s.popularity_prior else []) + [
             f"every adapter (DP-SGD: Poisson rate q = batch-size / declared-{s.privacy_unit}s, σ = "
-            f"{s.noise_multiplier:g}, C = {s.max_grad_norm:g})",
-            f"every {s.privacy_unit} count (Gaussian, σ_n = {s.count_noise_multiplier:g})",
+            f"{s.noise_multiplier:g}, C = {s.max_grad_norm:g})"] + ([
+            "under distributed-noise, σ is the noise of SecAgg+'s sum: each site added σ/√T (T its threshold), "
+            "so that ε holds only against a server that follows the protocol with at least T sites in each sum "
+            "(its own share alone carries σ/√T: the site's releases.jsonl records both)"]
+            if s.distributed_noise else [f"every {s.privacy_unit} count (Gaussian, σ_n = {s.count_noise_multiplier:g})"]) + [
             f"every evaluation (Gaussian on 4 sums per split scored, sensitivity √(4·splits), "
             f"σ_e = {s.eval_noise_multiplier:g})"]
         console.print(

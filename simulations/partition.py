@@ -144,7 +144,9 @@ def materialize(s, num_clients: int) -> Path:
             planted = [it for c in canaries if c["client"] == k and c["included"] for it in canary_interactions(c)]
             write_interactions([it for u in ids for it in users[u]] + planted, tmp / f"client-{k}")
             write_budget(tmp / f"client-{k}", Budget(math.inf if eps_max is None else eps_max, delta,
-                                                      declared_examples=declared, declared_users=declared_users))
+                                                      declared_examples=declared, declared_users=declared_users,
+                                                      # the simulator plays every site: all trust one another
+                                                      distributed_noise_max_sites=max(2, num_clients)))
             if s.gradient_canaries:  # the auditor's secret, on the site's side: the seed and who is in
                 (tmp / f"client-{k}" / GradientCanaries.FILE).write_text(json.dumps(
                     {"seed": secrets.token_hex(16), "included": [secrets.randbits(1) == 1

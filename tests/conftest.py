@@ -8,10 +8,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.config import PROJECT_DIR, Settings, defaults
 from common.data import leave_last_out, load_movielens
-from common.model import adapter_config, build_model, load_encoder, refresh_item_embeddings
+from common.model import adapter_config, build_model, load_encoder, refresh_item_embeddings, sequence_options
 from simulations.partition import select_users
 
 # The suite runs on two pytest-xdist workers, one test file at a time each (``-n 2 --dist
@@ -25,7 +26,8 @@ from simulations.partition import select_users
 # files with the most tests first (``--no-loadscope-reorder`` in pyproject.toml keeps this
 # order), which started the single 5-minute robust test near the end.
 SECONDS = {"test_resume": 690, "test_deployment": 500, "test_simulation_settings": 400, "test_robust": 310,
-           "test_simulation": 300, "test_secure_aggregation": 250, "test_faults": 150, "test_client": 130}
+           "test_simulation": 300, "test_secure_aggregation": 250, "test_faults": 150, "test_client": 130,
+           "test_distributed_noise": 110}
 
 
 def pytest_collection_modifyitems(items):
@@ -86,6 +88,28 @@ def model_and_tokenizer(movielens, settings, untrained_catalog_embeddings):
     model, tokenizer = fresh_model(movielens, settings)
     model.get_base_model().item_embeddings.copy_(untrained_catalog_embeddings)
     return model, tokenizer
+
+
+@pytest.fixture()
+def sequence_settings(settings):
+    return dataclasses.replace(settings, sequence_length=6, sequence_dim=16, lora_layers=1)
+
+
+@pytest.fixture()
+def sequence_training_model(request, movielens, sequence_settings, untrained_catalog_embeddings):
+    """The sequence tower trained alone, user-level. Parametrize indirectly with a
+    ``sequence-projection`` (0 when not)."""
+    catalog, _ = movielens
+    s = dataclasses.replace(sequence_settings, sequence_training=True, privacy_unit="user", sequence_dropout=0.0,
+                            sequence_projection=getattr(request, "param", 0))
+    encoder, tokenizer = load_encoder(s.model, s.model_layers)
+    model = build_model(encoder, len(catalog), adapter_config(s, encoder), **sequence_options(s))
+    model.get_base_model().set_item_embeddings(untrained_catalog_embeddings)
+    with torch.no_grad():  # away from the zero start (W_out = 0), so outputs and gradients are not trivial
+        for name, p in model.named_parameters():
+            if ".sequence." in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model, tokenizer, s
 
 
 @pytest.fixture()

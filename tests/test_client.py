@@ -455,3 +455,19 @@ def test_a_sequence_trained_site_encodes_the_catalog_once_whatever_the_tower_doe
                                               arrays=trained.content["arrays"]), context)
     assert not evaluated.has_error(), evaluated.error
     assert len(encoded) == 1
+
+
+def test_a_site_shares_its_noise_only_inside_secagg_and_only_if_it_chose_to(node):
+    catalog, _, data_dir, context = node
+    context.run_config.update({"distributed-noise": True, "secure-aggregation": True, "local-steps": 1})
+    price = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=7, message_type="query.price")
+    declined = client_app.app(price, context)  # its budget names no distributed-noise-max-sites
+    assert "distributed-noise-max-sites" in str(declined.content["decline"]["reason"])
+    write_budget(data_dir, Budget(8.0, 1e-5, declared_examples=64, distributed_noise_max_sites=5))
+    assert "decline" not in client_app.app(price, context).content
+    history = load_history(data_dir / "state")
+    # A plain train request (no SecAgg+ around it) would make the server see a σ/√T share alone.
+    with pytest.raises(client_app.SiteError, match=r"site error \(request\)"):
+        client_app.app(server_message(catalog, context.run_config, 1), context)
+    assert "outside SecAgg+" in (data_dir / "state" / "errors.log").read_text()
+    assert load_history(data_dir / "state") == history  # nothing released, nothing charged

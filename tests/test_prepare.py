@@ -39,7 +39,8 @@ COLUMNS = ["--columns", "user_id=customer", "item_id=movie", "rating=stars", "ti
 def test_prepare_csv_and_jsonl_give_the_client_format(site, capsys):
     root, events = site
     assert fedrec(["client", "prepare", str(root / "export.csv"), "--catalog", str(root / "catalog.csv"),
-                   "--out", str(root / "a"), *COLUMNS, "--epsilon-max", "4"]) == 0
+                   "--out", str(root / "a"), *COLUMNS, "--epsilon-max", "4", "--distributed-noise-max-sites",
+                   "5"]) == 0
     assert fedrec(["client", "prepare", str(root / "export.jsonl"), "--catalog", str(root / "catalog.csv"),
                    "--out", str(root / "b")]) == 0
     catalog = read_catalog(root / "a" / "catalog.csv")
@@ -49,11 +50,13 @@ def test_prepare_csv_and_jsonl_give_the_client_format(site, capsys):
     # Same events, same order, same timestamps either way; ratings and reviews only from the CSV.
     assert [(i.item_id, i.timestamp) for i in a[first]] == [(i.item_id, i.timestamp) for i in b[first]]
     assert all(i.rating is None for i in b[first]) and any(i.text == "fine, really" for i in a[first])
-    assert json.loads((root / "a" / "budget.json").read_text()) == {"epsilon-max": 4.0, "delta": 1e-5}
+    assert json.loads((root / "a" / "budget.json").read_text()) == {"epsilon-max": 4.0, "delta": 1e-5,
+                                                                     "distributed-noise-max-sites": 5}
     capsys.readouterr()
     assert fedrec(["client", "validate", str(root / "a")]) == 0
     out = capsys.readouterr().out
     assert "│ events " in out and str(len(events)) in out and "ε ≤ 4 at δ = 1e-05" in out
+    assert "shares its noise with up to 5 sites" in " ".join(out.replace("│", " ").split())
 
 
 def test_replace_keeps_a_backup_and_the_accountant(site):

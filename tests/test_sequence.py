@@ -19,11 +19,6 @@ from tests.per_example import checked_per_example_gradients
 
 
 @pytest.fixture()
-def sequence_settings(settings):
-    return dataclasses.replace(settings, sequence_length=6, sequence_dim=16, lora_layers=1)
-
-
-@pytest.fixture()
 def sequence_model(movielens, sequence_settings, untrained_catalog_embeddings):
     catalog, _ = movielens
     s = sequence_settings
@@ -157,22 +152,6 @@ def test_recommend_reads_the_tower_from_a_run_directory(sequence_model, sequence
 
 
 # ---- sequence training: one sample per user sequence, every position predicted ----
-
-@pytest.fixture()
-def sequence_training_model(request, movielens, sequence_settings, untrained_catalog_embeddings):
-    """Parametrize indirectly with a ``sequence-projection`` (0 when not)."""
-    catalog, _ = movielens
-    s = dataclasses.replace(sequence_settings, sequence_training=True, privacy_unit="user", sequence_dropout=0.0,
-                            sequence_projection=getattr(request, "param", 0))
-    encoder, tokenizer = load_encoder(s.model, s.model_layers)
-    model = build_model(encoder, len(catalog), adapter_config(s, encoder), **sequence_options(s))
-    model.get_base_model().set_item_embeddings(untrained_catalog_embeddings)
-    with torch.no_grad():  # away from the zero start (W_out = 0), so outputs and gradients are not trivial
-        for name, p in model.named_parameters():
-            if ".sequence." in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model, tokenizer, s
-
 
 def test_a_users_windows_predict_each_of_their_items_once_from_its_past(small_split):
     _, _, train_ex, _, _ = small_split
