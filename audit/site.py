@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sqlite3
 from pathlib import Path
 
@@ -146,6 +147,17 @@ def check_ledger(run_dir: Path, client_id: str | None, log: list[dict]) -> tuple
     return name, findings, notes
 
 
+def quantization_delta(log: list[dict], epsilon: float) -> float | None:
+    """What SecAgg+'s rounding of the site's distributed-noise shares adds to δ: (1 + e^ε)·Σ τ over
+    those releases (client/secure_aggregation.py ``quantization_slack``); 0 without such releases,
+    None if one of them did not record its τ."""
+    shared = [r for r in log if "noise-shared-by" in r]
+    if any("quantization-slack" not in r for r in shared):
+        return None
+    total = sum(r["quantization-slack"] for r in shared)
+    return 0.0 if total == 0 else total * (1 + math.exp(min(epsilon, 700.0)))
+
+
 def site_audit(data_dir: Path, state_dir: Path | None = None, ledger: Path | None = None) -> dict:
     state_dir = Path(state_dir) if state_dir else Path(data_dir) / "state"
     records = site_records(state_dir)
@@ -164,7 +176,8 @@ def site_audit(data_dir: Path, state_dir: Path | None = None, ledger: Path | Non
               "epsilon-max": budget.get("epsilon-max"),
               "releases": [{**r, "epsilon-recomputed": after[r["index"]] if r["index"] < len(after) else None}
                            for r in sorted(log, key=lambda r: r["index"])],
-              "retired": records["retired"], "retired-releases": records["retired-releases"], "ledger": None}
+              "retired": records["retired"], "retired-releases": records["retired-releases"], "ledger": None,
+              "quantization-delta": quantization_delta(log, lifetime)}
     if ledger is not None:
         name, differ, notes = check_ledger(ledger, records["client-id"], log)
         findings += differ
@@ -192,6 +205,11 @@ def main(data_dir: Path, state_dir: Path | None, ledger: Path | None, json_out: 
     console.print(f"Lifetime ε = {report['epsilon-recomputed']:.4f} (dp-accounting, recomputed; the node recorded "
                   f"{report['epsilon-recorded']:.4f} with Opacus {report['accountant'].upper()}) at "
                   f"δ = {report['delta']:g}, {report['unit']}; budget ε ≤ {budget}.")
+    if any("noise-shared-by" in r for r in report["releases"]):
+        extra = report["quantization-delta"]
+        console.print("Distributed-noise releases hold under SecAgg+'s trust model, and SecAgg+'s rounding adds "
+                      + ("an unknown amount (a release did not record its τ)" if extra is None else f"{extra:.3g}")
+                      + " to δ.")
     for r in report["retired"]:
         console.print(f"Retired accountant ({r['reason']}): ε = {r['retired-epsilon']}, δ = {r['retired-delta']} "
                       f"({r['retired']}); it is not composed with the current one.")

@@ -40,7 +40,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.secure_aggregation import inside_secure_sum, secure_aggregation_mod
+from client.secure_aggregation import SecureSum, inside_secure_sum, secure_aggregation_mod
 from client.train import GradientCanaries, evaluation_sums, privacy_units
 from client.train import train as train_local
 from common.config import ConfigError, Settings, partition_root
@@ -292,12 +292,12 @@ def train(msg: Message, context: Context) -> Message:
     q, releases = train_releases(s, budget)
     if reason := check_budget(s, budget, state_dir, history, releases) or distributed_noise_refusal(s, budget):
         return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
-    noise_shared_by = noise_share(s, budget)
+    share = noise_share(s, budget)
     # A simulated client is its partition, whatever node id it got this run.
     node = int(context.node_config.get("partition-id", context.node_id))
     seed = s.seed * 1_000_003 + server_round * 7919 + node % 100_003
     canaries = gradient_canaries(context, s, state_dir, server_round)
-    result = train_local(model, tokenizer, train_examples, s, history, seed, q, canaries, noise_shared_by)
+    result = train_local(model, tokenizer, train_examples, s, history, seed, q, canaries, share)
     if cache := prefix_cache(model, tokenizer):
         cache.save_new()  # for a deployed site's next process
     if canaries is not None:
@@ -308,9 +308,11 @@ def train(msg: Message, context: Context) -> Message:
         count, history = 1.0, result.history
         rows = release_record(s, context, msg, "train",
                               ("dp-sgd", s.noise_multiplier, result.sample_rate, result.steps, s.max_grad_norm))
-        # σ is the sum's; this site's own share carried σ/√T (its guarantee should SecAgg+ fail it).
-        rows[0].update({"noise-shared-by": noise_shared_by,
-                        "own-noise-multiplier": s.noise_multiplier / math.sqrt(noise_shared_by)})
+        # σ is the sum's; this site's own share carried σ/√T (its guarantee should SecAgg+ fail it),
+        # and SecAgg+'s rounding of it adds τ to the sum's δ (client/secure_aggregation.py).
+        rows[0].update({"noise-shared-by": share.threshold,
+                        "own-noise-multiplier": s.noise_multiplier / math.sqrt(share.threshold),
+                        "quantization-slack": result.quantization_slack})
         eps = save_history(state_dir, history, s.accountant, s.delta, s.privacy_unit, rows)
     elif s.dp:
         # Clamping at 1 is post-processing: FedAvg needs a positive weight.
@@ -370,22 +372,22 @@ def distributed_noise_refusal(s: Settings, budget: Budget) -> str | None:
     return None
 
 
-def noise_share(s: Settings, budget: Budget) -> int | None:
-    """T, the number of sites this site's DP-SGD noise is shared by (it adds σ/√T), or None.
+def noise_share(s: Settings, budget: Budget) -> SecureSum | None:
+    """The SecAgg+ protocol this site's DP-SGD noise is shared in (it adds σ/√T), or None.
 
     Only inside SecAgg+ (``inside_secure_sum``: the protocol's threshold T, the fewest masked
-    vectors its sum is unmasked from), and only up to the site's own limit: a share of σ sent
-    where the server could read it alone would be released at σ/√T while charged at σ."""
+    vectors its sum is unmasked from, and its grid), and only up to the site's own limit: a share
+    of σ sent where the server could read it alone would be released at σ/√T while charged at σ."""
     if not s.distributed_noise:
         return None
-    threshold = inside_secure_sum()
-    if threshold is None:
+    protocol = inside_secure_sum()
+    if protocol is None:
         raise ConfigError("distributed-noise: a train request outside SecAgg+; this site sends its share of the "
                           "noise only inside the secure sum")
-    if threshold > budget.distributed_noise_max_sites:
-        raise ConfigError(f"distributed-noise: SecAgg+'s threshold is {threshold} sites, more than this site's "
-                          f"distributed-noise-max-sites = {budget.distributed_noise_max_sites}")
-    return threshold
+    if protocol.threshold > budget.distributed_noise_max_sites:
+        raise ConfigError(f"distributed-noise: SecAgg+'s threshold is {protocol.threshold} sites, more than this "
+                          f"site's distributed-noise-max-sites = {budget.distributed_noise_max_sites}")
+    return protocol
 
 
 @app.query("price")

@@ -38,6 +38,8 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
 
+from client.secure_aggregation import QUANTIZATION_SLACK_MAX, SecureSum, quantization_slack
+from common.config import ConfigError
 from common.data import DataError, Example, privacy_units
 from common.metrics import METRICS, metrics_from_ranks, per_user_metrics, target_ranks
 from common.model import device, history_inputs, is_trained, score_users, text_inputs
@@ -52,6 +54,7 @@ class TrainResult:
     sample_rate: float
     history: History  # the accountant's full history after this round
     epsilon: float
+    quantization_slack: float = 0.0  # a distributed-noise share's τ (client/secure_aggregation.py)
 
 
 def _collate(model, tokenizer, max_length, num_items):
@@ -118,21 +121,22 @@ def _collate_windows(model, num_items):
 
 
 def train(model, tokenizer, examples: list[Example], s, history: History, seed: int, q: float,
-          canaries: GradientCanaries | None = None, noise_shared_by: int | None = None) -> TrainResult:
+          canaries: GradientCanaries | None = None, share: SecureSum | None = None) -> TrainResult:
     """``local_steps`` steps of DP-SGD with Adam at public Poisson rate ``q`` over ``s.privacy_unit``
     (plain Adam on shuffled batches of ``batch-size`` examples when ``s.dp`` is false). With
     ``canaries``, the site's white-box audit canaries ride in every DP-SGD step.
 
-    ``noise_shared_by = T`` is a site's share of one distributed-noise step (``share_step``)."""
+    With ``share`` (the running SecAgg+ protocol), this is a site's share of one distributed-noise
+    step (``share_step``)."""
     if not examples:  # a data problem of the site's, reported as one (category "data"), nothing released
         raise DataError("no training examples: every user of this site has a single event")
     model.train()
     charged = s.noise_multiplier  # the σ the accountant is charged: the sum's, under distributed noise
-    if noise_shared_by is None:
-        optimizer = adam(model, s)
+    if share is None:
+        optimizer, box, slack = adam(model, s), None, 0.0
     else:  # this site adds its share σ/√T; the T shares in SecAgg+'s sum carry σ
-        optimizer = share_step(model, s)
-        s = dataclasses.replace(s, noise_multiplier=s.noise_multiplier / math.sqrt(noise_shared_by))
+        optimizer, box, slack = share_step(model, s, share)
+        s = dataclasses.replace(s, noise_multiplier=s.noise_multiplier / math.sqrt(share.threshold))
     # Under DP the batch sampling and the noise must be secret: a generator seeded from the
     # run config would let anyone who knows the seed replay (and subtract) the noise. Both
     # come from the OS entropy pool; only non-private training is reproducible from `seed`.
@@ -145,7 +149,7 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
         samples, units = examples, privacy_units(examples, s.privacy_unit)
         collate, cap = _collate(model, tokenizer, s.max_length, num_items), s.examples_per_user
     if s.dp:
-        losses = dp_steps(model, optimizer, samples, units, cap, collate, s, q, generator, canaries)
+        losses = dp_steps(model, optimizer, samples, units, cap, collate, s, q, generator, canaries, box)
         # Each step was one noisy DPOptimizer step at rate q: exactly what is accounted.
         history = list(history) + [(charged, q, s.local_steps)]
         eps = epsilon(history, s.delta, s.accountant)
@@ -153,7 +157,7 @@ def train(model, tokenizer, examples: list[Example], s, history: History, seed: 
         torch.manual_seed(seed)  # the encoder's dropout too, so a non-private run replays exactly
         losses, eps = plain_steps(model, optimizer, samples, collate, s, generator), math.inf
     model.zero_grad(set_to_none=True)
-    return TrainResult(sum(losses) / max(len(losses), 1), s.local_steps, q if s.dp else 0.0, history, eps)
+    return TrainResult(sum(losses) / max(len(losses), 1), s.local_steps, q if s.dp else 0.0, history, eps, slack)
 
 
 def adam(model, s) -> torch.optim.Adam:
@@ -189,7 +193,7 @@ def mark_trained(model, s) -> None:
             p.requires_grad_(is_trained(n, s))
 
 
-def share_step(model, s) -> torch.optim.SGD:
+def share_step(model, s, share: SecureSum) -> tuple[torch.optim.SGD, float, float]:
     """A site's part of one distributed-noise step: SGD with step size 1, so the adapter it sends
     is θ − g_k, g_k = (Σ clipped unit gradients + N(0, (σ/√T)²C²)) / batch-size.
 
@@ -197,22 +201,58 @@ def share_step(model, s) -> torch.optim.SGD:
     is N(0, (K/T)·σ²C²) on the K sites' summed clipped gradients, at least σ's when K ≥ T. It is
     one DP-SGD step of the pooled sites (expected batch K·batch-size), and the server's optimizer
     (``server-optimizer``, e.g. Adam) steps with it, as a pooled DP-Adam would. Only what Adam
-    would train moves: the same parameters, at one step size (the server's)."""
+    would train moves: the same parameters, at one step size (the server's).
+
+    SecAgg+ clips what it sums to ±r and rounds it to a grid, which the accounting of a Gaussian
+    sum does not cover (``quantization_slack``). So the clipped sum is boxed to ±r/4 · batch-size
+    per coordinate before the noise (a projection: the sensitivity stays C), which keeps the clean
+    value θ − sum/batch-size within max|θ| + r/4, and the share is refused (category "request",
+    nothing released) when its τ exceeds QUANTIZATION_SLACK_MAX. Returns the optimizer, the box
+    on the sum and τ."""
     mark_trained(model, s)
-    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    box = share.clipping_range / 4
+    largest = max(float(p.detach().abs().max()) for p in trained) + box
+    noise_std = s.noise_multiplier / math.sqrt(share.threshold) * s.max_grad_norm / s.batch_size
+    slack = quantization_slack(share, noise_std, largest, sum(p.numel() for p in trained))
+    if not slack <= QUANTIZATION_SLACK_MAX:
+        raise ConfigError(f"distributed-noise: SecAgg+'s quantization (±{share.clipping_range:g} in "
+                          f"{share.levels} steps) would leave τ = {slack:.3g} > {QUANTIZATION_SLACK_MAX:g} between "
+                          "the sum the server sees and the Gaussian sum accounted; a share's noise is too small "
+                          "for the grid, or the global adapter too close to ±secagg-clipping-range")
+    return torch.optim.SGD(trained, lr=1.0), box * s.batch_size, slack
 
 
-def dp_steps(model, optimizer, samples, units, cap, collate, s, q, generator, canaries=None) -> list[float]:
+class BoxedSumDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer with the clipped sum clamped to [−box, box] per coordinate before the
+    noise. The clamp is the projection onto a box, 1-Lipschitz in L2: two sums within C of each
+    other stay within C, so the Gaussian mechanism's sensitivity and its accounting are unchanged."""
+
+    def __init__(self, *args, box: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.box = box
+
+    def add_noise(self):
+        for p in self.params:
+            p.summed_grad.clamp_(-self.box, self.box)
+        super().add_noise()
+
+
+def dp_steps(model, optimizer, samples, units, cap, collate, s, q, generator, canaries=None,
+             box=None) -> list[float]:
     """``local_steps`` DP-SGD steps, each on a Poisson sample of privacy ``units`` (lists of indices
-    into ``samples``; at most ``cap`` samples of a unit per step, None: all); see the module doc."""
+    into ``samples``; at most ``cap`` samples of a unit per step, None: all); see the module doc.
+    With ``box``, the clipped sum is clamped to ±box per coordinate before the noise."""
     sampler = UniformWithReplacementSampler(num_samples=len(units), sample_rate=q, generator=generator,
                                             steps=s.local_steps)
     module = GradSampleModule(model, loss_reduction="sum")
     losses = []
     try:  # from here on, whatever fails, the model leaves without Opacus' hooks
         # expected_batch_size = batch-size, public: the noisy sum is divided by it, not by q·n.
-        optimizer = DPOptimizer(optimizer, noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
-                                expected_batch_size=s.batch_size, loss_reduction="mean", generator=generator)
+        boxed = {} if box is None else {"box": box}
+        optimizer = (DPOptimizer if box is None else BoxedSumDPOptimizer)(
+            optimizer, noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
+            expected_batch_size=s.batch_size, loss_reduction="mean", generator=generator, **boxed)
         if canaries is not None:
             canaries.attach(optimizer, q, s.max_grad_norm)
         for sampled in sampler:
