@@ -40,7 +40,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.secure_aggregation import SecureSum, inside_secure_sum, secure_aggregation_mod
+from client.secure_aggregation import (QUANTIZATION_SLACK_MAX, SecureSum, inside_secure_sum, quantization_slack,
+                                       secure_aggregation_mod)
 from client.train import GradientCanaries, evaluation_sums, privacy_units
 from client.train import train as train_local
 from common.config import ConfigError, Settings, partition_root
@@ -52,6 +53,7 @@ from common.prefix_cache import save_atomically
 from common.privacy import (Budget, BudgetError, client_id, epsilon, history_metrics, load_history,
                             public_sample_rate, read_budget, save_history, spend, unit_conflict)
 from common.releases import ERROR_CATEGORIES, EVAL_SPLITS, check_reply, eval_sensitivity
+from common.secure_aggregation import HISTOGRAM_UNIT, PRIOR_PHASE
 from common.units import UNITS
 
 app = ClientApp(mods=[secure_aggregation_mod])  # a no-op unless the round is a SecAgg+ round
@@ -286,6 +288,8 @@ def secret_noise(n: int, std: float) -> torch.Tensor:
 def train(msg: Message, context: Context) -> Message:
     """Two releases: the adapter after DP-SGD (σ, q, local-steps) and the noisy example count
     FedAvg weighs it by (σ_n, 1, 1). Both are priced, from public numbers only, before training."""
+    if msg.content["config"].get("phase") == PRIOR_PHASE:  # the prior's histogram inside SecAgg+
+        return histogram_reply(msg, context, shared=True)
     s, budget, state_dir, model, tokenizer, train_examples, _, _ = prepare(msg, context)
     server_round = int(msg.content["config"]["server-round"])
     history = load_history(state_dir)
@@ -308,11 +312,7 @@ def train(msg: Message, context: Context) -> Message:
         count, history = 1.0, result.history
         rows = release_record(s, context, msg, "train",
                               ("dp-sgd", s.noise_multiplier, result.sample_rate, result.steps, s.max_grad_norm))
-        # σ is the sum's; this site's own share carried σ/√T (its guarantee should SecAgg+ fail it),
-        # and SecAgg+'s rounding of it adds τ to the sum's δ (client/secure_aggregation.py).
-        rows[0].update({"noise-shared-by": share.threshold,
-                        "own-noise-multiplier": s.noise_multiplier / math.sqrt(share.threshold),
-                        "quantization-slack": result.quantization_slack})
+        rows[0].update(share_fields(s.noise_multiplier, share, result.quantization_slack))
         eps = save_history(state_dir, history, s.accountant, s.delta, s.privacy_unit, rows)
     elif s.dp:
         # Clamping at 1 is post-processing: FedAvg needs a positive weight.
@@ -393,13 +393,14 @@ def noise_share(s: Settings, budget: Budget) -> SecureSum | None:
 @app.query("price")
 @site_errors
 def price(msg: Message, context: Context) -> Message:
-    """Would this site take a train round? Asked before a SecAgg+ round, whose protocol has no
+    """Would this site take a train round (or the prior's SecAgg+ round)? Asked before a SecAgg+ round, whose protocol has no
     place for a decline. The answer is a decline, or an empty reply (take part); it releases
     nothing and costs nothing."""
     s, budget, _, _, state_dir = settings_and_budget(context)
     history = load_history(state_dir)
-    if reason := (check_budget(s, budget, state_dir, history, train_releases(s, budget)[1])
-                  or distributed_noise_refusal(s, budget)):
+    prior = msg.content["config"].get("phase") == PRIOR_PHASE  # the prior's histogram inside SecAgg+
+    releases = [(s.prior_noise_multiplier, 1.0, 1)] if prior else train_releases(s, budget)[1]
+    if reason := (check_budget(s, budget, state_dir, history, releases) or distributed_noise_refusal(s, budget)):
         return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
     content = RecordDict()
     check_reply("price", content)
@@ -418,25 +419,62 @@ def popularity(msg: Message, context: Context) -> Message:
     (``central-dp = true``, ``dp = false``) the site sends its histogram scaled to L2 norm 1 and
     the server adds the noise (``server/prior.py``).
     """
+    return histogram_reply(msg, context, shared=False)
+
+
+def histogram_reply(msg: Message, context: Context, shared: bool) -> Message:
+    """The prior's histogram (``popularity``), or with ``shared`` this site's share of it inside
+    SecAgg+ under distributed noise: N(0, σ_h²/T) on counts boxed to [0, r/2 / HISTOGRAM_UNIT]
+    (a projection: the sensitivity stays 1), sent in units of HISTOGRAM_UNIT (every reply weighs 1). The
+    sum of ≥ T shares carries σ_h; the site is charged (σ_h, 1, 1) either way."""
     s, budget, data_dir, catalog_path, state_dir = settings_and_budget(context)
     catalog, train_examples, _, _ = load_data(data_dir, catalog_path, s.history_len)
     history = load_history(state_dir)
-    if reason := check_budget(s, budget, state_dir, history, [(s.prior_noise_multiplier, 1.0, 1)]):
+    if reason := (check_budget(s, budget, state_dir, history, [(s.prior_noise_multiplier, 1.0, 1)])
+                  or (distributed_noise_refusal(s, budget) if shared else None)):
         return decline(msg, reason, epsilon(history, s.delta, s.accountant), budget, state_dir, history)
+    share = noise_share(s, budget) if shared else None
     counts, eps = unit_histogram(train_examples, len(catalog), s.privacy_unit), math.inf
     if s.central_dp:  # the server adds the noise (dp = false here): the site bounds its share to L2 norm 1
         counts = counts / max(1.0, float(counts.norm()))
     if s.dp:
-        counts += secret_noise(len(catalog), s.prior_noise_multiplier).float()
+        rows = release_record(s, context, msg, "prior", ("gaussian-histogram", s.prior_noise_multiplier, 1.0, 1, 1.0))
+        if share is None:
+            counts += secret_noise(len(catalog), s.prior_noise_multiplier).float()
+        else:
+            counts, rows[0] = shared_histogram(counts, s, share), {**rows[0], **share_fields(
+                s.prior_noise_multiplier, share, histogram_slack(s, share, len(catalog)))}
         history = history + [(s.prior_noise_multiplier, 1.0, 1)]
-        eps = save_history(state_dir, history, s.accountant, s.delta, s.privacy_unit, release_record(
-            s, context, msg, "prior", ("gaussian-histogram", s.prior_noise_multiplier, 1.0, 1, 1.0)))
+        eps = save_history(state_dir, history, s.accountant, s.delta, s.privacy_unit, rows)
     metrics = {"epsilon": eps, "delta": s.delta,
                "noise-multiplier": s.prior_noise_multiplier if s.dp else 0.0, "sample-rate": 1.0, "steps": 1,
-               "epsilon-max": budget.epsilon_max, "declined": 0, **identity(state_dir, history)}
+               "epsilon-max": budget.epsilon_max, "declined": 0, "num-examples": 1.0, **identity(state_dir, history)}
     content = RecordDict({"arrays": ArrayRecord({"counts": counts}), "metrics": MetricRecord(metrics)})
     check_reply("prior", content)
     return Message(content=content, reply_to=msg)
+
+
+def shared_histogram(counts: torch.Tensor, s: Settings, share: SecureSum) -> torch.Tensor:
+    box = share.clipping_range / 2 / HISTOGRAM_UNIT
+    noise = secret_noise(len(counts), s.prior_noise_multiplier / math.sqrt(share.threshold))
+    return ((counts.double().clamp(0.0, box) + noise) * HISTOGRAM_UNIT).float()
+
+
+def histogram_slack(s: Settings, share: SecureSum, num_items: int) -> float:
+    """τ of a histogram share (client/secure_aggregation.py): its values lie within r/2 before the noise."""
+    noise_std = s.prior_noise_multiplier / math.sqrt(share.threshold) * HISTOGRAM_UNIT
+    slack = quantization_slack(share, noise_std, share.clipping_range / 2, num_items)
+    if not slack <= QUANTIZATION_SLACK_MAX:
+        raise ConfigError(f"distributed-noise: SecAgg+'s quantization (±{share.clipping_range:g} in {share.levels} "
+                          f"steps) would leave τ = {slack:.3g} > {QUANTIZATION_SLACK_MAX:g} on the prior's histogram")
+    return slack
+
+
+def share_fields(sigma: float, share: SecureSum, slack: float) -> dict:
+    """What a site's record of a distributed-noise release adds: σ is the sum's; its own share
+    carried σ/√T (its guarantee should SecAgg+ fail it); SecAgg+'s rounding adds τ to δ."""
+    return {"noise-shared-by": share.threshold, "own-noise-multiplier": sigma / math.sqrt(share.threshold),
+            "quantization-slack": slack}
 
 
 @app.evaluate()

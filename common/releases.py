@@ -66,7 +66,8 @@ REPLIES: dict[str, dict[str, Field]] = {
                                          "examples-per-user of a user's examples) clipped to max-grad-norm, "
                                          "N(0, σ²C²) on the sum; (σ, q, local-steps). Under distributed-noise: "
                                          "θ − one step's noisy gradient sum / batch-size, this site's noise "
-                                         "N(0, σ²C²/T) with T SecAgg+'s threshold, sent only inside SecAgg+, whose "
+                                         "N(0, σ²C²/T) with T SecAgg+'s threshold on the clipped sum boxed to ±r/4 · "
+                                         "batch-size per coordinate, sent only inside SecAgg+, whose "
                                          "sum of ≥ T sites carries σ; (σ, q, 1), under SecAgg+'s trust model"),
         "metrics.num-examples": Field(float, "dp", "Gaussian count of the privacy units trained on (examples or "
                                                    "users): n + N(0, count-noise-multiplier²), sensitivity 1; "
@@ -95,7 +96,12 @@ REPLIES: dict[str, dict[str, Field]] = {
         "arrays": Field("tensors", "dp", "Gaussian histogram of training targets: + N(0, σ_h²) per item, "
                                          "sensitivity 1 (one count per example, or a user's counts scaled to "
                                          "unit L2 norm); (σ_h, 1, 1). Under central-dp (dp = false): the "
-                                         "histogram scaled to L2 norm ≤ 1, noised once by the server"),
+                                         "histogram scaled to L2 norm ≤ 1, noised once by the server. Under "
+                                         "distributed-noise: counts boxed to [0, r/2 / 1e-3], + N(0, σ_h²/T), in "
+                                         "thousands, only inside SecAgg+, whose sum of ≥ T sites carries σ_h; "
+                                         "(σ_h, 1, 1), under SecAgg+'s trust model"),
+        "metrics.num-examples": Field(float, "public", "1, always: a histogram's weight (in SecAgg+'s sum under "
+                                                       "distributed-noise, every site weighs the same)"),
         "metrics.noise-multiplier": Field(float, "public", "σ_h (run config prior-noise-multiplier)"),
         "metrics.sample-rate": Field(float, "public", "1"),
         "metrics.steps": Field(int, "public", "1"),

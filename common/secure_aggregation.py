@@ -8,3 +8,8 @@ after checking the names match its own.
 
 ADAPTER_KEYS = "adapter-keys"
 SECURE_ERROR = "secure aggregation"
+
+# Under distributed noise the popularity prior's histogram also goes through SecAgg+, whose
+# values must lie within ±secagg-clipping-range: a site sends its counts in thousands.
+HISTOGRAM_UNIT = 1e-3
+PRIOR_PHASE = "prior"  # the `phase` a SecAgg+ round's config names when it sums histograms

@@ -8,7 +8,10 @@ Under DP noise, learning this bias by DP-SGD alone takes far more steps. Two mec
   privacy unit) and its own accountant records the release;
 * central (``central-dp = true``): each client sends its histogram scaled to L2 norm 1, the
   server clips it to 1 again, sums and adds N(0, σ_h²) once, in its client-level accountant.
-  The noise does not grow with the number of clients, which one client per user needs.
+  The noise does not grow with the number of clients, which one client per user needs;
+* shared (``distributed-noise = true``): the histograms go through SecAgg+ as one round whose
+  config names ``phase = prior``; each site adds N(0, σ_h²/T) to its own, so the sum the server
+  unmasks carries σ_h once, as the central prior's does, with no site's histogram seen alone.
 
 ``prior.json`` says who answered.
 """
@@ -18,11 +21,14 @@ from __future__ import annotations
 import json
 import logging
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 
 from common.config import Settings
 from common.model import adapter_state, set_item_bias
+from common.secure_aggregation import HISTOGRAM_UNIT, PRIOR_PHASE
 from server.central_dp import ACCOUNTANT, ClientLevelDP
 from server.records import RoundRecord, json_metrics
 from server.replies import Names, accepted, classify, validate
@@ -38,10 +44,16 @@ def popularity_prior(grid: Grid, model, checks: dict, s: Settings, run: RunDirec
     """Set the global model's item bias from the clients' histograms, noised by each client or, with
     ``central``, by the server; commit round 0. Returns the nodes that declined for budget."""
     nodes = wait_for_nodes(grid, s.min_train_nodes)
-    messages = [Message(RecordDict({"config": ConfigRecord(checks)}), dst_node_id=node,
-                        message_type="query.popularity") for node in nodes]
-    replies = classify(grid.send_and_receive(messages, timeout=600), names)
     num_items = model.get_base_model().item_embeddings.shape[0]
+    if s.distributed_noise:  # a SecAgg+ round (``grid`` is the SecureGrid) summing counts, not adapters
+        config = {**checks, "server-round": 0, "phase": PRIOR_PHASE}
+        messages = [Message(RecordDict({"arrays": ArrayRecord({"counts": torch.zeros(num_items)}),
+                                        "config": ConfigRecord(config)}), dst_node_id=node,
+                            message_type=MessageType.TRAIN) for node in nodes]
+    else:
+        messages = [Message(RecordDict({"config": ConfigRecord(checks)}), dst_node_id=node,
+                            message_type="query.popularity") for node in nodes]
+    replies = classify(grid.send_and_receive(messages, timeout=600), names)
     validate(replies, lambda msg: check_prior_reply(msg.content, num_items, s.prior_noise_multiplier),
              "popularity histogram")
     record.replies("prior", replies)
@@ -56,6 +68,8 @@ def popularity_prior(grid: Grid, model, checks: dict, s: Settings, run: RunDirec
     if central is not None and ok:
         set_item_bias(model, central.noisy_histogram_sum(histograms, s.prior_noise_multiplier))
         record.server_release(central_prior_release(central, s.prior_noise_multiplier, len(ok)))
+    elif s.distributed_noise and ok:  # each survivor's reply carries the mean of the K shares, in thousands
+        set_item_bias(model, histograms[0] * len(ok) / HISTOGRAM_UNIT)
     elif ok:
         set_item_bias(model, sum(histograms))
     else:

@@ -28,7 +28,8 @@ per-client budgets. What cannot: anything that needs one client's update at the 
 central DP's per-client clipping (``central-dp``), per-update norms in the ledger (recorded as
 absent), robust aggregation. ``Settings`` refuses those combinations before a run starts. The
 DP popularity prior's histograms are not masked: each is Gaussian-noised by its client and
-accounted, and ``popularity-prior = false`` removes them.
+accounted, and ``popularity-prior = false`` removes them. Under ``distributed-noise`` they are:
+the prior is a SecAgg+ round of its own (server/prior.py), each site adding its share of σ_h.
 """
 
 from __future__ import annotations

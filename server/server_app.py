@@ -69,6 +69,11 @@ def main(grid: Grid, context: Context) -> None:
     # Simulations leave the popularity baseline of their split here; deployments have none.
     strategy = RoundPipeline(aggregator, run, record, s, names, resumed_from or 0,
                              partition_root(s, num_nodes) / "reference.json")
+    if s.secure_aggregation:
+        grid = SecureGrid(grid, context, SecAggPlusWorkflow(
+            whole_or_fraction(s.secagg_num_shares), whole_or_fraction(s.secagg_reconstruction_threshold),
+            # Under distributed noise every site weighs 1 (its noisy gradient, not its example count).
+            max_weight=1.0 if s.distributed_noise else s.secagg_max_weight, clipping_range=s.secagg_clipping_range))
     if resumed_from is not None:
         folder = run.path / "adapters" / f"round-{resumed_from:03d}"
         load_adapter_state(model, load_file(folder / "adapter_model.safetensors"))
@@ -84,11 +89,6 @@ def main(grid: Grid, context: Context) -> None:
         strategy.exhausted |= popularity_prior(grid, model, checks, s, run, record, names, central)
     else:
         run.checkpoint(0, ArrayRecord(adapter_state(model)))
-    if s.secure_aggregation:
-        grid = SecureGrid(grid, context, SecAggPlusWorkflow(
-            whole_or_fraction(s.secagg_num_shares), whole_or_fraction(s.secagg_reconstruction_threshold),
-            # Under distributed noise every site weighs 1 (its noisy gradient, not its example count).
-            max_weight=1.0 if s.distributed_noise else s.secagg_max_weight, clipping_range=s.secagg_clipping_range))
     stopped = None
     try:
         if (resumed_from or 0) >= s.num_server_rounds:

@@ -199,7 +199,7 @@ def test_settings_refuse_what_distributed_noise_cannot_account(overrides, messag
         Settings.from_run_config({**defaults(), **overrides})
 
 
-SIGMA, SITES = 1.5, 3
+SIGMA, PRIOR_SIGMA, SITES = 1.5, 2.0, 3
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,7 @@ def run(tmp_path_factory):
     cmd = [sys.executable, "-m", "common.cli", "simulate", "--rounds", "2", "--clients", str(SITES), "--run-dir",
            str(base / "run"), "--set", "model-layers=2", "lora-layers=1", "max-users=60", "privacy-unit=user",
            "batch-size=8", "sequence-training=true", "sequence-length=20", "sequence-dim=16", "local-steps=1",
-           f"noise-multiplier={SIGMA}", "prior-noise-multiplier=2.0", "secure-aggregation=true",
+           f"noise-multiplier={SIGMA}", f"prior-noise-multiplier={PRIOR_SIGMA}", "secure-aggregation=true",
            "distributed-noise=true", "server-optimizer=adam", "server-learning-rate=0.01"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -225,6 +225,10 @@ def test_a_distributed_noise_run_charges_sigma_and_records_each_sites_share(run)
         log = [json.loads(line) for line in (state / "releases.jsonl").read_text().splitlines()]
         trains = [r for r in log if r["phase"] == "train"]
         assert [r["mechanism"] for r in trains] == ["dp-sgd", "dp-sgd"]  # and no user count
+        # The prior went through SecAgg+ too: σ_h charged, its share σ_h/√T.
+        prior = [r for r in log if r["phase"] == "prior"]
+        assert len(prior) == 1 and prior[0]["noise_multiplier"] == PRIOR_SIGMA and prior[0]["noise-shared-by"] == threshold
+        assert prior[0]["own-noise-multiplier"] == pytest.approx(PRIOR_SIGMA / math.sqrt(threshold))
         assert all(r["noise_multiplier"] == SIGMA and r["steps"] == 1 and r["noise-shared-by"] == threshold
                    and r["own-noise-multiplier"] == pytest.approx(SIGMA / math.sqrt(threshold))
                    and 0 <= r["quantization-slack"] <= QUANTIZATION_SLACK_MAX for r in trains)
@@ -232,13 +236,33 @@ def test_a_distributed_noise_run_charges_sigma_and_records_each_sites_share(run)
         assert log[-1]["epsilon-after"] == epsilon(history, 1e-5, "prv")
         audit = site_audit(state.parents[1], state)  # what `fedrec client audit` reports of SecAgg+'s rounding
         assert audit["quantization-delta"] == pytest.approx(
-            sum(r["quantization-slack"] for r in trains) * (1 + math.exp(audit["epsilon-recomputed"])))
+            sum(r["quantization-slack"] for r in trains + prior) * (1 + math.exp(audit["epsilon-recomputed"])))
     with sqlite3.connect(run_dir / "ledger.sqlite") as db:
         kinds = {r[0] for r in db.execute("SELECT mechanism FROM mechanisms WHERE phase = 'train'")}
         sigmas = {r[0] for r in db.execute("SELECT noise_multiplier FROM mechanisms WHERE mechanism = 'dp-sgd'")}
     assert kinds == {"dp-sgd"} and sigmas == {SIGMA}
     assert (run_dir / "adapters" / "round-002" / "server-optimizer.pt").is_file()
     assert "only against a server that follows the protocol" in " ".join(out.split())
+
+
+def test_the_servers_prior_is_the_sites_histograms_summed_inside_secagg(run):
+    """The round-0 bias is log(1 + max(0, Σ_k share_k)): on items no site's users rated, the sum is
+    noise alone, N(0, σ_h²·K/T) (K = 3 shares of σ_h/√T, T = 2), of which the server keeps the
+    positive half: E[x² | x > 0] = σ_h²·K/T. A wrong count unit or a mean for a sum is off by far more."""
+    from safetensors.torch import load_file
+
+    from common.metrics import unit_histogram
+
+    run_dir, home, _ = run
+    adapter = load_file(run_dir / "adapters" / "round-000" / "adapter_model.safetensors")
+    (bias,) = [v for k, v in adapter.items() if k.endswith("scorer.bias")]
+    true = sum(unit_histogram(client_app.load_data(site, site.parent / "catalog.csv", defaults()["history-len"])[1],
+                              len(bias), "user") for site in sorted(home.glob("partitions/*/client-*")))
+    unrated = bias[true == 0].double()
+    kept = torch.expm1(unrated[unrated > 0])
+    assert len(unrated) > 200 and 0.4 < len(kept) / len(unrated) < 0.6
+    expected = PRIOR_SIGMA * math.sqrt(SITES / 2)
+    assert abs(float(kept.pow(2).mean().sqrt()) / expected - 1) < 0.2, float(kept.pow(2).mean().sqrt())
 
 
 def test_a_site_refuses_a_secagg_threshold_above_its_own_limit():
