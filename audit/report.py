@@ -57,7 +57,8 @@ DISTRIBUTED_TRUST_MODEL = (
     "honest sites in each sum; a site's share alone carries σ/√T, which its releases.jsonl records. SecAgg+ rounds "
     "each share to its grid before the sum, so the server sees a sum of rounded shares rather than the Gaussian sum "
     "the ε is computed for: each release records τ, a bound on the total variation distance between the two, and "
-    "δ grows by (1 + e^ε)·Σ τ, which `fedrec client audit` prints (a site refuses a share whose τ exceeds 1e-30). The other "
+    "δ grows by (1 + e^ε)·Σ τ, which `fedrec client audit` prints (a site refuses a share whose τ exceeds "
+    "1e-30). The other "
     "releases need no trust in the server, and nothing it sends can reset or raise a site's budget.")
 CENTRAL_TRUST_MODEL = (
     "The server sees each client's update and is trusted to clip it, sample clients by Poisson sampling and add "

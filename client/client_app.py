@@ -393,9 +393,9 @@ def noise_share(s: Settings, budget: Budget) -> SecureSum | None:
 @app.query("price")
 @site_errors
 def price(msg: Message, context: Context) -> Message:
-    """Would this site take a train round (or the prior's SecAgg+ round)? Asked before a SecAgg+ round, whose protocol has no
-    place for a decline. The answer is a decline, or an empty reply (take part); it releases
-    nothing and costs nothing."""
+    """Would this site take a train round (or the prior's SecAgg+ round)? Asked before a SecAgg+
+    round, whose protocol has no place for a decline. The answer is a decline, or an empty reply
+    (take part); it releases nothing and costs nothing."""
     s, budget, _, _, state_dir = settings_and_budget(context)
     history = load_history(state_dir)
     prior = msg.content["config"].get("phase") == PRIOR_PHASE  # the prior's histogram inside SecAgg+
@@ -425,8 +425,8 @@ def popularity(msg: Message, context: Context) -> Message:
 def histogram_reply(msg: Message, context: Context, shared: bool) -> Message:
     """The prior's histogram (``popularity``), or with ``shared`` this site's share of it inside
     SecAgg+ under distributed noise: N(0, σ_h²/T) on counts boxed to [0, r/2 / HISTOGRAM_UNIT]
-    (a projection: the sensitivity stays 1), sent in units of HISTOGRAM_UNIT (every reply weighs 1). The
-    sum of ≥ T shares carries σ_h; the site is charged (σ_h, 1, 1) either way."""
+    (a projection: the sensitivity stays 1), sent in units of HISTOGRAM_UNIT (every reply weighs
+    1). The sum of ≥ T shares carries σ_h; the site is charged (σ_h, 1, 1) either way."""
     s, budget, data_dir, catalog_path, state_dir = settings_and_budget(context)
     catalog, train_examples, _, _ = load_data(data_dir, catalog_path, s.history_len)
     history = load_history(state_dir)
@@ -442,8 +442,9 @@ def histogram_reply(msg: Message, context: Context, shared: bool) -> Message:
         if share is None:
             counts += secret_noise(len(catalog), s.prior_noise_multiplier).float()
         else:
-            counts, rows[0] = shared_histogram(counts, s, share), {**rows[0], **share_fields(
-                s.prior_noise_multiplier, share, histogram_slack(s, share, len(catalog)))}
+            slack = histogram_slack(s, share, len(catalog))  # refused before any noise is drawn
+            counts = shared_histogram(counts, s, share)
+            rows[0].update(share_fields(s.prior_noise_multiplier, share, slack))
         history = history + [(s.prior_noise_multiplier, 1.0, 1)]
         eps = save_history(state_dir, history, s.accountant, s.delta, s.privacy_unit, rows)
     metrics = {"epsilon": eps, "delta": s.delta,

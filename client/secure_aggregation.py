@@ -91,7 +91,9 @@ def quantization_slack(protocol: SecureSum, noise_std: float, largest: float, co
       probability ≤ 2·exp(−margin² / (2·noise_std²)) per coordinate and site.
 
     τ = coordinates · (½·L1 + K·clip) over the trained coordinates (the others carry no noise
-    and no data: their rounding is data-independent)."""
+    and no data: their rounding is data-independent). The rounding's coin flips are taken as
+    unknown to the server: Flower draws them from numpy's global generator, which is seeded from
+    the OS at import and which neither Flower nor fedrec reseeds."""
     scale = round(1.0 / protocol.max_weight * protocol.levels) / protocol.levels  # the weight-1 vector's factor
     step = 2 * protocol.clipping_range / protocol.levels
     sites, s = protocol.sites, scale * noise_std / step

@@ -273,19 +273,22 @@ def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path)
                     if s.popularity_prior else []) + [
             f"every adapter (DP-SGD: Poisson rate q = batch-size / declared-{s.privacy_unit}s, σ = "
             f"{s.noise_multiplier:g}, C = {s.max_grad_norm:g})"] + ([
-            "under distributed-noise, σ is the noise of SecAgg+'s sum: each site added σ/√T (T its threshold), "
-            "so that ε holds only against a server that follows the protocol with at least T sites in each sum "
-            "(its own share alone carries σ/√T: the site's releases.jsonl records both); δ is the Gaussian sum's "
+            "under distributed-noise, σ and σ_h are the noise of SecAgg+'s sums: each site added σ/√T and "
+            "σ_h/√T (T its threshold), so that ε holds only against a server that follows the protocol with at "
+            "least T sites in each sum (its own share alone carries σ/√T: the site's releases.jsonl records "
+            "both); δ is the Gaussian sum's "
             "plus what SecAgg+'s rounding of each share adds, (1 + e^ε)·Σ τ, each site's τ at most "
             f"{QUANTIZATION_SLACK_MAX:g} a round (`fedrec client audit` prints the exact sum)"]
             if s.distributed_noise else [f"every {s.privacy_unit} count (Gaussian, σ_n = {s.count_noise_multiplier:g})"]) + [
             f"every evaluation (Gaussian on 4 sums per split scored, sensitivity √(4·splits), "
             f"σ_e = {s.eval_noise_multiplier:g})"]
-        rounding = (f" + at most {(1 + math.exp(min(max(values), 700))) * s.num_server_rounds * QUANTIZATION_SLACK_MAX:.1g}"
-                    if s.distributed_noise else "")
+        # SecAgg+'s rounding of the shares (client/secure_aggregation.py): each site's τ ≤ the maximum a round.
+        rounding_bound = (1 + math.exp(min(max(values), 700))) * s.num_server_rounds * QUANTIZATION_SLACK_MAX
+        rounding = f" + at most {rounding_bound:.1g}" if s.distributed_noise else ""
         console.print(
             f"Privacy: client ε max {max(values):.3f}, median {statistics.median(values):.3f} over all {len(values)} "
-            f"clients at δ = {s.delta:g}{rounding}, {UNITS[s.privacy_unit]}, Opacus {s.accountant.upper()} accountant. It covers "
+            f"clients at δ = {s.delta:g}{rounding}, {UNITS[s.privacy_unit]}, Opacus {s.accountant.upper()} accountant. "
+            "It covers "
             f"everything the sites released, composed: {'; '.join(released)}; the rest of every reply is public "
             "(common/releases.py). Each simulated site is fresh for this run (a deployed site's accountant spans "
             "all its runs). Simulated sites also sent exact metrics: their data is the simulator's, not private.")
