@@ -134,7 +134,7 @@ def test_too_few_usable_replies_stop_the_run_cleanly(tmp_path):
 
 PRIOR_METRICS = {"epsilon": 0.5, "delta": 1e-5, "noise-multiplier": 10.0, "sample-rate": 1.0, "steps": 1,
                  "epsilon-max": 8.0, "declined": 0, "client-id": 7, "history-noise-multiplier": [10.0],
-                 "history-sample-rate": [1.0], "history-steps": [1]}
+                 "history-sample-rate": [1.0], "history-steps": [1], "num-examples": 1.0}
 
 
 @pytest.mark.parametrize("counts,reason", [
@@ -155,7 +155,7 @@ def test_bad_histograms_are_refused(counts, reason):
 def test_evaluation_replies_are_bounded_and_answer_the_splits_asked_for():
     both = ["val", "test"]
     sums = {f"{p}{k}": 3.0 for p in ("", "val-") for k in ("sum-hr@10", "sum-ndcg@10", "sum-recall@20", "count")}
-    metrics = {**{k: v for k, v in PRIOR_METRICS.items() if k not in ("sample-rate", "steps")}, **sums}
+    metrics = {**{k: v for k, v in PRIOR_METRICS.items() if k not in ("sample-rate", "steps", "num-examples")}, **sums}
     assert check_evaluate_reply(RecordDict({"metrics": MetricRecord(metrics)}), 56.0, both) is None
     exact = {**metrics, **{f"exact-{p}{k}": 0.5 for p in ("", "val-") for k in ("hr@10", "ndcg@10", "recall@20")},
              "exact-count": 3.0, "exact-val-count": 3.0}
@@ -175,7 +175,7 @@ def test_a_malformed_decline_is_not_taken_as_one():
     from server.replies import is_decline
 
     decline = RecordDict({"metrics": MetricRecord({k: v for k, v in PRIOR_METRICS.items()
-                                                   if k not in ("noise-multiplier", "sample-rate", "steps")}),
+                                                   if k not in ("noise-multiplier", "sample-rate", "steps", "num-examples")}),
                           "decline": ConfigRecord({"reason": "budget: over epsilon-max"})})
     from flwr.app import Message
     from flwr.common.constant import SUPERLINK_NODE_ID
