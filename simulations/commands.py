@@ -282,8 +282,10 @@ def print_summary(rows: list[dict], s, clients: int, wall: float, run_dir: Path)
             if s.distributed_noise else [f"every {s.privacy_unit} count (Gaussian, σ_n = {s.count_noise_multiplier:g})"]) + [
             f"every evaluation (Gaussian on 4 sums per split scored, sensitivity √(4·splits), "
             f"σ_e = {s.eval_noise_multiplier:g})"]
-        # SecAgg+'s rounding of the shares (client/secure_aggregation.py): each site's τ ≤ the maximum a round.
-        rounding_bound = (1 + math.exp(min(max(values), 700))) * s.num_server_rounds * QUANTIZATION_SLACK_MAX
+        # SecAgg+'s rounding of the shares (client/secure_aggregation.py): each site's τ ≤ the maximum a
+        # share, one share a round and one for the prior.
+        shares = s.num_server_rounds + (1 if s.popularity_prior else 0)
+        rounding_bound = (1 + math.exp(min(max(values), 700))) * shares * QUANTIZATION_SLACK_MAX
         rounding = f" + at most {rounding_bound:.1g}" if s.distributed_noise else ""
         console.print(
             f"Privacy: client ε max {max(values):.3f}, median {statistics.median(values):.3f} over all {len(values)} "

@@ -243,7 +243,11 @@ def test_a_distributed_noise_run_charges_sigma_and_records_each_sites_share(run)
         sigmas = {r[0] for r in db.execute("SELECT noise_multiplier FROM mechanisms WHERE mechanism = 'dp-sgd'")}
     assert kinds == {"dp-sgd"} and sigmas == {SIGMA}
     assert (run_dir / "adapters" / "round-002" / "server-optimizer.pt").is_file()
-    assert "only against a server that follows the protocol" in " ".join(out.split())
+    printed = " ".join(out.split())
+    assert "only against a server that follows the protocol" in printed
+    # The summary's bound on δ's addition: every site's τ at its maximum, 2 rounds and the prior's share.
+    eps_max = max(epsilon(load_history(state), 1e-5, "prv") for state in sites)
+    assert f"δ = 1e-05 + at most {(1 + math.exp(eps_max)) * 3 * QUANTIZATION_SLACK_MAX:.1g}," in printed
 
 
 def test_the_servers_prior_is_the_sites_histograms_summed_inside_secagg(run):
