@@ -174,8 +174,8 @@ def test_evaluation_replies_are_bounded_and_answer_the_splits_asked_for():
 def test_a_malformed_decline_is_not_taken_as_one():
     from server.replies import is_decline
 
-    decline = RecordDict({"metrics": MetricRecord({k: v for k, v in PRIOR_METRICS.items()
-                                                   if k not in ("noise-multiplier", "sample-rate", "steps", "num-examples")}),
+    undeclared = ("noise-multiplier", "sample-rate", "steps", "num-examples")  # a decline does not carry these
+    decline = RecordDict({"metrics": MetricRecord({k: v for k, v in PRIOR_METRICS.items() if k not in undeclared}),
                           "decline": ConfigRecord({"reason": "budget: over epsilon-max"})})
     from flwr.app import Message
     from flwr.common.constant import SUPERLINK_NODE_ID
