@@ -101,6 +101,32 @@ def test_one_client_per_user_with_central_dp_is_user_level_and_audited(tmp_path,
     assert "Client-level guarantee" in (run / "report.html").read_text()
 
 
+def test_one_client_per_user_trains_the_sequence_tower_under_central_dp(tmp_path):
+    """The cross-device route of the user-level results: one client per user trains the sequence
+    tower on its own sequence (no DP-SGD), the server clips each update and adds one noise
+    (client-level = user-level), and Adam at the server steps on the noisy mean. Only the tower
+    moves: LoRA, the score scale and the item bias reach every round as the server sent them."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "common.cli", "simulate", "--rounds", "2", "--clients", "8", "--run-dir", str(run),
+           "--set", "model-layers=2", "lora-layers=1", "max-users=8", "partition=user", "dp=false", "central-dp=true",
+           "central-population=8", "fraction-train=0.5", "central-noise-multiplier=1.2", "central-clipping-norm=0.1",
+           "prior-noise-multiplier=4.0", "sequence-training=true", "sequence-length=20", "sequence-dim=16",
+           "local-steps=3", "learning-rate=0.003", "server-optimizer=adam", "server-learning-rate=0.003",
+           "fraction-evaluate=0.0"]
+    proc = subprocess.run(cmd, env={**os.environ, "FEDREC_HOME": str(tmp_path / "home"), "COLUMNS": "250"},
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["central-epsilon"] == pytest.approx(epsilon([(4.0, 1.0, 1), (1.2, 0.5, 2)], 1e-5, "rdp"), rel=1e-3)
+    start, end = (load_file(run / "adapters" / f"round-{r:03d}" / "adapter_model.safetensors") for r in (0, 2))
+    tower = {k for k in start if ".sequence." in k}
+    assert tower and all(not start[k].equal(end[k]) for k in tower)
+    assert all(start[k].equal(end[k]) for k in set(start) - tower)
+    assert (run / "adapters" / "round-002" / "server-optimizer.pt").is_file()
+
+
 def test_a_user_level_run_is_user_level_from_the_sites_to_the_audit(tmp_path, fedrec_here):
     """privacy-unit = user on a real simulation with user-level canaries (3 examples each): each
     site's accountant, the ledger, the printed statement and `fedrec audit --empirical` all speak
