@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 import warnings
 
+from common.privacy import coalesce
+
 History = tuple[tuple[float, float, int], ...]
 
 # The site's RDP orders (Opacus' default list stops at 63, too low for small q and many steps):
@@ -49,6 +51,9 @@ def audit_epsilon(history: History, delta: float, accountant: str) -> float:
     """ε(δ) of ``history``, by the library the party that reported it (``accountant``) does not use."""
     if not history:
         return 0.0
+    # One entry per mechanism, steps summed: the same composition, at a cost that grows with the
+    # mechanisms a party used, not with its rounds (the server's ledger has a release a round).
+    history = coalesce(history)
     if accountant == "prv":
         return pld_epsilon(history, delta, pessimistic=True)
     if accountant == "rdp":
@@ -63,7 +68,7 @@ def lower_estimate(history: History, delta: float, accountant: str) -> float:
     """The other end of the band: for PRV, dp-accounting's optimistic PLD estimate (a lower
     estimate of ε); for RDP, the same RDP value (RDP has no lower estimate)."""
     if accountant == "prv" and history:
-        return pld_epsilon(history, delta, pessimistic=False)
+        return pld_epsilon(coalesce(history), delta, pessimistic=False)
     return audit_epsilon(history, delta, accountant)
 
 
