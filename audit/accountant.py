@@ -22,8 +22,6 @@ from __future__ import annotations
 import functools
 import warnings
 
-from common.privacy import coalesce
-
 History = tuple[tuple[float, float, int], ...]
 
 # The site's RDP orders (Opacus' default list stops at 63, too low for small q and many steps):
@@ -61,6 +59,16 @@ def audit_epsilon(history: History, delta: float, accountant: str) -> float:
     if accountant == "flwr-rdp":
         return opacus_rdp(history, delta)
     raise ValueError(f"accountant {accountant!r}: the auditor knows prv, rdp (sites) and flwr-rdp (server)")
+
+
+def coalesce(history: History) -> History:
+    """``history`` with the releases of each mechanism (equal σ and q) as one entry, steps summed.
+    Written here, not imported from ``common.privacy``, which sums the sites' own histories the
+    same way: the auditor runs none of the audited parties' accounting code."""
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, q, n in history:
+        steps[float(sigma), float(q)] = steps.get((float(sigma), float(q)), 0) + int(n)
+    return tuple((sigma, q, n) for (sigma, q), n in steps.items())
 
 
 @functools.lru_cache(maxsize=256)

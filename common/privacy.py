@@ -63,15 +63,10 @@ def epsilon(history: History, delta: float, accountant: str = "prv") -> float:
     their steps summed. Composition does not depend on order, so this is the same guarantee; it
     keeps the accountant's work proportional to the distinct mechanisms a site uses (a few), not
     to its lifetime of rounds (a site alternates DP-SGD, count and evaluation releases)."""
-    return _epsilon(coalesce(history), float(delta), accountant)
-
-
-def coalesce(history: History) -> tuple[tuple[float, float, int], ...]:
-    """``history`` with the releases of each mechanism (equal σ and q) as one entry, steps summed."""
     steps: dict[tuple[float, float], int] = {}
     for sigma, q, n in history:
         steps[float(sigma), float(q)] = steps.get((float(sigma), float(q)), 0) + int(n)
-    return tuple((sigma, q, n) for (sigma, q), n in steps.items())
+    return _epsilon(tuple((sigma, q, n) for (sigma, q), n in steps.items()), float(delta), accountant)
 
 
 @functools.lru_cache(maxsize=1024)
