@@ -120,6 +120,7 @@ def test_one_client_per_user_trains_the_sequence_tower_under_central_dp(tmp_path
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["central-epsilon"] == pytest.approx(epsilon([(4.0, 1.0, 1), (1.2, 0.5, 2)], 1e-5, "rdp"), rel=1e-3)
+    assert all(r["central-clients"] == r["clients"] for r in rows) and sum(r["clients"] for r in rows) > 0
     start, end = (load_file(run / "adapters" / f"round-{r:03d}" / "adapter_model.safetensors") for r in (0, 2))
     tower = {k for k in start if ".sequence." in k}
     assert tower and all(not start[k].equal(end[k]) for k in tower)
