@@ -15,8 +15,9 @@ is at most the target: ε is fixed in advance, never tuned on results.
   README, "The sequence tower: first measurements");
 * user level: the configuration that led on validation (README, Results): sequence training,
   the tower alone on whole user sequences of up to 50 items, one user per DP-SGD sample
-  (``sequence-dim = 32``), 32 users per step, 10 steps per round; one σ for the DP-SGD steps
-  and the prior (σ_h = σ), solved;
+  (``sequence-dim = 32``), 32 users per step, 10 steps per round, and the budget split toward
+  the prior: σ_h = σ / 2 (at ε = 8 the σ_h = 1.0, σ = 2.0027 that validation chose over
+  σ_h = σ), σ solved;
 * non-private: the defaults with ``dp = false``;
 * default: the defaults as they are (example level, σ = 1), whose per-round validation curve
   the figure shows;
@@ -56,11 +57,15 @@ UNIT_SETTINGS = {
     "user": {"privacy-unit": "user", "batch-size": 32, "local-steps": 10, "sequence-training": "true",
              "sequence-length": 50, "sequence-dim": 32},
 }
+# The prior's σ_h over DP-SGD's σ: user level spends more of the budget on the prior, where its
+# users' data does more (README, "The budget split toward the prior").
+PRIOR_RATIO = {"example": None, "user": 0.5}
 METRICS = ("ndcg@10", "hr@10", "recall@20")
 CENTRALIZED_STEPS = 2000  # the federated default's optimizer steps: 10 silos × 5 rounds × 40 local steps
 # Configurations with nothing to solve: main() adds them to every plan, old study folders' too.
 FIXED = [{"name": "default", "unit": "example", "target": None, "set": {}},
          {"name": "centralized", "unit": "none", "target": None, "set": {}, "kind": "centralized"}]
+PUBLISHED_REFERENCES = Path(__file__).resolve().parents[1] / "docs" / "references" / "references.json"
 console = Console()
 
 
@@ -81,8 +86,8 @@ def solve_sigma(unit: str, target: float) -> tuple[float, float]:
     def eps(sigma: float) -> float:
         as_set = parse_overrides([f"{k}={v}" for k, v in overrides.items()])  # as `--set` reads them
         config = {**defaults(), **as_set, "noise-multiplier": sigma}
-        if unit == "user":
-            config["prior-noise-multiplier"] = sigma
+        if PRIOR_RATIO[unit]:
+            config["prior-noise-multiplier"] = sigma * PRIOR_RATIO[unit]
         s = Settings.from_run_config(config)
         return epsilon(site_history(s, declared), s.delta, s.accountant)
 
@@ -99,8 +104,8 @@ def configurations() -> list[dict]:
         for target in reversed(TARGETS):
             sigma, eps = solve_sigma(unit, target)
             chosen = {**UNIT_SETTINGS[unit], "noise-multiplier": round(sigma, 4)}
-            if unit == "user":
-                chosen["prior-noise-multiplier"] = round(sigma, 4)
+            if PRIOR_RATIO[unit]:
+                chosen["prior-noise-multiplier"] = round(sigma * PRIOR_RATIO[unit], 4)
             runs.append({"name": f"{unit}-eps{target:g}", "unit": unit, "target": target, "planned-epsilon": eps,
                          "set": chosen})
     return runs[:1] + [{"name": "non-private", "unit": "none", "target": None, "set": {"dp": "false"}}] + runs[1:]
@@ -148,9 +153,13 @@ def result(config: dict, out: Path) -> dict:
 
 
 def references(folder: Path | None) -> dict:
-    """RecBole's models from ``python -m simulations.references`` (mean, std over 3 seeds), if run."""
-    path = folder / "references.json" if folder else None
-    return json.loads(path.read_text()) if path and path.is_file() else {}
+    """RecBole's models from ``python -m simulations.references`` (mean, std over 3 seeds): the
+    folder's results if it has them, else the published ones (``docs/references``)."""
+    for path in ([folder / "references.json"] if folder else []) + [PUBLISHED_REFERENCES]:
+        if path.is_file():
+            console.print(f"reference models: {path}")
+            return json.loads(path.read_text())
+    return {}
 
 
 def table(results: list[dict], reference: dict) -> str:
@@ -213,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="report the runs that finished; run nothing")
     parser.add_argument("--only", nargs="*", default=[], help="run only these configurations (names)")
     parser.add_argument("--references", type=Path, default=Path("runs/references"),
-                        help="python -m simulations.references --out folder, for the reference models' lines")
+                        help="python -m simulations.references --out folder, for the reference models' lines "
+                        "(without results there: the published docs/references)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     plan_file = args.out / "plan.json"  # solving σ takes minutes: once per study folder

@@ -21,6 +21,7 @@ from common.data import read_catalog
 from common.model import Recommender, load_encoder
 from audit.accountant import tolerance
 from common.privacy import epsilon
+from simulations.significance import main as significance
 
 ROUNDS, CLIENTS, CANARIES, GRADIENT_CANARIES, LOCAL_STEPS = 2, 3, 60, 600, 20
 
@@ -376,8 +377,22 @@ def test_significance_rescores_the_run_exactly_and_bootstraps_the_lift(run_dir, 
     assert figures["split"] == split and figures["users"] == last[f"{prefix}eval-users"]
     for k in ("hr@10", "ndcg@10", "recall@20"):
         assert figures[k]["model"] == pytest.approx(last[f"{prefix}{k}"], abs=1e-9), k
-        assert figures[k]["popularity"] == pytest.approx(last[f"popularity-{prefix}{k}"], abs=1e-12), k
-        if figures[k]["popularity"] > 0:
+        assert figures[k]["baseline"] == pytest.approx(last[f"popularity-{prefix}{k}"], abs=1e-12), k
+        if figures[k]["baseline"] > 0:
             assert figures[k]["lift-low"] <= figures[k]["lift"] <= figures[k]["lift-high"], k
         else:  # 24 users: popularity may hit none of them, and a lift over 0 is undefined
             assert math.isnan(figures[k]["lift"]), k
+
+
+def test_significance_against_an_earlier_round_pairs_the_runs_own_rounds(run_dir, tmp_path):
+    """`--against R` bootstraps the last round against the same run's round R on the same users:
+    each side's means are what the clients reported on validation in those rounds."""
+    run, _ = run_dir
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    figures = significance([str(run), "--against", "1", "--resamples", "200", "--out", str(tmp_path / "f.json")])
+    assert figures["baseline"] == "round 1" and figures["split"] == "validation"
+    for k in ("hr@10", "ndcg@10", "recall@20"):
+        assert figures[k]["model"] == pytest.approx(rows[-1][f"val-{k}"], abs=1e-9), k
+        assert figures[k]["baseline"] == pytest.approx(rows[0][f"val-{k}"], abs=1e-9), k
+    # Else the two sides could have been scored with one adapter and still pass.
+    assert any(rows[-1][f"val-{k}"] != rows[0][f"val-{k}"] for k in ("hr@10", "ndcg@10", "recall@20"))
