@@ -203,8 +203,8 @@ def figure(results: list[dict], reference: dict, path: Path) -> None:
            title="MovieLens-100K, 10 silos, final round")
     ax.set_xticks(TARGETS, [f"{t:g}" for t in TARGETS])
     ax.minorticks_off()
-    ax.set_ylim(top=ax.get_ylim()[1] + 0.006)  # room for the legend above the curves
-    ax.legend(loc="upper left", fontsize="small")
+    ax.set_ylim(top=max(value for value, _ in lines) + 0.03)  # the legend above every line, hiding none
+    ax.legend(loc="upper left", ncol=2, fontsize="x-small")
     for r in results:
         default = r["name"] == "default"
         curves.plot(range(1, len(r["valid-curve"]) + 1), r["valid-curve"], marker="o" if default else None,
