@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 
 from common.config import Settings
 from common.data import read_catalog
@@ -137,7 +139,6 @@ def test_global_adapter_opens_with_peft_and_recommends(run_dir):
 
 
 def test_initial_adapter_carries_the_dp_popularity_prior(run_dir):
-    from safetensors.torch import load_file
 
     run, _ = run_dir
     initial = load_file(str(run / "adapters" / "round-000" / "adapter_model.safetensors"))
@@ -228,7 +229,6 @@ def test_audit_recomputes_every_epsilon_and_passes(run_dir):
     ("mechanisms", "SET noise_multiplier = 2.0 WHERE mechanism = 'gaussian-eval-sums'", "mechanism-differs"),
 ])
 def test_audit_detects_a_tampered_ledger(run_dir, tmp_path, fedrec_here, table, edit, finding):
-    import shutil
     import sqlite3
 
     run, _ = run_dir
@@ -289,7 +289,6 @@ def test_each_site_audits_its_own_releases_and_agrees_with_the_ledger(run_dir, t
     ("log-line", "unlogged"),  # a charged release the site's log does not describe
 ])
 def test_a_site_audit_flags_an_altered_record(run_dir, tmp_path, fedrec_here, change, finding):
-    import shutil
     import sqlite3
 
     run, _ = run_dir
@@ -386,13 +385,21 @@ def test_significance_rescores_the_run_exactly_and_bootstraps_the_lift(run_dir, 
 
 def test_significance_against_an_earlier_round_pairs_the_runs_own_rounds(run_dir, tmp_path):
     """`--against R` bootstraps the last round against the same run's round R on the same users:
-    each side's means are what the clients reported on validation in those rounds."""
+    the last round's side is what the clients reported on validation, and the other side is
+    round R's adapter. Round 1's item bias is negated in a copy of the run, so that the two
+    rounds cannot score alike (24 users' metrics often do not move in 2 rounds)."""
     run, _ = run_dir
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    figures = significance([str(run), "--against", "1", "--resamples", "200", "--out", str(tmp_path / "f.json")])
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    weights = copy / "adapters" / "round-001" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors["base_model.model.scorer.bias"] = -tensors["base_model.model.scorer.bias"]
+    save_file(tensors, weights)
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    figures = significance([str(copy), "--against", "1", "--resamples", "200"])
+    round_1 = significance([str(copy), "--adapter", "1", "--resamples", "200"])
     assert figures["baseline"] == "round 1" and figures["split"] == "validation"
     for k in ("hr@10", "ndcg@10", "recall@20"):
-        assert figures[k]["model"] == pytest.approx(rows[-1][f"val-{k}"], abs=1e-9), k
-        assert figures[k]["baseline"] == pytest.approx(rows[0][f"val-{k}"], abs=1e-9), k
-    # Else the two sides could have been scored with one adapter and still pass.
-    assert any(rows[-1][f"val-{k}"] != rows[0][f"val-{k}"] for k in ("hr@10", "ndcg@10", "recall@20"))
+        assert figures[k]["model"] == pytest.approx(last[f"val-{k}"], abs=1e-9), k
+        assert figures[k]["baseline"] == pytest.approx(round_1[k]["model"], abs=1e-12), k
+    assert figures["ndcg@10"]["baseline"] < figures["ndcg@10"]["model"]  # popularity inverted ranks worse
