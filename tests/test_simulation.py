@@ -139,7 +139,6 @@ def test_global_adapter_opens_with_peft_and_recommends(run_dir):
 
 
 def test_initial_adapter_carries_the_dp_popularity_prior(run_dir):
-
     run, _ = run_dir
     initial = load_file(str(run / "adapters" / "round-000" / "adapter_model.safetensors"))
     (bias,) = [v for k, v in initial.items() if k.endswith("scorer.bias")]
