@@ -91,8 +91,8 @@ def score_run(run_dir: Path, adapter_round: int | None, against_round: int | Non
     if not s.partition_dir:
         raise ValueError(f"{run_dir}: not a simulation run (its config has no partition-dir)")
     users = run_users(Path(s.partition_dir), catalog)  # the run's catalog (its SHA-256 was checked)
-    _, valid, held_out = leave_last_out(users, catalog, s.history_len)
-    split, held_out = ("test", held_out) if test else ("validation", valid)
+    _, valid, last_items = leave_last_out(users, catalog, s.history_len)
+    split, held_out = ("test", last_items) if test else ("validation", valid)
     targets = torch.tensor([ex.target for ex in held_out])
     seen = [ex.seen for ex in held_out]
     texts = [ex.text for ex in held_out]
@@ -116,7 +116,8 @@ def mean_over_runs(scored: list[tuple], run_dirs: list[Path]) -> tuple[dict, dic
     baseline = {k: torch.zeros(len(ids), dtype=torch.float64) for k in METRICS}
     for run_dir, (_, run_ids, run_model, run_baseline, _) in zip(run_dirs, scored):
         if sorted(run_ids) != sorted(ids) or len(set(ids)) != len(ids):
-            raise ValueError(f"{run_dir}: not the same held-out users as {run_dirs[0]}: runs of one split only")
+            raise ValueError(f"{run_dir}: not the same held-out users as {run_dirs[0]} (give seeds of one "
+                             "configuration on one dataset)")
         order = torch.tensor([run_ids.index(user) for user in ids])
         for k in METRICS:
             model[k] += run_model[k][order] / len(scored)
