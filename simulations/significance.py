@@ -112,10 +112,12 @@ def mean_over_runs(scored: list[tuple], run_dirs: list[Path]) -> tuple[dict, dic
     """Each user's metrics averaged over the runs (the same held-out users, matched by id), so
     that the bootstrap's lift is that of the runs' mean: mean of the models / mean of the baselines."""
     ids = scored[0][1]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{run_dirs[0]}: a user id held out twice; runs are matched by user id")
     model = {k: torch.zeros(len(ids), dtype=torch.float64) for k in METRICS}
     baseline = {k: torch.zeros(len(ids), dtype=torch.float64) for k in METRICS}
     for run_dir, (_, run_ids, run_model, run_baseline, _) in zip(run_dirs, scored):
-        if sorted(run_ids) != sorted(ids) or len(set(ids)) != len(ids):
+        if sorted(run_ids) != sorted(ids):
             raise ValueError(f"{run_dir}: not the same held-out users as {run_dirs[0]} (give seeds of one "
                              "configuration on one dataset)")
         order = torch.tensor([run_ids.index(user) for user in ids])
