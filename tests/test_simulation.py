@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from common.config import Settings
 from common.data import leave_last_out, read_catalog
 from common.model import Recommender, load_encoder
-from common.recommend import load_recommender
+from common.recommend import read_run
 from audit.accountant import tolerance
 from common.privacy import epsilon
 from simulations.significance import main as significance, run_users
@@ -395,7 +395,7 @@ def test_significance_against_an_earlier_round_pairs_the_runs_own_rounds(run_dir
     shutil.copytree(run, copy)
     weights = copy / "adapters" / "round-001" / "adapter_model.safetensors"
     tensors = load_file(weights)
-    _, _, catalog, settings = load_recommender(copy, None)
+    catalog, settings = read_run(copy)
     _, valid, _ = leave_last_out(run_users(Path(settings.partition_dir), catalog), catalog, settings.history_len)
     rigged = list(dict.fromkeys(ex.target for ex in valid))[:10]
     bias = torch.zeros_like(tensors["base_model.model.scorer.bias"])
