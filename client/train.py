@@ -30,12 +30,15 @@ import dataclasses
 import math
 import secrets
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
 from torch.utils.data import DataLoader
 
 from client.secure_aggregation import QUANTIZATION_SLACK_MAX, SecureSum, quantization_slack
@@ -238,6 +241,45 @@ class BoxedSumDPOptimizer(DPOptimizer):
         super().add_noise()
 
 
+class LinearWithoutWeightGradient(torch.autograd.Function):
+    """y = x Wᵀ + b, whose backward gives x its gradient g W and gives W and b none.
+
+    In a DP-SGD step the gradient of a trainable linear map's weights is needed per sample only:
+    Opacus' hooks compute ∇_W ℓ_n = g_nᵀ x_n for every sample n from the same activations and
+    output gradients, and DPOptimizer replaces p.grad with the noisy sum of the clipped ones.
+    Autograd's own summed gradient Σ_n g_nᵀ x_n would be computed and thrown away: for LoRA's
+    skinny A and B on a padded batch it is most of what DP-SGD adds to a step."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (weight,) = ctx.saved_tensors
+        return (grad_out @ weight if ctx.needs_input_grad[0] else None), None, None
+
+
+@contextmanager
+def per_sample_gradients_only(model: nn.Module):
+    """Within: every ``nn.Linear`` whose weight is trained runs ``LinearWithoutWeightGradient``,
+    so its weights get Opacus' per-sample gradients (``p.grad_sample``) and no ``p.grad``. The
+    forward pass and the gradients of everything else are unchanged (tests/test_train.py)."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight.requires_grad]
+    for linear in linears:
+        linear.forward = partial(_forward_without_weight_gradient, linear)
+    try:
+        yield
+    finally:
+        for linear in linears:
+            del linear.forward  # nn.Linear.forward again
+
+
+def _forward_without_weight_gradient(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return LinearWithoutWeightGradient.apply(x, linear.weight, linear.bias)
+
+
 def dp_steps(model, optimizer, samples, units, cap, collate, s, q, generator, canaries=None,
              box=None) -> list[float]:
     """``local_steps`` DP-SGD steps, each on a Poisson sample of privacy ``units`` (lists of indices
@@ -255,18 +297,19 @@ def dp_steps(model, optimizer, samples, units, cap, collate, s, q, generator, ca
             expected_batch_size=s.batch_size, loss_reduction="mean", generator=generator, **boxed)
         if canaries is not None:
             canaries.attach(optimizer, q, s.max_grad_norm)
-        for sampled in sampler:
-            optimizer.zero_grad(set_to_none=True)
-            rows, owner = capped_rows([units[u] for u in sampled], cap, generator)
-            if rows:
-                losses.append(unit_gradients(module, collate([samples[i] for i in rows]), owner, len(sampled)))
-            else:
-                # An empty Poisson sample still releases a step: the noise alone. The encoder
-                # cannot run on zero rows, so Opacus gets zero-row per-unit gradients.
-                for p in module.parameters():
-                    if p.requires_grad:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            optimizer.step()
+        with per_sample_gradients_only(model):  # DPOptimizer sets p.grad; autograd's would be discarded
+            for sampled in sampler:
+                optimizer.zero_grad(set_to_none=True)
+                rows, owner = capped_rows([units[u] for u in sampled], cap, generator)
+                if rows:
+                    losses.append(unit_gradients(module, collate([samples[i] for i in rows]), owner, len(sampled)))
+                else:
+                    # An empty Poisson sample still releases a step: the noise alone. The encoder
+                    # cannot run on zero rows, so Opacus gets zero-row per-unit gradients.
+                    for p in module.parameters():
+                        if p.requires_grad:
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                optimizer.step()
     finally:
         module.to_standard_module()
     return losses

@@ -23,6 +23,8 @@ process's peak RSS after the work minus after loading) is its own. Figures are m
   default is bfloat16 where the CPU has it), and on top of that with the adapted layers run on
   the padded batch, as before they skipped padding (before and after, side by side); and with
   LoRA's A frozen (``lora-train-a = false``, FFA-LoRA), which halves Opacus' per-sample work;
+  and DP with hooks as before ``client.train.per_sample_gradients_only``, autograd also summing
+  the LoRA weights' gradients that DPOptimizer discards;
 * catalog refresh: the 1,682 item texts through the encoder, cache off / cold / warm, and warm
   with float32 products and with the adapted layers padded;
 * full-ranking evaluation: all 943 users' test examples over all 1,682 items (the same cases);
@@ -36,6 +38,7 @@ process's peak RSS after the work minus after loading) is its own. Figures are m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -46,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -144,14 +148,15 @@ def ghost_step(model, s, num_items: int, tokenizer):
     return step
 
 
-def hooks_step(model, s, num_items: int, tokenizer):
+def hooks_step(model, s, num_items: int, tokenizer, summed: bool = False):
     """One DP-SGD step function as ``client.train.dp_steps`` runs it (Opacus' hooks, each example
-    its own unit), on a given batch instead of a Poisson sample."""
+    its own unit), on a given batch instead of a Poisson sample. ``summed``: as before
+    ``per_sample_gradients_only``, autograd also sums the LoRA weights' gradients."""
     import torch
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    from client.train import _collate, adam, unit_gradients
+    from client.train import _collate, adam, per_sample_gradients_only, unit_gradients
 
     model.train()
     optimizer = DPOptimizer(adam(model, s), noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
@@ -160,7 +165,8 @@ def hooks_step(model, s, num_items: int, tokenizer):
     collate = _collate(model, tokenizer, s.max_length, num_items)
 
     def step(batch):
-        unit_gradients(module, collate(batch), torch.arange(len(batch)), len(batch))
+        with contextlib.nullcontext() if summed else per_sample_gradients_only(model):
+            unit_gradients(module, collate(batch), torch.arange(len(batch)), len(batch))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
@@ -189,6 +195,7 @@ def lora_b_only(step):
 
 
 STEPS = {"non-DP": plain_step, "DP, Opacus hooks": hooks_step, "DP, ghost clipping": ghost_step,
+         "DP, Opacus hooks, summed gradients too": partial(hooks_step, summed=True),
          "non-DP, LoRA B only": lora_b_only(plain_step), "DP, Opacus hooks, LoRA B only": lora_b_only(hooks_step)}
 # The same steps as before two changes, side by side with the defaults: the adapted layers'
 # frozen products in float32 (frozen-precision), and on top of that the adapted layers run on
@@ -445,6 +452,9 @@ def same_batch_lines(same: dict) -> list[str]:
 
     for kind in [k for k in same if k.startswith("DP") and k not in VARIANTS and "LoRA B only" not in k]:
         lines.append(ratio_line(f"{kind} / non-DP step", kind, "non-DP"))
+    if "DP, Opacus hooks, summed gradients too" in same:
+        lines.append(ratio_line("DP, Opacus hooks step: summed weight gradients skipped / computed", "DP, Opacus hooks",
+                                "DP, Opacus hooks, summed gradients too"))
     if "DP, Opacus hooks, LoRA B only" in same:
         lines.append(ratio_line("DP, Opacus hooks / non-DP step, LoRA B only (lora-train-a = false)",
                                 "DP, Opacus hooks, LoRA B only", "non-DP, LoRA B only"))

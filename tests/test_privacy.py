@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -41,7 +42,7 @@ def test_per_sample_gradients_equal_single_example_autograd(model_and_tokenizer,
 @pytest.mark.parametrize("train_a", [True, False])
 def test_dp_step_changes_every_lora_tensor_and_no_base_weight(model_and_tokenizer, small_split, settings, train_a):
     """One DP step moves every trained LoRA tensor; base weights stay bit-identical. With the
-    default lora-train-a = false (FFA-LoRA) B moves and A stays at its initialisation."""
+    lora-train-a = false (FFA-LoRA; the default is true) B moves and A stays at its initialisation."""
     model, tokenizer = model_and_tokenizer
     _, _, train_ex, _, _ = small_split
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -63,6 +64,67 @@ def test_dp_step_changes_every_lora_tensor_and_no_base_weight(model_and_tokenize
     assert len(frozen) > 20
     for name in frozen:
         assert torch.equal(before[name], after[name].detach()), f"base weight {name} changed"
+
+
+def test_without_autograds_summed_weight_gradients_a_dp_step_is_the_same(movielens, small_split, settings,
+                                                                         untrained_catalog_embeddings, monkeypatch):
+    """``per_sample_gradients_only`` skips autograd's summed gradient of LoRA's A and B, which
+    DPOptimizer discards: Opacus' per-sample gradients, and the DP steps made of them, are the
+    ones the plain ``nn.Linear`` gives, and the model leaves with ``nn.Linear.forward`` again."""
+    from opacus import GradSampleModule
+
+    from client import train as training
+    from tests.conftest import fresh_model
+
+    _, _, train_ex, _, _ = small_split
+    s = dataclasses.replace(settings, lora_train_a=True)  # A and B both trained: both skipped
+    model, tokenizer = fresh_model(movielens, s)
+    model.get_base_model().item_embeddings.copy_(untrained_catalog_embeddings)
+    with torch.no_grad():  # LoRA B starts at 0, which makes A's gradient 0
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
+    collate = _collate(model, tokenizer, s.max_length, len(movielens[0]))
+    inputs, targets, seen = collate(train_ex[:8])
+
+    def gradients(context) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        module = GradSampleModule(model, loss_reduction="sum")
+        with context(model):
+            logits = module(**inputs).masked_fill(seen, float("-inf"))
+            torch.nn.functional.cross_entropy(logits, targets, reduction="sum").backward()
+        out = {n: (p.grad_sample.clone(), p.grad) for n, p in model.named_parameters() if p.requires_grad}
+        module.to_standard_module()
+        model.zero_grad(set_to_none=True)
+        return out
+
+    plain = gradients(lambda model: contextlib.nullcontext())
+    skipped = gradients(training.per_sample_gradients_only)
+    lora = [n for n in plain if "lora_A" in n or "lora_B" in n]
+    assert len(lora) == 2 * 2 * len(s.lora_targets.split(","))  # A and B, 2 layers, each target
+    for name, (per_sample, summed) in plain.items():
+        assert torch.allclose(skipped[name][0], per_sample, rtol=1e-6, atol=1e-8), name
+        assert per_sample.abs().max() > 0 and summed is not None, name
+        if name in lora:
+            assert skipped[name][1] is None, f"{name}: autograd still summed its gradient"
+        else:  # the item scorer's are not nn.Linear: untouched
+            assert torch.equal(skipped[name][1], summed), name
+    assert not any("forward" in vars(m) for m in model.modules())  # nn.Linear.forward again
+
+    def dp_steps_from(state, context) -> dict[str, torch.Tensor]:
+        copy = fresh_model(movielens, s)[0]
+        copy.load_state_dict(state)
+        monkeypatch.setattr(training, "per_sample_gradients_only", context)
+        losses = training.dp_steps(copy, training.adam(copy, s), train_ex, [[i] for i in range(len(train_ex))], None,
+                                   collate, dataclasses.replace(s, local_steps=3), 0.5, torch.Generator().manual_seed(7))
+        assert len(losses) == 3
+        return {n: p.detach() for n, p in copy.named_parameters() if p.requires_grad}
+
+    state = model.state_dict()
+    ours = dp_steps_from(state, training.per_sample_gradients_only)
+    theirs = dp_steps_from(state, lambda model: contextlib.nullcontext())
+    for name, p in theirs.items():  # the same noise (same generator), the same clipped sums
+        assert not torch.equal(p, state[name]), f"{name} did not move"
+        assert torch.allclose(ours[name], p, rtol=1e-5, atol=1e-7), name
 
 
 def test_epsilon_is_cumulative_and_matches_a_fresh_accountant(model_and_tokenizer, small_split, settings, tmp_path):
