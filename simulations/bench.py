@@ -23,8 +23,9 @@ process's peak RSS after the work minus after loading) is its own. Figures are m
   default is bfloat16 where the CPU has it), and on top of that with the adapted layers run on
   the padded batch, as before they skipped padding (before and after, side by side); and with
   LoRA's A frozen (``lora-train-a = false``, FFA-LoRA), which halves Opacus' per-sample work;
-  and DP with hooks as before ``client.train.per_sample_gradients_only``, autograd also summing
-  the LoRA weights' gradients that DPOptimizer discards;
+  and DP with hooks as plain Opacus runs it: autograd also summing the LoRA weights' gradients
+  that DPOptimizer discards (``client.train.per_sample_gradients_only`` skips them), and Opacus'
+  own nn.Linear grad sampler (``client.train.linear_grad_sample`` multiplies in a faster order);
 * catalog refresh: the 1,682 item texts through the encoder, cache off / cold / warm, and warm
   with float32 products and with the adapted layers padded;
 * full-ranking evaluation: all 943 users' test examples over all 1,682 items (the same cases);
@@ -148,15 +149,27 @@ def ghost_step(model, s, num_items: int, tokenizer):
     return step
 
 
-def hooks_step(model, s, num_items: int, tokenizer, summed: bool = False):
+def hooks_step(model, s, num_items: int, tokenizer, plain_opacus: bool = False):
     """One DP-SGD step function as ``client.train.dp_steps`` runs it (Opacus' hooks, each example
-    its own unit), on a given batch instead of a Poisson sample. ``summed``: as before
-    ``per_sample_gradients_only``, autograd also sums the LoRA weights' gradients."""
+    its own unit), on a given batch instead of a Poisson sample. ``plain_opacus``: as Opacus runs
+    it, before two changes: autograd also sums the LoRA weights' gradients (no
+    ``per_sample_gradients_only``), and Opacus' own nn.Linear grad sampler, not
+    ``client.train.linear_grad_sample``."""
     import torch
     from opacus import GradSampleModule
+    from opacus.grad_sample.linear import compute_linear_grad_sample
     from opacus.optimizers import DPOptimizer
 
     from client.train import _collate, adam, per_sample_gradients_only, unit_gradients
+
+    @contextlib.contextmanager
+    def opacus_linear_sampler():  # GradSampleModule reads its registry at every backward hook
+        ours = GradSampleModule.GRAD_SAMPLERS[torch.nn.Linear]
+        GradSampleModule.GRAD_SAMPLERS[torch.nn.Linear] = compute_linear_grad_sample
+        try:
+            yield
+        finally:
+            GradSampleModule.GRAD_SAMPLERS[torch.nn.Linear] = ours
 
     model.train()
     optimizer = DPOptimizer(adam(model, s), noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
@@ -165,7 +178,7 @@ def hooks_step(model, s, num_items: int, tokenizer, summed: bool = False):
     collate = _collate(model, tokenizer, s.max_length, num_items)
 
     def step(batch):
-        with contextlib.nullcontext() if summed else per_sample_gradients_only(model):
+        with opacus_linear_sampler() if plain_opacus else per_sample_gradients_only(model):
             unit_gradients(module, collate(batch), torch.arange(len(batch)), len(batch))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -195,7 +208,7 @@ def lora_b_only(step):
 
 
 STEPS = {"non-DP": plain_step, "DP, Opacus hooks": hooks_step, "DP, ghost clipping": ghost_step,
-         "DP, Opacus hooks, summed gradients too": partial(hooks_step, summed=True),
+         "DP, Opacus hooks, plain Opacus": partial(hooks_step, plain_opacus=True),
          "non-DP, LoRA B only": lora_b_only(plain_step), "DP, Opacus hooks, LoRA B only": lora_b_only(hooks_step)}
 # The same steps as before two changes, side by side with the defaults: the adapted layers'
 # frozen products in float32 (frozen-precision), and on top of that the adapted layers run on
@@ -251,6 +264,25 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def tensor_peak_mb(step, batch) -> float:
+    """The most memory a step's tensors hold at once, as torch's memory profiler counts their
+    allocations and frees: what the step needs, without the C heap's slack (freed blocks it keeps
+    and cannot reuse for other sizes) that the resident-memory figure also counts."""
+    import tempfile
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step(batch)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated for CUDA's snapshots; torch 2.13's way on CPU
+        timeline = Path(tmp) / "memory.json"
+        prof.export_memory_timeline(str(timeline), device="cpu")
+        _, sizes = json.loads(timeline.read_text())  # bytes live by category, at each allocation or free
+    return max(map(sum, sizes)) / 2**20
+
+
 def same_batch_case(steps: int) -> dict:
     """Every kind of step in STEPS on the same ``steps`` fixed batches of ``batch-size`` examples
     (seed 0), cache on and warm, in one process. Each kind has its own copy of the warm model,
@@ -258,7 +290,8 @@ def same_batch_case(steps: int) -> dict:
     speed (here it halved from one day to the next) falls on every kind alike. Per step: its
     seconds, and its peak resident memory above the resident memory at its start, which is the
     step's own allocations (activations, gradients, per-sample gradients) and not the
-    process's load, encoding or the other kinds' models."""
+    process's load, encoding or the other kinds' models; then, on three of the batches, the
+    peak of its live tensors (``tensor_peak_mb``)."""
     import copy
 
     import torch
@@ -285,6 +318,8 @@ def same_batch_case(steps: int) -> dict:
             start, _ = resident_mb()
             results[kind]["seconds"] += timed(lambda: step[kind](batch), 1)
             results[kind]["step-mb"].append(resident_mb()[1] - start)
+    for kind in kinds:  # untimed: the profiler slows a step
+        results[kind]["tensor-peak-mb"] = [tensor_peak_mb(step[kind], batch) for batch in batches[1:4]]
     return results
 
 
@@ -442,19 +477,25 @@ def machine() -> str:
 def same_batch_lines(same: dict) -> list[str]:
     lines = []
     for kind, r in same.items():
+        tensors = f"; its tensors' peak {median_range(r['tensor-peak-mb'], digits=1)} MB" if "tensor-peak-mb" in r else ""
         lines.append(f"| same {r['batch-size']}-example batches, kinds taking turns, cache on (warm): {kind} step | "
-                     f"{median_range(r['seconds'])} s | +{median_range(r['step-mb'], digits=0)} MB above the step's start |")
+                     f"{median_range(r['seconds'])} s | +{median_range(r['step-mb'], digits=0)} MB above the step's "
+                     f"start{tensors} |")
 
     def ratio_line(label: str, kind: str, baseline: str) -> str:
         time_ratio = paired_ratio(same[kind]["seconds"], same[baseline]["seconds"])
         memory_ratio = paired_ratio(same[kind]["step-mb"], same[baseline]["step-mb"])
-        return f"| {label}, same batches (median of per-batch ratios) | {time_ratio:.2f}× | {memory_ratio:.2f}× |"
+        tensors = ""
+        if "tensor-peak-mb" in same[kind] and "tensor-peak-mb" in same[baseline]:
+            tensors = f"; tensors' peak {paired_ratio(same[kind]['tensor-peak-mb'], same[baseline]['tensor-peak-mb']):.2f}×"
+        return (f"| {label}, same batches (median of per-batch ratios) | {time_ratio:.2f}× | "
+                f"resident {memory_ratio:.2f}×{tensors} |")
 
     for kind in [k for k in same if k.startswith("DP") and k not in VARIANTS and "LoRA B only" not in k]:
         lines.append(ratio_line(f"{kind} / non-DP step", kind, "non-DP"))
-    if "DP, Opacus hooks, summed gradients too" in same:
-        lines.append(ratio_line("DP, Opacus hooks step: summed weight gradients skipped / computed", "DP, Opacus hooks",
-                                "DP, Opacus hooks, summed gradients too"))
+    if "DP, Opacus hooks, plain Opacus" in same:
+        lines.append(ratio_line("DP, Opacus hooks step: fedrec's / plain Opacus'", "DP, Opacus hooks",
+                                "DP, Opacus hooks, plain Opacus"))
     if "DP, Opacus hooks, LoRA B only" in same:
         lines.append(ratio_line("DP, Opacus hooks / non-DP step, LoRA B only (lora-train-a = false)",
                                 "DP, Opacus hooks, LoRA B only", "non-DP, LoRA B only"))

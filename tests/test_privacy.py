@@ -41,7 +41,7 @@ def test_per_sample_gradients_equal_single_example_autograd(model_and_tokenizer,
 
 @pytest.mark.parametrize("train_a", [True, False])
 def test_dp_step_changes_every_lora_tensor_and_no_base_weight(model_and_tokenizer, small_split, settings, train_a):
-    """One DP step moves every trained LoRA tensor; base weights stay bit-identical. With the
+    """One DP step moves every trained LoRA tensor; base weights stay bit-identical. With
     lora-train-a = false (FFA-LoRA; the default is true) B moves and A stays at its initialisation."""
     model, tokenizer = model_and_tokenizer
     _, _, train_ex, _, _ = small_split
@@ -64,6 +64,35 @@ def test_dp_step_changes_every_lora_tensor_and_no_base_weight(model_and_tokenize
     assert len(frozen) > 20
     for name in frozen:
         assert torch.equal(before[name], after[name].detach()), f"base weight {name} changed"
+
+
+@pytest.mark.parametrize("shape", [(384, 8, 3), (8, 384, 3), (16, 32, 2), (32, 16, 2)],
+                         ids=["B-like tokens", "A-like tokens", "rows", "wide rows"])
+def test_our_linear_grad_sampler_gives_opacus_per_sample_gradients(shape):
+    """``linear_grad_sample`` (registered for nn.Linear) computes Opacus' own per-sample gradients,
+    whichever order it multiplies in: tokens (n, t, ·) or rows (n, ·), out > in or not."""
+    from opacus.grad_sample import GradSampleModule
+    from opacus.grad_sample.linear import compute_linear_grad_sample
+
+    from client.train import linear_grad_sample
+
+    out_features, in_features, dims = shape
+    layer = torch.nn.Linear(in_features, out_features)
+    generator = torch.Generator().manual_seed(0)
+    lead = (5, 7) if dims == 3 else (5,)
+    x = torch.randn(*lead, in_features, generator=generator)
+    g = torch.randn(*lead, out_features, generator=generator)
+    ours, opacus = linear_grad_sample(layer, [x], g), compute_linear_grad_sample(layer, [x], g)
+    assert GradSampleModule.GRAD_SAMPLERS[torch.nn.Linear] is linear_grad_sample
+    assert set(ours) == set(opacus) == {layer.weight, layer.bias}
+    for p in ours:
+        assert ours[p].shape == (5, *p.shape)
+        assert torch.allclose(ours[p], opacus[p], rtol=1e-5, atol=1e-6)
+    for n in range(5):  # and each is that sample's own gradient
+        sample = torch.nn.Linear(in_features, out_features)
+        sample.load_state_dict(layer.state_dict())
+        (sample(x[n]) * g[n]).sum().backward()
+        assert torch.allclose(ours[layer.weight][n], sample.weight.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_without_autograds_summed_weight_gradients_a_dp_step_is_the_same(movielens, small_split, settings,
