@@ -25,7 +25,10 @@ process's peak RSS after the work minus after loading) is its own. Figures are m
   LoRA's A frozen (``lora-train-a = false``, FFA-LoRA), which halves Opacus' per-sample work;
   and DP with hooks as plain Opacus runs it: autograd also summing the LoRA weights' gradients
   that DPOptimizer discards (``client.train.per_sample_gradients_only`` skips them), and Opacus'
-  own nn.Linear grad sampler (``client.train.linear_grad_sample`` multiplies in a faster order);
+  own nn.Linear grad sampler (``client.train.linear_grad_sample`` multiplies in a faster order),
+  and with only the sampler Opacus';
+* DP against non-DP alone: the two take turns on 8 × ``--steps`` batches (64 by default), so
+  their per-batch ratio's median is tighter than the rotation among every kind above gives;
 * catalog refresh: the 1,682 item texts through the encoder, cache off / cold / warm, and warm
   with float32 products and with the adapted layers padded;
 * full-ranking evaluation: all 943 users' test examples over all 1,682 items (the same cases);
@@ -149,11 +152,11 @@ def ghost_step(model, s, num_items: int, tokenizer):
     return step
 
 
-def hooks_step(model, s, num_items: int, tokenizer, plain_opacus: bool = False):
+def hooks_step(model, s, num_items: int, tokenizer, summed: bool = False, opacus_sampler: bool = False):
     """One DP-SGD step function as ``client.train.dp_steps`` runs it (Opacus' hooks, each example
-    its own unit), on a given batch instead of a Poisson sample. ``plain_opacus``: as Opacus runs
-    it, before two changes: autograd also sums the LoRA weights' gradients (no
-    ``per_sample_gradients_only``), and Opacus' own nn.Linear grad sampler, not
+    its own unit), on a given batch instead of a Poisson sample. Without fedrec's two changes to
+    how Opacus runs: ``summed``, autograd also sums the LoRA weights' gradients (no
+    ``per_sample_gradients_only``); ``opacus_sampler``, Opacus' own nn.Linear grad sampler, not
     ``client.train.linear_grad_sample``."""
     import torch
     from opacus import GradSampleModule
@@ -178,7 +181,11 @@ def hooks_step(model, s, num_items: int, tokenizer, plain_opacus: bool = False):
     collate = _collate(model, tokenizer, s.max_length, num_items)
 
     def step(batch):
-        with opacus_linear_sampler() if plain_opacus else per_sample_gradients_only(model):
+        with contextlib.ExitStack() as changes_undone:
+            if opacus_sampler:
+                changes_undone.enter_context(opacus_linear_sampler())
+            if not summed:
+                changes_undone.enter_context(per_sample_gradients_only(model))
             unit_gradients(module, collate(batch), torch.arange(len(batch)), len(batch))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -208,7 +215,8 @@ def lora_b_only(step):
 
 
 STEPS = {"non-DP": plain_step, "DP, Opacus hooks": hooks_step, "DP, ghost clipping": ghost_step,
-         "DP, Opacus hooks, plain Opacus": partial(hooks_step, plain_opacus=True),
+         "DP, Opacus hooks, Opacus' nn.Linear sampler": partial(hooks_step, opacus_sampler=True),
+         "DP, Opacus hooks, plain Opacus": partial(hooks_step, summed=True, opacus_sampler=True),
          "non-DP, LoRA B only": lora_b_only(plain_step), "DP, Opacus hooks, LoRA B only": lora_b_only(hooks_step)}
 # The same steps as before two changes, side by side with the defaults: the adapted layers'
 # frozen products in float32 (frozen-precision), and on top of that the adapted layers run on
@@ -265,14 +273,21 @@ def reset_peak() -> None:
 
 
 def tensor_peak_mb(step, batch) -> float:
-    """The most memory a step's tensors hold at once, as torch's memory profiler counts their
-    allocations and frees: what the step needs, without the C heap's slack (freed blocks it keeps
-    and cannot reuse for other sizes) that the resident-memory figure also counts."""
+    """The most memory a step's tensors hold at once above those that existed before it, as
+    torch's memory profiler counts their allocations and frees: what the step needs, without the
+    C heap's slack (freed blocks it keeps and cannot reuse for other sizes) that the
+    resident-memory figure also counts."""
     import tempfile
     import warnings
 
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
+    if torch.cuda.is_available():  # the step's tensors live on the GPU: its allocator counts them
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(batch)
+        return (torch.cuda.max_memory_allocated() - start) / 2**20
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         step(batch)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -280,10 +295,11 @@ def tensor_peak_mb(step, batch) -> float:
         timeline = Path(tmp) / "memory.json"
         prof.export_memory_timeline(str(timeline), device="cpu")
         _, sizes = json.loads(timeline.read_text())  # bytes live by category, at each allocation or free
-    return max(map(sum, sizes)) / 2**20
+    # The first entry holds the tensors that existed before the step (weights, optimizer state).
+    return (max(map(sum, sizes)) - sum(sizes[0])) / 2**20
 
 
-def same_batch_case(steps: int) -> dict:
+def same_batch_case(steps: int, kinds: list[str] | None = None) -> dict:
     """Every kind of step in STEPS on the same ``steps`` fixed batches of ``batch-size`` examples
     (seed 0), cache on and warm, in one process. Each kind has its own copy of the warm model,
     and the kinds take turns batch by batch, in an order that rotates, so the machine's drifting
@@ -300,7 +316,7 @@ def same_batch_case(steps: int) -> dict:
     order = torch.Generator().manual_seed(0)
     batches = [[examples[i] for i in torch.randperm(len(examples), generator=order)[:s.batch_size].tolist()]
                for _ in range(steps + 1)]
-    kinds = list(STEPS) + list(VARIANTS)
+    kinds = kinds or list(STEPS) + list(VARIANTS)
     step = {}
     for kind in kinds:
         copied = copy.deepcopy(model)
@@ -496,6 +512,9 @@ def same_batch_lines(same: dict) -> list[str]:
     if "DP, Opacus hooks, plain Opacus" in same:
         lines.append(ratio_line("DP, Opacus hooks step: fedrec's / plain Opacus'", "DP, Opacus hooks",
                                 "DP, Opacus hooks, plain Opacus"))
+    if "DP, Opacus hooks, Opacus' nn.Linear sampler" in same:
+        lines.append(ratio_line("DP, Opacus hooks step: fedrec's nn.Linear sampler / Opacus'", "DP, Opacus hooks",
+                                "DP, Opacus hooks, Opacus' nn.Linear sampler"))
     if "DP, Opacus hooks, LoRA B only" in same:
         lines.append(ratio_line("DP, Opacus hooks / non-DP step, LoRA B only (lora-train-a = false)",
                                 "DP, Opacus hooks, LoRA B only", "non-DP, LoRA B only"))
@@ -507,6 +526,25 @@ def same_batch_lines(same: dict) -> list[str]:
             lines.append(ratio_line(f"{kind} step, float32 products: padding skipped / padded layers",
                                     f"{kind}, float32 products", variant))
     return lines
+
+
+PAIR = ["non-DP", "DP, Opacus hooks"]
+
+
+def pair_lines(pair: dict) -> list[str]:
+    """DP against non-DP alone, taking turns: the per-batch ratios' median, quartiles and range."""
+    if not pair:
+        return []
+    dp, plain = (pair[kind] for kind in reversed(PAIR))
+
+    def spread(values: list[float]) -> str:
+        q1, _, q3 = statistics.quantiles(values, n=4)
+        return f"{statistics.median(values):.3f} (quartiles {q1:.3f}–{q3:.3f}; {min(values):.3f}–{max(values):.3f})"
+
+    ratios = {key: [d / p for d, p in zip(dp[key], plain[key])] for key in ("seconds", "step-mb", "tensor-peak-mb")}
+    return [f"| DP, Opacus hooks / non-DP step, the two alone taking turns on the same {len(ratios['seconds'])} "
+            f"batches of {dp['batch-size']} (per-batch ratios) | {spread(ratios['seconds'])}× | "
+            f"resident {spread(ratios['step-mb'])}×; tensors' peak {statistics.median(ratios['tensor-peak-mb']):.2f}× |"]
 
 
 def report(results: dict, command: str) -> str:
@@ -528,6 +566,7 @@ def report(results: dict, command: str) -> str:
         ghost, hooks = steps["dp step, ghost clipping, cache on (warm)"], steps["dp step, cache on (warm)"]
         lines.append(f"| DP step: ghost clipping / Opacus hooks, cache on | {statistics.median(ghost['seconds']) / statistics.median(hooks['seconds']):.2f}× | |")
     lines += same_batch_lines(results.get("same-batches", {}))
+    lines += pair_lines(results.get("dp-pair", {}))
     warm = steps["dp step, cache on (warm)"]
     held = f"{warm['cache-mb']:.0f} MB held (catalog and training texts)" if "cache-mb" in warm else ""
     lines.append(f"| cache warm-up: {warm['distinct-texts']} distinct training texts of the site, once | {warm['warm-up-seconds']:.1f} s | {held} |")
@@ -604,9 +643,11 @@ def main(argv: list[str] | None = None) -> dict:
         return results
     if args.same_batches_only:
         results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
-                   "same-batches": in_fresh_process(same_batch_case, 2 * args.steps)}
+                   "same-batches": in_fresh_process(same_batch_case, 2 * args.steps),
+                   "dp-pair": in_fresh_process(same_batch_case, 8 * args.steps, PAIR)}
         (args.out / "same-batches.json").write_text(json.dumps(results, indent=2))
-        console.print(f"{results['machine']}, {results['date']}", *same_batch_lines(results["same-batches"]), sep="\n")
+        console.print(f"{results['machine']}, {results['date']}", *same_batch_lines(results["same-batches"]),
+                      *pair_lines(results["dp-pair"]), sep="\n")
         return results
     if args.report_only:
         results = json.loads((args.out / "bench.json").read_text())
@@ -631,6 +672,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                        "float32")
     console.print(f"{', '.join([*STEPS, *VARIANTS])} steps taking turns on the same batches, cache on (warm)")
     results["same-batches"] = in_fresh_process(same_batch_case, 2 * args.steps)
+    console.print(f"{' and '.join(PAIR)} steps alone, taking turns on {8 * args.steps} batches, cache on (warm)")
+    results["dp-pair"] = in_fresh_process(same_batch_case, 8 * args.steps, PAIR)
     results["wire"] = in_fresh_process(wire_case)
     console.print("one silo's first two rounds, phase by phase")
     results["round"] = in_fresh_process(round_case)
