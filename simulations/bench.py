@@ -535,7 +535,7 @@ def pair_lines(pair: dict) -> list[str]:
     """DP against non-DP alone, taking turns: the per-batch ratios' median, quartiles and range."""
     if not pair:
         return []
-    dp, plain = (pair[kind] for kind in reversed(PAIR))
+    plain, dp = (pair[kind] for kind in PAIR)
 
     def spread(values: list[float]) -> str:
         q1, _, q3 = statistics.quantiles(values, n=4)
