@@ -7,8 +7,9 @@ One call of ``train`` runs ``local_steps`` DP-SGD steps over the site's privacy 
   ``batch-size / declared-users``, never a private count; Opacus'
   ``UniformWithReplacementSampler``);
 * a sampled user brings at most ``examples-per-user`` of its examples, drawn at random; its
-  gradient is the mean of their per-example gradients (Opacus' ``GradSampleModule``), so
-  g_u = (1/k_u) Σ_{i ∈ u} ∇ℓ_i, and an example unit is a user of one example;
+  gradient is the mean of their per-example gradients (``per_sample_gradients``: the trained
+  linear maps compute theirs in their own backward, Opacus' ``GradSampleModule`` hooks the rest),
+  so g_u = (1/k_u) Σ_{i ∈ u} ∇ℓ_i, and an example unit is a user of one example;
 * each unit's gradient is clipped to C = ``max-grad-norm`` and N(0, σ²C²) goes on the sum
   (Opacus' ``DPOptimizer``), then Adam on the noisy sum divided by the public expected batch
   size ``batch-size``.
@@ -36,7 +37,6 @@ from functools import partial
 
 import torch
 from opacus import GradSampleModule
-from opacus.grad_sample import register_grad_sampler
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
@@ -242,63 +242,90 @@ class BoxedSumDPOptimizer(DPOptimizer):
         super().add_noise()
 
 
-class LinearWithoutWeightGradient(torch.autograd.Function):
-    """y = x Wᵀ + b, whose backward gives x its gradient g W and gives W and b none.
+class PerSampleLinear(torch.autograd.Function):
+    """y = x Wᵀ + b, whose backward gives x its gradient g W as usual, and W and b each sample's
+    own gradient in ``p.grad_sample`` (Opacus' attribute, which DPOptimizer clips and noises)
+    instead of autograd's summed ``p.grad``. For a batch of n samples, each a row or a sequence of
+    tokens t, with output gradients g:
 
-    In a DP-SGD step the gradient of a trainable linear map's weights is needed per sample only:
-    Opacus' hooks compute ∇_W ℓ_n = g_nᵀ x_n for every sample n from the same activations and
-    output gradients, and DPOptimizer replaces p.grad with the noisy sum of the clipped ones.
-    Autograd's own summed gradient Σ_n g_nᵀ x_n would be computed and thrown away: for LoRA's
-    skinny A and B on a padded batch, 8 slow products a step (README, Performance, measures it)."""
+        ∇_W ℓ_n = Σ_t g_{n,t} x_{n,t}ᵀ,   ∇_b ℓ_n = Σ_t g_{n,t}.
+
+    These are the gradients Opacus' GradSampleModule computes for nn.Linear from a forward hook
+    (which keeps x) and a full backward hook (which wraps the layer's inputs and outputs in extra
+    autograd nodes). Computed in the layer's own backward, neither hook runs, and autograd's summed
+    weight gradient, which DPOptimizer would replace anyway, is never computed (README,
+    Performance, measures both). A layer called twice in one pass adds its two gradients, as
+    Opacus does."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(weight)
+    def forward(ctx, x, weight, bias, linear: nn.Linear):
+        ctx.save_for_backward(x, weight)
+        ctx.linear = linear  # the parameters to give per-sample gradients to
         return nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (weight,) = ctx.saved_tensors
-        return (grad_out @ weight if ctx.needs_input_grad[0] else None), None, None
+        x, weight = ctx.saved_tensors
+        for p, per_sample in linear_per_sample_gradients(ctx.linear, x, grad_out).items():
+            p.grad_sample = per_sample if p.grad_sample is None else p.grad_sample + per_sample
+        return (grad_out @ weight if ctx.needs_input_grad[0] else None), None, None, None
+
+
+def linear_per_sample_gradients(linear: nn.Linear, x: torch.Tensor, g: torch.Tensor) -> dict:
+    """Σ_t g xᵀ and Σ_t g for each sample, for the trained ones of ``linear``'s weight and bias.
+    The batched product is taken in the order CPU kernels run fast: Opacus computes gᵀx as n
+    products (out × t)(t × in), and when out > in, as for LoRA's B (384 × 8), that skinny result
+    runs about 5× slower than the same sums computed as (in × t)(t × out) and read transposed.
+    Same numbers, summed in another order (tests/test_privacy.py)."""
+    x = x.to(g.dtype)
+    out = {}
+    if linear.weight.requires_grad:
+        if g.dim() == 3 and linear.out_features > linear.in_features:
+            out[linear.weight] = torch.bmm(x.transpose(1, 2), g).transpose(1, 2)
+        else:
+            out[linear.weight] = torch.einsum("n...i,n...j->nij", g, x)
+    if linear.bias is not None and linear.bias.requires_grad:
+        out[linear.bias] = torch.einsum("n...k->nk", g)
+    return out
+
+
+def computes_own_per_sample_gradients(module: nn.Module) -> bool:
+    """Within ``per_sample_gradients``: a plain nn.Linear whose weight is trained (LoRA's A and B,
+    the sequence tower's maps) runs ``PerSampleLinear``; every other trained module, Opacus' hooks."""
+    return type(module) is nn.Linear and module.weight.requires_grad
+
+
+class GradSampleModuleBesideLinears(GradSampleModule):
+    """Opacus' GradSampleModule, without hooks on the layers that compute their own per-sample
+    gradients (``computes_own_per_sample_gradients``)."""
+
+    def iterate_submodules(self, module: nn.Module):
+        yield from (m for m in super().iterate_submodules(module) if not computes_own_per_sample_gradients(m))
 
 
 @contextmanager
-def per_sample_gradients_only(model: nn.Module):
-    """Within: every ``nn.Linear`` whose weight is trained runs ``LinearWithoutWeightGradient``,
-    so its weights get Opacus' per-sample gradients (``p.grad_sample``) and no ``p.grad``. The
-    forward pass and the gradients of everything else are unchanged (tests/test_privacy.py)."""
-    linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight.requires_grad]
+def per_sample_gradients(model: nn.Module):
+    """Within: the module to run ``model`` through, so that each backward pass leaves every trained
+    parameter's per-sample gradients in ``p.grad_sample`` for DPOptimizer: the trained linear
+    maps compute theirs in their own backward (``PerSampleLinear``), the rest by Opacus' hooks.
+    The gradients are Opacus' own to float rounding (tests/test_privacy.py,
+    tests/per_example.py). The model leaves with nn.Linear.forward again, and without hooks."""
+    linears = [m for m in model.modules() if computes_own_per_sample_gradients(m)]
     for linear in linears:
-        linear.forward = partial(_forward_without_weight_gradient, linear)
+        linear.forward = partial(_per_sample_forward, linear)
+    module = None
     try:
-        yield
+        module = GradSampleModuleBesideLinears(model, loss_reduction="sum")
+        yield module
     finally:
+        if module is not None:
+            module.to_standard_module()
         for linear in linears:
             del linear.forward  # nn.Linear.forward again
 
 
-def _forward_without_weight_gradient(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return LinearWithoutWeightGradient.apply(x, linear.weight, linear.bias)
-
-
-@register_grad_sampler(nn.Linear)
-def linear_grad_sample(layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor):
-    """Opacus' per-sample gradients of ``nn.Linear``, ∇_W ℓ_n = Σ_t g_{n,t} x_{n,t}ᵀ (and ∇_b ℓ_n =
-    Σ_t g_{n,t}), with the batched product taken in the order CPU kernels run fast. For tokens
-    (n, t, ·) Opacus computes gᵀx as n products (out × t)(t × in); when out > in, as for LoRA's B
-    (384 × 8), that skinny result runs about 5× slower than the same sums computed as (in × t)(t ×
-    out) and read transposed, which is what this does. Same numbers, summed in another order
-    (tests/test_privacy.py); registered for every ``nn.Linear``, Opacus' way of extending it."""
-    x = activations[0].to(backprops.dtype)
-    out = {}
-    if layer.weight.requires_grad:
-        if backprops.dim() == 3 and layer.out_features > layer.in_features:
-            out[layer.weight] = torch.bmm(x.transpose(1, 2), backprops).transpose(1, 2)
-        else:
-            out[layer.weight] = torch.einsum("n...i,n...j->nij", backprops, x)
-    if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = torch.einsum("n...k->nk", backprops)
-    return out
+def _per_sample_forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return PerSampleLinear.apply(x, linear.weight, linear.bias, linear)
 
 
 def dp_steps(model, optimizer, samples, units, cap, collate, s, q, generator, canaries=None,
@@ -308,31 +335,27 @@ def dp_steps(model, optimizer, samples, units, cap, collate, s, q, generator, ca
     With ``box``, the clipped sum is clamped to ±box per coordinate before the noise."""
     sampler = UniformWithReplacementSampler(num_samples=len(units), sample_rate=q, generator=generator,
                                             steps=s.local_steps)
-    module = GradSampleModule(model, loss_reduction="sum")
+    # expected_batch_size = batch-size, public: the noisy sum is divided by it, not by q·n.
+    boxed = {} if box is None else {"box": box}
+    optimizer = (DPOptimizer if box is None else BoxedSumDPOptimizer)(
+        optimizer, noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
+        expected_batch_size=s.batch_size, loss_reduction="mean", generator=generator, **boxed)
+    if canaries is not None:
+        canaries.attach(optimizer, q, s.max_grad_norm)
     losses = []
-    try:  # from here on, whatever fails, the model leaves without Opacus' hooks
-        # expected_batch_size = batch-size, public: the noisy sum is divided by it, not by q·n.
-        boxed = {} if box is None else {"box": box}
-        optimizer = (DPOptimizer if box is None else BoxedSumDPOptimizer)(
-            optimizer, noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
-            expected_batch_size=s.batch_size, loss_reduction="mean", generator=generator, **boxed)
-        if canaries is not None:
-            canaries.attach(optimizer, q, s.max_grad_norm)
-        with per_sample_gradients_only(model):  # DPOptimizer sets p.grad; autograd's would be discarded
-            for sampled in sampler:
-                optimizer.zero_grad(set_to_none=True)
-                rows, owner = capped_rows([units[u] for u in sampled], cap, generator)
-                if rows:
-                    losses.append(unit_gradients(module, collate([samples[i] for i in rows]), owner, len(sampled)))
-                else:
-                    # An empty Poisson sample still releases a step: the noise alone. The encoder
-                    # cannot run on zero rows, so Opacus gets zero-row per-unit gradients.
-                    for p in module.parameters():
-                        if p.requires_grad:
-                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-                optimizer.step()
-    finally:
-        module.to_standard_module()
+    with per_sample_gradients(model) as module:  # whatever fails, the model leaves as it came
+        for sampled in sampler:
+            optimizer.zero_grad(set_to_none=True)
+            rows, owner = capped_rows([units[u] for u in sampled], cap, generator)
+            if rows:
+                losses.append(unit_gradients(module, collate([samples[i] for i in rows]), owner, len(sampled)))
+            else:
+                # An empty Poisson sample still releases a step: the noise alone. The encoder
+                # cannot run on zero rows, so Opacus gets zero-row per-unit gradients.
+                for p in module.parameters():
+                    if p.requires_grad:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            optimizer.step()
     return losses
 
 

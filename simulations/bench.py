@@ -14,21 +14,22 @@ process's peak RSS after the work minus after loading) is its own. Figures are m
   Adam on batches of 64, with the frozen-prefix cache off, and on and warm (every training text
   of the site already cached: the steady state from a site's second round on). "warm-up" is
   what filling it costs once: the frozen lower layers over each distinct training text;
-* same batches: non-DP, DP with Opacus' hooks and DP with ghost clipping on the same fixed
-  batches of 64, cache warm, taking turns in one process; each step's time and its own peak
-  memory (the kernel's peak-RSS count restarted at the step's start), compared batch by batch.
-  The step cases above draw Poisson batches for DP, run apart and peak in their encoding, so
-  they are no close comparison. Non-DP and DP with hooks also take their turns as before two
-  changes: with the adapted layers' frozen products in float32 (``frozen-precision``; the
-  default is bfloat16 where the CPU has it), and on top of that with the adapted layers run on
-  the padded batch, as before they skipped padding (before and after, side by side); and with
-  LoRA's A frozen (``lora-train-a = false``, FFA-LoRA), which halves Opacus' per-sample work;
-  and DP with hooks as plain Opacus runs it: autograd also summing the LoRA weights' gradients
-  that DPOptimizer discards (``client.train.per_sample_gradients_only`` skips them), and Opacus'
-  own nn.Linear grad sampler (``client.train.linear_grad_sample`` multiplies in a faster order),
-  and with only the sampler Opacus';
-* DP against non-DP alone: the two take turns on 8 × ``--steps`` batches (64 by default), so
-  their per-batch ratio's median is tighter than the rotation among every kind above gives;
+* same batches: non-DP, DP as fedrec runs it, DP as plain Opacus runs it and DP with ghost
+  clipping on the same fixed batches of 64, cache warm, taking turns in one process; each step's
+  time and its own peak memory (the kernel's peak-RSS count restarted at the step's start),
+  compared batch by batch. The step cases above draw Poisson batches for DP, run apart and peak
+  in their encoding, so they are no close comparison. Non-DP and DP also take their turns as
+  before two changes: with the adapted layers' frozen products in float32
+  (``frozen-precision``; the default is bfloat16 where the CPU has it), and on top of that with
+  the adapted layers run on the padded batch, as before they skipped padding (before and after,
+  side by side); and with LoRA's A frozen (``lora-train-a = false``, FFA-LoRA), which halves the
+  per-sample work. Plain Opacus: GradSampleModule's hooks on every trained module, its own
+  nn.Linear grad sampler, and autograd also summing the LoRA weights' gradients that DPOptimizer
+  discards; fedrec's ``client.train.per_sample_gradients`` computes the linear maps' per-sample
+  gradients in their own backward instead;
+* DP against non-DP alone: the two take turns on ``--pair-batches`` batches (256 by default):
+  the per-batch ratios' median and quartiles, and the ratio of the two total times with a 95 %
+  bootstrap interval (resampling batches), tighter than the rotation among every kind above;
 * catalog refresh: the 1,682 item texts through the encoder, cache off / cold / warm, and warm
   with float32 products and with the adapted layers padded;
 * full-ranking evaluation: all 943 users' test examples over all 1,682 items (the same cases);
@@ -152,41 +153,28 @@ def ghost_step(model, s, num_items: int, tokenizer):
     return step
 
 
-def hooks_step(model, s, num_items: int, tokenizer, summed: bool = False, opacus_sampler: bool = False):
-    """One DP-SGD step function as ``client.train.dp_steps`` runs it (Opacus' hooks, each example
-    its own unit), on a given batch instead of a Poisson sample. Without fedrec's two changes to
-    how Opacus runs: ``summed``, autograd also sums the LoRA weights' gradients (no
-    ``per_sample_gradients_only``); ``opacus_sampler``, Opacus' own nn.Linear grad sampler, not
-    ``client.train.linear_grad_sample``."""
+def dp_step(model, s, num_items: int, tokenizer, plain_opacus: bool = False):
+    """One DP-SGD step function as ``client.train.dp_steps`` runs it (``per_sample_gradients``, each
+    example its own unit), on a given batch instead of a Poisson sample. ``plain_opacus``: as Opacus
+    comes, its GradSampleModule's hooks on every trained module, its own nn.Linear grad sampler,
+    and autograd also summing the LoRA weights' gradients that DPOptimizer discards."""
     import torch
     from opacus import GradSampleModule
-    from opacus.grad_sample.linear import compute_linear_grad_sample
     from opacus.optimizers import DPOptimizer
 
-    from client.train import _collate, adam, per_sample_gradients_only, unit_gradients
-
-    @contextlib.contextmanager
-    def opacus_linear_sampler():  # GradSampleModule reads its registry at every backward hook
-        ours = GradSampleModule.GRAD_SAMPLERS[torch.nn.Linear]
-        GradSampleModule.GRAD_SAMPLERS[torch.nn.Linear] = compute_linear_grad_sample
-        try:
-            yield
-        finally:
-            GradSampleModule.GRAD_SAMPLERS[torch.nn.Linear] = ours
+    from client.train import _collate, adam, per_sample_gradients, unit_gradients
 
     model.train()
     optimizer = DPOptimizer(adam(model, s), noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
                             expected_batch_size=s.batch_size, loss_reduction="mean")
-    module = GradSampleModule(model, loss_reduction="sum")
     collate = _collate(model, tokenizer, s.max_length, num_items)
+    # Opacus' wrapping for the step function's life, as dp_steps keeps it for a round's steps
+    # (the model is the bench's own copy, never unwrapped).
+    module = GradSampleModule(model, loss_reduction="sum") if plain_opacus else \
+        contextlib.ExitStack().enter_context(per_sample_gradients(model))
 
     def step(batch):
-        with contextlib.ExitStack() as changes_undone:
-            if opacus_sampler:
-                changes_undone.enter_context(opacus_linear_sampler())
-            if not summed:
-                changes_undone.enter_context(per_sample_gradients_only(model))
-            unit_gradients(module, collate(batch), torch.arange(len(batch)), len(batch))
+        unit_gradients(module, collate(batch), torch.arange(len(batch)), len(batch))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
@@ -214,18 +202,17 @@ def lora_b_only(step):
     return lambda model, s, *rest: step(model, dataclasses.replace(s, lora_train_a=False), *rest)
 
 
-STEPS = {"non-DP": plain_step, "DP, Opacus hooks": hooks_step, "DP, ghost clipping": ghost_step,
-         "DP, Opacus hooks, Opacus' nn.Linear sampler": partial(hooks_step, opacus_sampler=True),
-         "DP, Opacus hooks, plain Opacus": partial(hooks_step, summed=True, opacus_sampler=True),
-         "non-DP, LoRA B only": lora_b_only(plain_step), "DP, Opacus hooks, LoRA B only": lora_b_only(hooks_step)}
+STEPS = {"non-DP": plain_step, "DP": dp_step, "DP, plain Opacus": partial(dp_step, plain_opacus=True),
+         "DP, ghost clipping": ghost_step, "non-DP, LoRA B only": lora_b_only(plain_step),
+         "DP, LoRA B only": lora_b_only(dp_step)}
 # The same steps as before two changes, side by side with the defaults: the adapted layers'
 # frozen products in float32 (frozen-precision), and on top of that the adapted layers run on
 # the padded batch (common.prefix_cache.run_layers), as before they skipped padding. Each:
 # (the step it varies, whether padding is skipped, the frozen products' dtype).
 VARIANTS = {"non-DP, float32 products": ("non-DP", True, "float32"),
-            "DP, Opacus hooks, float32 products": ("DP, Opacus hooks", True, "float32"),
+            "DP, float32 products": ("DP", True, "float32"),
             "non-DP, padded layers": ("non-DP", False, "float32"),
-            "DP, Opacus hooks, padded layers": ("DP, Opacus hooks", False, "float32")}
+            "DP, padded layers": ("DP", False, "float32")}
 
 
 def warm_site():
@@ -509,15 +496,11 @@ def same_batch_lines(same: dict) -> list[str]:
 
     for kind in [k for k in same if k.startswith("DP") and k not in VARIANTS and "LoRA B only" not in k]:
         lines.append(ratio_line(f"{kind} / non-DP step", kind, "non-DP"))
-    if "DP, Opacus hooks, plain Opacus" in same:
-        lines.append(ratio_line("DP, Opacus hooks step: fedrec's / plain Opacus'", "DP, Opacus hooks",
-                                "DP, Opacus hooks, plain Opacus"))
-    if "DP, Opacus hooks, Opacus' nn.Linear sampler" in same:
-        lines.append(ratio_line("DP, Opacus hooks step: fedrec's nn.Linear sampler / Opacus'", "DP, Opacus hooks",
-                                "DP, Opacus hooks, Opacus' nn.Linear sampler"))
-    if "DP, Opacus hooks, LoRA B only" in same:
-        lines.append(ratio_line("DP, Opacus hooks / non-DP step, LoRA B only (lora-train-a = false)",
-                                "DP, Opacus hooks, LoRA B only", "non-DP, LoRA B only"))
+    if "DP, plain Opacus" in same:
+        lines.append(ratio_line("DP step: fedrec's / plain Opacus'", "DP", "DP, plain Opacus"))
+    if "DP, LoRA B only" in same:
+        lines.append(ratio_line("DP / non-DP step, LoRA B only (lora-train-a = false)", "DP, LoRA B only",
+                                "non-DP, LoRA B only"))
     for variant in [k for k in same if k in VARIANTS]:
         kind, unpadded, _ = VARIANTS[variant]
         if unpadded:  # the defaults against float32 products
@@ -528,11 +511,12 @@ def same_batch_lines(same: dict) -> list[str]:
     return lines
 
 
-PAIR = ["non-DP", "DP, Opacus hooks"]
+PAIR = ["non-DP", "DP"]
 
 
 def pair_lines(pair: dict) -> list[str]:
-    """DP against non-DP alone, taking turns: the per-batch ratios' median, quartiles and range."""
+    """DP against non-DP alone, taking turns: the per-batch ratios' median, quartiles and range, and
+    the ratio of total times with its 95 % bootstrap interval."""
     if not pair:
         return []
     plain, dp = (pair[kind] for kind in PAIR)
@@ -542,9 +526,28 @@ def pair_lines(pair: dict) -> list[str]:
         return f"{statistics.median(values):.3f} (quartiles {q1:.3f}–{q3:.3f}; {min(values):.3f}–{max(values):.3f})"
 
     ratios = {key: [d / p for d, p in zip(dp[key], plain[key])] for key in ("seconds", "step-mb", "tensor-peak-mb")}
-    return [f"| DP, Opacus hooks / non-DP step, the two alone taking turns on the same {len(ratios['seconds'])} "
+    low, high = bootstrap_total_ratio(dp["seconds"], plain["seconds"])
+    total = sum(dp["seconds"]) / sum(plain["seconds"])
+    return [f"| DP / non-DP step, the two alone taking turns on the same {len(ratios['seconds'])} "
             f"batches of {dp['batch-size']} (per-batch ratios) | {spread(ratios['seconds'])}× | "
-            f"resident {spread(ratios['step-mb'])}×; tensors' peak {statistics.median(ratios['tensor-peak-mb']):.2f}× |"]
+            f"resident {spread(ratios['step-mb'])}×; tensors' peak {statistics.median(ratios['tensor-peak-mb']):.2f}× |",
+            f"| DP / non-DP step, the same {len(ratios['seconds'])} batches: total time | {total:.3f}× "
+            f"(95 % bootstrap interval {low:.3f}–{high:.3f}) | |"]
+
+
+def bootstrap_total_ratio(values: list[float], baseline: list[float], draws: int = 2000) -> tuple[float, float]:
+    """The 2.5 % and 97.5 % quantiles of Σ values / Σ baseline over batches resampled with
+    replacement (pairs kept together), seed 0."""
+    import random
+
+    pick = random.Random(0)
+    n = len(values)
+    totals = []
+    for _ in range(draws):
+        drawn = [pick.randrange(n) for _ in range(n)]
+        totals.append(sum(values[i] for i in drawn) / sum(baseline[i] for i in drawn))
+    totals.sort()
+    return totals[int(0.025 * draws)], totals[int(0.975 * draws) - 1]
 
 
 def report(results: dict, command: str) -> str:
@@ -564,7 +567,7 @@ def report(results: dict, command: str) -> str:
         lines.append(f"| DP / non-DP step, cache {cache} | {statistics.median(dp['seconds']) / statistics.median(plain['seconds']):.2f}× | |")
     if "dp step, ghost clipping, cache on (warm)" in steps:
         ghost, hooks = steps["dp step, ghost clipping, cache on (warm)"], steps["dp step, cache on (warm)"]
-        lines.append(f"| DP step: ghost clipping / Opacus hooks, cache on | {statistics.median(ghost['seconds']) / statistics.median(hooks['seconds']):.2f}× | |")
+        lines.append(f"| DP step: ghost clipping / fedrec's, cache on | {statistics.median(ghost['seconds']) / statistics.median(hooks['seconds']):.2f}× | |")
     lines += same_batch_lines(results.get("same-batches", {}))
     lines += pair_lines(results.get("dp-pair", {}))
     warm = steps["dp step, cache on (warm)"]
@@ -625,6 +628,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--steps", type=int, default=8, help="steps per repeat")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pair-batches", type=int, default=256, help="batches DP and non-DP take turns on alone")
     parser.add_argument("--simulate", action="store_true", help="also three default simulations: as they are, float32 products, cache off")
     parser.add_argument("--simulate-only", action="store_true",
                         help="only the default simulation and the same with float32 frozen products, back to back: "
@@ -644,7 +648,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.same_batches_only:
         results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
                    "same-batches": in_fresh_process(same_batch_case, 2 * args.steps),
-                   "dp-pair": in_fresh_process(same_batch_case, 8 * args.steps, PAIR)}
+                   "dp-pair": in_fresh_process(same_batch_case, args.pair_batches, PAIR)}
         (args.out / "same-batches.json").write_text(json.dumps(results, indent=2))
         console.print(f"{results['machine']}, {results['date']}", *same_batch_lines(results["same-batches"]),
                       *pair_lines(results["dp-pair"]), sep="\n")
@@ -672,8 +676,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                        "float32")
     console.print(f"{', '.join([*STEPS, *VARIANTS])} steps taking turns on the same batches, cache on (warm)")
     results["same-batches"] = in_fresh_process(same_batch_case, 2 * args.steps)
-    console.print(f"{' and '.join(PAIR)} steps alone, taking turns on {8 * args.steps} batches, cache on (warm)")
-    results["dp-pair"] = in_fresh_process(same_batch_case, 8 * args.steps, PAIR)
+    console.print(f"{' and '.join(PAIR)} steps alone, taking turns on {args.pair_batches} batches, cache on (warm)")
+    results["dp-pair"] = in_fresh_process(same_batch_case, args.pair_batches, PAIR)
     results["wire"] = in_fresh_process(wire_case)
     console.print("one silo's first two rounds, phase by phase")
     results["round"] = in_fresh_process(round_case)

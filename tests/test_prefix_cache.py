@@ -7,9 +7,8 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from opacus import GradSampleModule
 
-from client.train import _collate
+from client.train import _collate, per_sample_gradients
 from common.model import adapter_config, build_model, encode_texts, frozen_dtype, load_encoder
 from common.prefix_cache import PrefixCache, can_run_unpadded, frozen_linear
 
@@ -34,11 +33,10 @@ def model_pair(settings, num_items, lora_layers=1, prefix_cache_mb=1024, frozen_
 
 def per_sample(model, inputs, targets, seen):
     model.train()
-    module = GradSampleModule(model, loss_reduction="sum")
-    logits = module(**inputs).masked_fill(seen, float("-inf"))
-    torch.nn.functional.cross_entropy(logits, targets, reduction="sum").backward()
-    grads = {n: p.grad_sample.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    module.to_standard_module()
+    with per_sample_gradients(model) as module:
+        logits = module(**inputs).masked_fill(seen, float("-inf"))
+        torch.nn.functional.cross_entropy(logits, targets, reduction="sum").backward()
+        grads = {n: p.grad_sample.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     return logits.detach(), grads
 

@@ -68,13 +68,12 @@ def test_dp_step_changes_every_lora_tensor_and_no_base_weight(model_and_tokenize
 
 @pytest.mark.parametrize("shape", [(384, 8, 3), (8, 384, 3), (16, 32, 2), (32, 16, 2)],
                          ids=["B-like tokens", "A-like tokens", "rows", "wide rows"])
-def test_our_linear_grad_sampler_gives_opacus_per_sample_gradients(shape):
-    """``linear_grad_sample`` (registered for nn.Linear) computes Opacus' own per-sample gradients,
+def test_our_linear_per_sample_gradients_are_opacus_ones(shape):
+    """``linear_per_sample_gradients`` computes Opacus' own per-sample gradients of nn.Linear,
     whichever order it multiplies in: tokens (n, t, ·) or rows (n, ·), out > in or not."""
-    from opacus.grad_sample import GradSampleModule
     from opacus.grad_sample.linear import compute_linear_grad_sample
 
-    from client.train import linear_grad_sample
+    from client.train import linear_per_sample_gradients
 
     out_features, in_features, dims = shape
     layer = torch.nn.Linear(in_features, out_features)
@@ -82,8 +81,7 @@ def test_our_linear_grad_sampler_gives_opacus_per_sample_gradients(shape):
     lead = (5, 7) if dims == 3 else (5,)
     x = torch.randn(*lead, in_features, generator=generator)
     g = torch.randn(*lead, out_features, generator=generator)
-    ours, opacus = linear_grad_sample(layer, [x], g), compute_linear_grad_sample(layer, [x], g)
-    assert GradSampleModule.GRAD_SAMPLERS[torch.nn.Linear] is linear_grad_sample
+    ours, opacus = linear_per_sample_gradients(layer, x, g), compute_linear_grad_sample(layer, [x], g)
     assert set(ours) == set(opacus) == {layer.weight, layer.bias}
     for p in ours:
         assert ours[p].shape == (5, *p.shape)
@@ -95,18 +93,57 @@ def test_our_linear_grad_sampler_gives_opacus_per_sample_gradients(shape):
         assert torch.allclose(ours[layer.weight][n], sample.weight.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_without_autograds_summed_weight_gradients_a_dp_step_is_the_same(movielens, small_split, settings,
-                                                                         untrained_catalog_embeddings, monkeypatch):
-    """``per_sample_gradients_only`` skips autograd's summed gradient of LoRA's A and B, which
-    DPOptimizer discards: Opacus' per-sample gradients, and the DP steps made of them, are the
-    ones the plain ``nn.Linear`` gives, and the model leaves with ``nn.Linear.forward`` again."""
+@contextlib.contextmanager
+def plain_opacus(model):
+    """Opacus' GradSampleModule as it comes: hooks on every trained module, Opacus' grad samplers."""
     from opacus import GradSampleModule
 
+    module = GradSampleModule(model, loss_reduction="sum")
+    try:
+        yield module
+    finally:
+        module.to_standard_module()
+
+
+def test_a_linear_map_called_twice_in_one_pass_adds_its_per_sample_gradients_as_opacus_does():
+    from client.train import per_sample_gradients
+
+    class Twice(torch.nn.Module):  # one map applied to its own output: tied weights
+        def __init__(self):
+            super().__init__()
+            self.map = torch.nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.map(torch.tanh(self.map(x)))
+
+    model = Twice()
+    x = torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(1))
+
+    def per_sample(context):
+        with context as module:
+            (module(x) ** 2).sum().backward()
+            return {name: p.grad_sample.clone() for name, p in model.named_parameters()}
+
+    opacus = per_sample(plain_opacus(model))
+    model.zero_grad(set_to_none=True)
+    ours = per_sample(per_sample_gradients(model))
+    assert set(ours) == {"map.weight", "map.bias"}
+    for name in ours:
+        assert ours[name].shape == (4, *dict(model.named_parameters())[name].shape)
+        assert torch.allclose(ours[name], opacus[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_fedrecs_per_sample_gradients_and_dp_steps_are_plain_opacus_ones(movielens, small_split, settings,
+                                                                        untrained_catalog_embeddings, monkeypatch):
+    """``per_sample_gradients``: LoRA's A and B compute their per-sample gradients in their own
+    backward (no Opacus hook, no autograd sum that DPOptimizer would discard), the item scorer by
+    Opacus' hooks. The per-sample gradients, and the DP steps made of them, are the ones plain
+    Opacus gives, and the model leaves with nn.Linear.forward again and without hooks."""
     from client import train as training
     from tests.conftest import fresh_model
 
     _, _, train_ex, _, _ = small_split
-    s = dataclasses.replace(settings, lora_train_a=True)  # A and B both trained: both skipped
+    s = dataclasses.replace(settings, lora_train_a=True)  # A and B both trained
     model, tokenizer = fresh_model(movielens, s)
     model.get_base_model().item_embeddings.copy_(untrained_catalog_embeddings)
     with torch.no_grad():  # LoRA B starts at 0, which makes A's gradient 0
@@ -117,40 +154,41 @@ def test_without_autograds_summed_weight_gradients_a_dp_step_is_the_same(moviele
     inputs, targets, seen = collate(train_ex[:8])
 
     def gradients(context) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        module = GradSampleModule(model, loss_reduction="sum")
-        with context(model):
+        with context(model) as module:
             logits = module(**inputs).masked_fill(seen, float("-inf"))
             torch.nn.functional.cross_entropy(logits, targets, reduction="sum").backward()
-        out = {n: (p.grad_sample.clone(), p.grad) for n, p in model.named_parameters() if p.requires_grad}
-        module.to_standard_module()
+            out = {n: (p.grad_sample.clone(), p.grad) for n, p in model.named_parameters() if p.requires_grad}
         model.zero_grad(set_to_none=True)
         return out
 
-    plain = gradients(lambda model: contextlib.nullcontext())
-    skipped = gradients(training.per_sample_gradients_only)
+    plain = gradients(plain_opacus)
+    ours = gradients(training.per_sample_gradients)
     lora = [n for n in plain if "lora_A" in n or "lora_B" in n]
     assert len(lora) == 2 * 2 * len(s.lora_targets.split(","))  # A and B, 2 layers, each target
+    assert len(plain) > len(lora)  # the item scorer trains too: Opacus' hooks
     for name, (per_sample, summed) in plain.items():
-        assert torch.allclose(skipped[name][0], per_sample, rtol=1e-6, atol=1e-8), name
+        assert torch.allclose(ours[name][0], per_sample, rtol=1e-6, atol=1e-8), name
         assert per_sample.abs().max() > 0 and summed is not None, name
         if name in lora:
-            assert skipped[name][1] is None, f"{name}: autograd still summed its gradient"
-        else:  # the item scorer's are not nn.Linear: untouched
-            assert torch.equal(skipped[name][1], summed), name
+            assert ours[name][1] is None, f"{name}: autograd still summed its gradient"
+        else:  # the item scorer's are not nn.Linear: Opacus' hooks, autograd's sum as before
+            assert torch.equal(ours[name][1], summed), name
     assert not any("forward" in vars(m) for m in model.modules())  # nn.Linear.forward again
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
 
     def dp_steps_from(state, context) -> dict[str, torch.Tensor]:
         copy = fresh_model(movielens, s)[0]
         copy.load_state_dict(state)
-        monkeypatch.setattr(training, "per_sample_gradients_only", context)
+        monkeypatch.setattr(training, "per_sample_gradients", context)
         losses = training.dp_steps(copy, training.adam(copy, s), train_ex, [[i] for i in range(len(train_ex))], None,
                                    collate, dataclasses.replace(s, local_steps=3), 0.5, torch.Generator().manual_seed(7))
         assert len(losses) == 3
         return {n: p.detach() for n, p in copy.named_parameters() if p.requires_grad}
 
     state = model.state_dict()
-    ours = dp_steps_from(state, training.per_sample_gradients_only)
-    theirs = dp_steps_from(state, lambda model: contextlib.nullcontext())
+    ours = dp_steps_from(state, training.per_sample_gradients)
+    theirs = dp_steps_from(state, plain_opacus)
     for name, p in theirs.items():  # the same noise (same generator), the same clipped sums
         assert not torch.equal(p, state[name]), f"{name} did not move"
         assert torch.allclose(ours[name], p, rtol=1e-5, atol=1e-7), name

@@ -193,11 +193,9 @@ def test_every_slot_of_a_window_predicts_as_its_prefix_alone(sequence_training_m
 @pytest.mark.parametrize("sequence_training_model", [0, 24], indirect=True, ids=["whole", "projected"])
 def test_a_users_sequence_gradient_is_the_mean_over_its_positions_and_clips_as_one(sequence_training_model,
                                                                                    small_split, movielens):
-    """Opacus' per-sample rows, summed per user, equal autograd on that user's windows alone:
+    """The per-sample rows, summed per user, equal autograd on that user's windows alone:
     ∇ (1/k_u) Σ over the user's k_u predicted positions of ℓ. So clipping a row clips a user."""
-    from opacus import GradSampleModule
-
-    from client.train import _collate_windows, adam, capped_rows, position_losses, unit_gradients
+    from client.train import _collate_windows, adam, capped_rows, per_sample_gradients, position_losses, unit_gradients
     from tests.per_example import ATOL, RTOL
 
     model, tokenizer, s = sequence_training_model
@@ -224,12 +222,11 @@ def test_a_users_sequence_gradient_is_the_mean_over_its_positions_and_clips_as_o
 
     expected = [alone(unit) for unit in sampled]
     model.zero_grad(set_to_none=True)
-    module = GradSampleModule(model, loss_reduction="sum")
-    unit_gradients(module, collate([windows[i] for i in rows]), owner, 3)
-    for name, p in trainable.items():
-        for k in range(3):
-            assert torch.allclose(p.grad_sample[k], expected[k][name], rtol=RTOL, atol=ATOL), (name, k)
-    module.to_standard_module()
+    with per_sample_gradients(model) as module:
+        unit_gradients(module, collate([windows[i] for i in rows]), owner, 3)
+        for name, p in trainable.items():
+            for k in range(3):
+                assert torch.allclose(p.grad_sample[k], expected[k][name], rtol=RTOL, atol=ATOL), (name, k)
 
 
 @pytest.mark.parametrize("sequence_training_model", [0, 24], indirect=True, ids=["whole", "projected"])

@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
-from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from audit.accountant import audit_epsilon, tolerance
-from client.train import _collate, capped_rows, privacy_units, train, unit_gradients
+from client.train import _collate, capped_rows, per_sample_gradients, privacy_units, train, unit_gradients
 from common.metrics import unit_histogram
 from common.privacy import (Budget, epsilon, history_unit, public_sample_rate, save_history,
                             unit_conflict)
@@ -59,15 +58,14 @@ def test_a_users_clipped_contribution_is_the_clip_of_its_own_gradient(model_and_
     clip = float(sorted(norms)[1])  # one user above C, one at it, one below: clipping has teeth
 
     model.zero_grad(set_to_none=True)
-    module = GradSampleModule(model, loss_reduction="sum")
     optimizer = DPOptimizer(torch.optim.SGD(list(trainable.values()), lr=0.0), noise_multiplier=0.0,
                             max_grad_norm=clip, expected_batch_size=4, loss_reduction="mean")
-    unit_gradients(module, collate([train_ex[r] for r in rows]), owner, 3)
-    for name, p in trainable.items():  # before clipping: each row is its user's gradient alone
-        for k in range(3):
-            assert torch.allclose(p.grad_sample[k], alone[k][name], rtol=RTOL, atol=ATOL), (name, k)
-    optimizer.step()
-    module.to_standard_module()
+    with per_sample_gradients(model) as module:
+        unit_gradients(module, collate([train_ex[r] for r in rows]), owner, 3)
+        for name, p in trainable.items():  # before clipping: each row is its user's gradient alone
+            for k in range(3):
+                assert torch.allclose(p.grad_sample[k], alone[k][name], rtol=RTOL, atol=ATOL), (name, k)
+        optimizer.step()
     for name, p in trainable.items():
         expected = sum(a[name] * min(1.0, clip / float(n)) for a, n in zip(alone, norms)) / 4
         assert torch.allclose(p.grad, expected, rtol=RTOL, atol=ATOL), name
