@@ -168,15 +168,17 @@ def dp_step(model, s, num_items: int, tokenizer, plain_opacus: bool = False):
     optimizer = DPOptimizer(adam(model, s), noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
                             expected_batch_size=s.batch_size, loss_reduction="mean")
     collate = _collate(model, tokenizer, s.max_length, num_items)
-    # Opacus' wrapping for the step function's life, as dp_steps keeps it for a round's steps
-    # (the model is the bench's own copy, never unwrapped).
+    # Wrapped for the step function's life, as dp_steps keeps the wrapping for a round's steps;
+    # the model is the bench's own copy.
+    wrapping = contextlib.ExitStack()
     module = GradSampleModule(model, loss_reduction="sum") if plain_opacus else \
-        contextlib.ExitStack().enter_context(per_sample_gradients(model))
+        wrapping.enter_context(per_sample_gradients(model))
 
     def step(batch):
         unit_gradients(module, collate(batch), torch.arange(len(batch)), len(batch))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    step.wrapping = wrapping  # held: a dropped ExitStack would close the wrapping (and unwrap the model)
     return step
 
 
