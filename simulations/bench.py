@@ -538,18 +538,15 @@ def pair_lines(pair: dict) -> list[str]:
 
 
 def bootstrap_total_ratio(values: list[float], baseline: list[float], draws: int = 2000) -> tuple[float, float]:
-    """The 2.5 % and 97.5 % quantiles of Σ values / Σ baseline over batches resampled with
-    replacement (pairs kept together), seed 0."""
-    import random
+    """The 95 % percentile interval of Σ values / Σ baseline over batches resampled with
+    replacement, pairs kept together (``simulations.significance.paired_bootstrap``, seed 0)."""
+    import torch
 
-    pick = random.Random(0)
-    n = len(values)
-    totals = []
-    for _ in range(draws):
-        drawn = [pick.randrange(n) for _ in range(n)]
-        totals.append(sum(values[i] for i in drawn) / sum(baseline[i] for i in drawn))
-    totals.sort()
-    return totals[int(0.025 * draws)], totals[int(0.975 * draws) - 1]
+    from simulations.significance import paired_bootstrap
+
+    times = paired_bootstrap({"s": torch.tensor(values, dtype=torch.float64)},
+                             {"s": torch.tensor(baseline, dtype=torch.float64)}, draws)["s"]
+    return 1 + times["lift-low"], 1 + times["lift-high"]
 
 
 def report(results: dict, command: str) -> str:
@@ -568,8 +565,8 @@ def report(results: dict, command: str) -> str:
         dp, plain = steps[f"dp step, cache {cache}"], steps[f"plain step, cache {cache}"]
         lines.append(f"| DP / non-DP step, cache {cache} | {statistics.median(dp['seconds']) / statistics.median(plain['seconds']):.2f}× | |")
     if "dp step, ghost clipping, cache on (warm)" in steps:
-        ghost, hooks = steps["dp step, ghost clipping, cache on (warm)"], steps["dp step, cache on (warm)"]
-        lines.append(f"| DP step: ghost clipping / fedrec's, cache on | {statistics.median(ghost['seconds']) / statistics.median(hooks['seconds']):.2f}× | |")
+        ghost, ours = steps["dp step, ghost clipping, cache on (warm)"], steps["dp step, cache on (warm)"]
+        lines.append(f"| DP step: ghost clipping / fedrec's, cache on | {statistics.median(ghost['seconds']) / statistics.median(ours['seconds']):.2f}× | |")
     lines += same_batch_lines(results.get("same-batches", {}))
     lines += pair_lines(results.get("dp-pair", {}))
     warm = steps["dp step, cache on (warm)"]
